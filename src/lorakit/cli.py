@@ -1,0 +1,166 @@
+"""The `lorakit` command: one thin function per stage, no logic of its own.
+
+User mistakes arrive as `LorakitError` and are printed as message + fix with exit code 2;
+`--debug` shows the traceback. Anything else is a lorakit bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (hub hints, weight-loading bars) out of the user's terminal."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _load_config(args):
+    from lorakit import config
+
+    return config.load(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from lorakit.train.trainer import train
+
+    run_dir = train(_load_config(args))
+    print(f"done: {run_dir}\nnext: lorakit generate {run_dir} --instruction \"...\"")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from lorakit.data.dataset import prepare
+    from lorakit.data.report import format_report
+    from lorakit.model.load import load_tokenizer
+
+    cfg = _load_config(args)
+    tokenizer = load_tokenizer(cfg.model)
+    print(format_report(prepare(cfg, tokenizer), tokenizer))
+    return 0
+
+
+def _read_messages(args) -> list[dict]:
+    from lorakit.infer import messages_from_instruction
+
+    if args.messages:
+        path = Path(args.messages)
+        try:
+            msgs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LorakitError(f"cannot read messages: {e}", where=str(path),
+                               hint='write a JSON list like [{"role": "user", "content": "..."}]') from None
+        if isinstance(msgs, dict) and "messages" in msgs:
+            msgs = msgs["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise LorakitError("expected a JSON list of {\"role\", \"content\"} objects", where=str(path),
+                               hint='e.g. [{"role": "user", "content": "Where is my order?"}]')
+        return msgs
+    instruction = args.instruction
+    if instruction is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LorakitError("nothing to answer", hint="pass --instruction TEXT, --messages FILE.json, or pipe text on stdin")
+        instruction = sys.stdin.read().strip()
+        if not instruction:
+            raise LorakitError("stdin was empty", hint="pipe a prompt, or pass --instruction TEXT")
+    return messages_from_instruction(instruction, args.input or "", args.system)
+
+
+def cmd_generate(args) -> int:
+    from lorakit.infer import Sampling, generate, load_session
+
+    messages = _read_messages(args)
+    session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
+                        seed=args.seed)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    text = generate(session, messages, sampling, stream=None if args.no_stream else emit, use_adapter=not args.base)
+    print() if not args.no_stream else print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lorakit.demo.run import run_demo
+
+    return run_demo(output_dir=args.output_dir, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning from one YAML config.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_, description=help_ + " Any config key can be overridden: --lora.r 8")
+        sp.add_argument("config", help="YAML config file")
+        return sp
+
+    with_config("train", "Fine-tune a LoRA adapter; writes runs/<name>/.").set_defaults(func=cmd_train)
+    with_config("data", "Show what training will see: counts, lengths, dropped rows, one masked example.").set_defaults(func=cmd_data)
+
+    g = sub.add_parser("generate", help="Answer a prompt with a trained adapter (template from training).")
+    g.add_argument("run", help="run folder (runs/<name>) or adapter folder")
+    g.add_argument("--instruction", "-i", help="the instruction (user message)")
+    g.add_argument("--input", help="optional input/context for the instruction")
+    g.add_argument("--system", help="system message")
+    g.add_argument("--messages", help="JSON file with a list of chat messages")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--greedy", action="store_true", help="deterministic decoding")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--base", action="store_true", help="answer with the base model (adapter disabled)")
+    g.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.set_defaults(func=cmd_generate, overrides=[])
+
+    d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
+    d.add_argument("--output-dir", default="runs", help="folder for the demo run")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("generate",):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except LorakitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e.render()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

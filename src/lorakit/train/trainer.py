@@ -1,0 +1,222 @@
+"""`lorakit train`: glue between the config and the transformers Trainer.
+
+The Trainer runs the loop (it brings accelerate, DDP/FSDP, checkpoints and callbacks);
+lorakit supplies the data (its own tokenization, masks and collator), the LoRA model, the
+callbacks that make a run readable, and the self-describing adapter folder at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+
+from lorakit import config as config_mod
+from lorakit.artifacts import ADAPTER_DIR, atomic_dir, library_versions, write_meta
+from lorakit.config import Config
+from lorakit.data.collate import Collator
+from lorakit.data.dataset import Prepared, prepare
+from lorakit.errors import LorakitError
+from lorakit.model.load import load_model, load_tokenizer
+from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
+from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
+
+
+class LorakitTrainer(Trainer):
+    """The stock Trainer plus a token count per optimizer step, for honest tokens/s."""
+
+    def __init__(self, *args, token_counter: TokenCounter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counter = token_counter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        labels = inputs["labels"]
+        # Labels are shifted inside the model: the first position of each row never counts.
+        trained = int((labels[:, 1:] != -100).sum())
+        real = int(inputs["attention_mask"].sum())
+        self.token_counter.add(trained, real, labels.numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _warmup_steps(cfg: Config, total_steps: int) -> int:
+    w = cfg.train.warmup
+    return int(math.ceil(w * total_steps)) if w < 1 else int(w)
+
+
+def _total_steps(cfg: Config, n_train: int) -> int:
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool, dtype: torch.dtype) -> TrainingArguments:
+    """Map lorakit's schema onto TrainingArguments (names changed in transformers 5.x)."""
+    t = cfg.train
+    total = _total_steps(cfg, n_train)
+    eval_every = t.eval_steps if t.eval_steps > 0 else total
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler),
+        warmup_steps=_warmup_steps(cfg, total),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every if has_eval else None,
+        eval_on_start=has_eval,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers,
+        use_cpu=not torch.cuda.is_available(),
+        # Our collator already sets the right padding; the model needs no cache while training.
+        use_cache=False,
+    )
+
+
+def _prepare_run_dir(cfg: Config) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise LorakitError(
+                f"run folder {run_dir} already exists",
+                hint=f"choose another name (--output.name NEW) or replace it with --output.overwrite true",
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _final_metrics(trainer: Trainer, counter: TokenCounter, seconds: float) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    trained_tps, real_tps = counter.rates()
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_start": eval_losses[0] if eval_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "trained_tokens": counter.trained,
+        "trained_tokens_per_s": round(trained_tps, 1),
+        "real_tokens_per_s": round(real_tps, 1),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage."""
+    run_dir = _prepare_run_dir(cfg)
+    config_mod.save(cfg, run_dir / "config.yaml")
+    set_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare(cfg, tokenizer)
+    log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
+        f"template '{prepared.template.name}'")
+
+    model, info = load_model(cfg.model, training=True, tokenizer=tokenizer)
+    model = apply_lora(model, cfg.lora)
+    trainable, _ = count_parameters(model)
+    if trainable == 0:
+        raise LorakitError("the model has no trainable parameters after applying LoRA",
+                           hint="check lora.target_modules names the model's linear layers")
+    log(describe_parameters(model))
+
+    counter = TokenCounter()
+    args = training_arguments(cfg, run_dir, len(prepared.train), bool(prepared.validation), info_dtype(model))
+    (run_dir / "logs").mkdir(exist_ok=True)
+    callbacks = [
+        MetricsLogger(run_dir / "metrics.jsonl", counter),
+        Progress(counter, enabled=progress),
+        _tensorboard(run_dir / "logs"),
+    ]
+    trainer = LorakitTrainer(
+        model=model,
+        args=args,
+        data_collator=Collator(tokenizer.pad_token_id),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation or None,
+        processing_class=tokenizer,
+        callbacks=[c for c in callbacks if c is not None],
+        token_counter=counter,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = _final_metrics(trainer, counter, seconds)
+    save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
+    log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+    return run_dir
+
+
+def info_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
+        return None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+
+
+def save_adapter(model, tokenizer, target: Path, *, cfg: Config, prepared: Prepared, info, metrics: dict) -> None:
+    """Write PEFT files + tokenizer + lorakit.json into `target` atomically."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_meta(tmp, {
+            "format": 1,
+            "base_model": {
+                "name": cfg.model.name,
+                "path": str(info.path),
+                "sha256": info.sha256,
+                "dtype": info.dtype,
+                "quantization": info.quantization,
+                "gguf_file": cfg.model.gguf_file,
+                "revision": cfg.model.revision,
+            },
+            "template": prepared.template.to_dict(),
+            "max_length": cfg.data.max_length,
+            "data": {
+                "train": cfg.data.train,
+                "validation": cfg.data.validation,
+                "fingerprint": prepared.fingerprint,
+                "train_examples": len(prepared.train),
+                "validation_examples": len(prepared.validation),
+            },
+            "lora": cfg.to_dict()["lora"],
+            "train": cfg.to_dict()["train"],
+            "versions": library_versions(),
+            "metrics": metrics,
+        })

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random Llama with a real byte-level BPE tokenizer, built offline.
+
+The tokenizer is trained here on a few sentences so that every test runs without the hub
+and without the embedded model; its vocabulary size is the model's vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "### Instruction:\nRespond to this customer complaint about shipping delays.\n\n### Input:\n",
+    "My order #12345 was supposed to arrive 5 days ago.\n\n### Response:\nI sincerely apologize.",
+    "Our standard return policy covers items within 30 days of purchase.",
+    "The quick brown fox jumps over the lazy dog. Hello world! 0123456789",
+    "Category: shipping returns billing account product. Order number: #",
+]
+
+
+def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, chat_template: str | None = CHATML,
+                     pad_is_eos: bool = True, seed: int = 0) -> Path:
+    """Write a random LlamaForCausalLM + tokenizer to `folder` and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>" if pad_is_eos else None,
+    )
+    if chat_template:
+        hf_tok.chat_template = chat_template
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+ALPACA_ROWS = [
+    {"instruction": "Explain the return policy to a customer.", "input": "Can I return an item after 45 days?",
+     "output": "Our standard return policy covers items within 30 days of purchase."},
+    {"instruction": "Say hello.", "input": "", "output": "Hello world!"},
+    {"instruction": "Classify this message.", "input": "Where is my order #12345?", "output": "Category: shipping"},
+    {"instruction": "Extract the order number.", "input": "My order #555 is late.", "output": "Order number: #555"},
+] * 4
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
