@@ -1,0 +1,40 @@
+"""Pad a batch of encoded examples into tensors.
+
+Labels are padded with -100 by position, never recovered from `input_ids == pad_token_id`:
+when pad and EOS are the same token (SmolLM2) that comparison would erase every EOS from
+the loss and the model would never learn to stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class Collator:
+    """Right-pad `input_ids` with `pad_token_id`, labels with -100; build the attention mask."""
+
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
+        # Padded positions are masked out of attention and loss, so any id is correct there;
+        # 0 stands in when a tokenizer has no pad token at all.
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            longest = -(-longest // m) * m
+        shape = (len(features), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,201 @@
+"""Turn rows of any supported format into one Example shape: a conversation or raw text.
+
+Everything after this module sees only `{"messages": [{"role", "content", ...}]}` or
+`{"text": str}`, so templates and masking have one code path whatever the file looked like.
+Validation is strict and happens here, at the row, because this is the last place that
+knows the file and line: a null `output` found during tokenization could only say "None".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lorakit.errors import DataError
+
+Example = dict[str, Any]
+
+FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "text")
+ROLES = ("system", "user", "assistant", "tool")
+
+_KEYS = {
+    "alpaca": "instruction, output (optional: input, system)",
+    "prompt_completion": "prompt, completion (optional: system)",
+    "messages": "messages: a list of {role, content}",
+    "sharegpt": "conversations: a list of {from, value}",
+    "text": "text",
+}
+# Checked in order: the first key present decides, so a row that is merely missing its
+# second field still gets the precise "field 'output' missing" error of its format.
+_DETECT = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+           ("output", "alpaca"), ("prompt", "prompt_completion"), ("completion", "prompt_completion"),
+           ("text", "text"))
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool",
+                   "function": "tool", "observation": "tool"}
+
+
+def expected_keys() -> str:
+    return "; ".join(f"{fmt}: {keys}" for fmt, keys in _KEYS.items())
+
+
+def detect_format(row: dict, where: str) -> str:
+    """Name the format of one row from its keys."""
+    for key, fmt in _DETECT:
+        if key in row:
+            return fmt
+    raise DataError(
+        f"cannot tell the row format from its keys ({', '.join(map(repr, row)) or 'no keys'})",
+        hint=f"use the keys of one format — {expected_keys()} — or set data.format",
+        where=where,
+    )
+
+
+def to_example(row: dict, fmt: str, where: str) -> Example:
+    """Validate one row of format `fmt` and convert it to an Example."""
+    if fmt == "auto":
+        fmt = detect_format(row, where)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)} or 'auto'", where=where)
+    return _CONVERT[fmt](row, where)
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _field(row: dict, key: str, where: str, fmt: str, *, required: bool = True, empty_ok: bool = False) -> str:
+    """A string field; None/missing is "" when optional; numbers and the like are refused, not str()-ed."""
+    at = f"{where}, field '{key}'"
+    if key not in row or row[key] is None:
+        if not required:
+            return ""
+        what = "missing" if key not in row else "null"
+        raise DataError(
+            f"{what} (format {fmt} needs: {_KEYS[fmt]}; row keys: {', '.join(map(repr, row))})",
+            hint=f"give '{key}' a text value",
+            where=at,
+        )
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f"expected text, got {type(value).__name__} {_short(value)}",
+            hint=f'write it as a JSON string, e.g. "{key}": "{_short(value, quote=False)}"',
+            where=at,
+        )
+    if required and not empty_ok and not value.strip():
+        raise DataError("empty", hint=f"give '{key}' a non-empty text or remove the row", where=at)
+    return value
+
+
+def _short(value: Any, quote: bool = True) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str) if quote else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _with_system(messages: list[dict], row: dict, where: str, fmt: str) -> list[dict]:
+    system = _field(row, "system", where, fmt, required=False)
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _alpaca(row: dict, where: str) -> Example:
+    instruction = _field(row, "instruction", where, "alpaca")
+    output = _field(row, "output", where, "alpaca")
+    inp = _field(row, "input", where, "alpaca", required=False)
+    user = {"role": "user", "content": instruction, "input": inp}
+    return {"messages": _with_system([user, {"role": "assistant", "content": output}], row, where, "alpaca")}
+
+
+def _prompt_completion(row: dict, where: str) -> Example:
+    prompt = _field(row, "prompt", where, "prompt_completion", empty_ok=True)
+    completion = _field(row, "completion", where, "prompt_completion")
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return {"messages": _with_system(turns, row, where, "prompt_completion")}
+
+
+def _text(row: dict, where: str) -> Example:
+    return {"text": _field(row, "text", where, "text")}
+
+
+def _messages(row: dict, where: str) -> Example:
+    turns = _turn_list(row, "messages", where, "messages")
+    out = []
+    for i, turn in enumerate(turns):
+        at = f"{where}, field 'messages[{i}]"
+        role = turn.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ROLES:
+            raise DataError(
+                f"unknown role {_short(role)}" if "role" in turn else "no 'role'",
+                hint=f"use one of {', '.join(ROLES)}",
+                where=f"{at}.role'",
+            )
+        out.append({"role": role, "content": _content(turn.get("content"), f"{at}.content'", role)})
+    return {"messages": _check_turns(out, where, "messages")}
+
+
+def _sharegpt(row: dict, where: str) -> Example:
+    turns = _turn_list(row, "conversations", where, "sharegpt")
+    out = []
+    for i, turn in enumerate(turns):
+        at = f"{where}, field 'conversations[{i}]"
+        speaker = turn.get("from")
+        role = _SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataError(
+                f"unknown speaker {_short(speaker)}" if "from" in turn else "no 'from'",
+                hint=f"use one of {', '.join(sorted(_SHAREGPT_ROLES))} (human -> user, gpt -> assistant)",
+                where=f"{at}.from'",
+            )
+        out.append({"role": role, "content": _content(turn.get("value"), f"{at}.value'", role)})
+    if "system" in row and not any(m["role"] == "system" for m in out):
+        out = _with_system(out, row, where, "sharegpt")
+    return {"messages": _check_turns(out, where, "sharegpt")}
+
+
+def _turn_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
+    turns = row.get(key)
+    at = f"{where}, field '{key}'"
+    if not isinstance(turns, list):
+        hint = f"'{key}' must be a JSON list of turn objects ({_KEYS[fmt]})"
+        if isinstance(turns, str):
+            hint += "; a CSV cell holds only text, so keep chat data in JSONL, JSON or Parquet"
+        raise DataError(f"expected a list, got {type(turns).__name__} {_short(turns)}", hint=hint, where=at)
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {i} is {type(turn).__name__}, expected an object", hint=f"use {_KEYS[fmt]}",
+                            where=f"{at[:-1]}[{i}]'")
+    return turns
+
+
+def _content(value: Any, at: str, role: str) -> str:
+    """Turn content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
+        value = "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise DataError(
+            f"expected text, got {type(value).__name__} {_short(value)}",
+            hint="give the turn's content as a string (only text parts are supported)",
+            where=at,
+        )
+    if role == "assistant" and not value.strip():
+        raise DataError("empty assistant turn", hint="give the assistant turn text or remove it", where=at)
+    return value
+
+
+def _check_turns(messages: list[dict], where: str, fmt: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            "no assistant turn: nothing to train on",
+            hint="add at least one assistant turn (the response the model should learn)",
+            where=f"{where}, field '{'messages' if fmt == 'messages' else 'conversations'}'",
+        )
+    return messages
+
+
+_CONVERT = {"alpaca": _alpaca, "prompt_completion": _prompt_completion, "messages": _messages,
+            "sharegpt": _sharegpt, "text": _text}

@@ -1,0 +1,137 @@
+"""End-to-end training on the tiny model: what is written, what moved, what stayed put."""
+
+import json
+
+import pytest
+import torch
+
+from lorakit import config
+from lorakit.errors import LorakitError
+
+
+def tiny_config(tmp_path, model_dir, data_file, *extra):
+    return config.load(None, [
+        f"--model.name={model_dir}", f"--data.train={data_file}", "--data.val_fraction=0.25",
+        "--data.template=alpaca", "--data.max_length=128",
+        "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0",
+        "--train.max_steps=4", "--train.batch_size=2", "--train.grad_accum=2", "--train.lr=1e-2",
+        "--train.logging_steps=1", "--train.eval_steps=2", "--train.save_steps=2", "--train.save_total_limit=1",
+        f"--output.dir={tmp_path / 'runs'}", "--output.name=tiny", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    from conftest import ALPACA_ROWS, write_jsonl
+    from lorakit.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
+    cfg = tiny_config(tmp, tiny_model_dir, data)
+    return train(cfg, log=lambda s: None, progress=False), cfg
+
+
+def test_run_folder_layout(trained_run):
+    run_dir, _ = trained_run
+    adapter = run_dir / "adapter"
+    assert (run_dir / "config.yaml").is_file()
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.glob("*.bin")), "adapters are safetensors only"
+    assert list((run_dir / "logs").rglob("events.out.tfevents*")), "TensorBoard events written"
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in ckpts] == ["checkpoint-4"], "keep-last-1 keeps only the newest checkpoint"
+    assert not list(run_dir.parent.glob(".adapter.tmp-*")), "no temporary folders left behind"
+
+
+def test_lorakit_json_describes_the_adapter(trained_run):
+    run_dir, cfg = trained_run
+    meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
+    assert meta["template"]["name"] == "alpaca"
+    assert len(meta["base_model"]["sha256"]) == 64
+    assert len(meta["data"]["fingerprint"]) == 64
+    assert meta["lora"]["r"] == 4
+    assert {"torch", "transformers", "peft"} <= set(meta["versions"])
+    m = meta["metrics"]
+    assert m["steps"] == 4 and m["trained_tokens"] > 0 and m["trained_tokens_per_s"] > 0
+    assert m["eval_loss_start"] is not None and m["eval_loss"] is not None
+
+
+def test_metrics_jsonl_has_train_and_eval_records(trained_run):
+    run_dir, _ = trained_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "loss" in r]
+    eval_steps = [r["step"] for r in records if "eval_loss" in r]
+    assert train_steps == [1, 2, 3, 4]
+    assert eval_steps == [0, 2, 4]  # before training, then every 2 steps
+    assert all(r["trained_tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert all("learning_rate" in r and "grad_norm" in r for r in records if "loss" in r)
+
+
+def test_lora_moved_and_base_did_not(trained_run, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = trained_run
+    lora = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b_weights = [v for k, v in lora.items() if "lora_B" in k]
+    assert b_weights and all(v.abs().sum() > 0 for v in b_weights), "B starts at zero; training must move it"
+
+    from lorakit.infer import load_session
+
+    session = load_session(run_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_sd = base.state_dict()
+    seen = 0
+    for name, tensor in session.model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(tensor, base_sd[key]), f"base weight {key} changed"
+        seen += 1
+    assert seen >= 10
+
+
+def test_adapter_reloads_with_plain_peft(trained_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.infer import load_session
+
+    run_dir, _ = trained_run
+    session = load_session(run_dir)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run_dir / "adapter"))
+    plain.eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        ours = session.model(input_ids=ids).logits
+        theirs = plain(input_ids=ids).logits
+        with session.model.disable_adapter():
+            base = session.model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert not torch.allclose(ours, base, atol=1e-4), "the adapter must change the logits"
+
+
+def test_generate_uses_stored_template_and_streams(trained_run):
+    from lorakit.infer import Sampling, generate, load_session, messages_from_instruction
+
+    run_dir, _ = trained_run
+    session = load_session(run_dir)
+    pieces = []
+    msgs = messages_from_instruction("Say hello.")
+    text = generate(session, msgs, Sampling(max_new_tokens=8, greedy=True), stream=pieces.append)
+    assert "".join(pieces).strip() == text
+    again = generate(session, msgs, Sampling(max_new_tokens=8, greedy=True))
+    assert again == text, "greedy decoding is deterministic"
+    prompt_ids = session.template.encode_prompt(session.tokenizer, msgs)
+    assert session.tokenizer.decode(prompt_ids).endswith("### Response:\n")
+
+
+def test_existing_run_folder_is_not_overwritten(trained_run, tiny_model_dir, tmp_path):
+    from lorakit.train.trainer import train
+
+    run_dir, cfg = trained_run
+    before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(LorakitError, match="already exists"):
+        train(cfg, log=lambda s: None, progress=False)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
