@@ -135,3 +135,33 @@ def test_existing_run_folder_is_not_overwritten(trained_run, tiny_model_dir, tmp
     with pytest.raises(LorakitError, match="already exists"):
         train(cfg, log=lambda s: None, progress=False)
     assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_fast_loss_trains_like_the_stock_loss(tmp_path, tiny_model_dir, monkeypatch):
+    """Same seed, grad accumulation 2: the labelled-only loss path ends at the stock path's adapter."""
+    from safetensors.torch import load_file
+
+    from conftest import ALPACA_ROWS, write_jsonl
+    import lorakit.train.trainer as trainer_mod
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    used = []
+    real_split = trainer_mod.split_head
+
+    def spy(model):
+        out = real_split(model)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(trainer_mod, "split_head", spy)
+    fast = trainer_mod.train(tiny_config(tmp_path / "a", tiny_model_dir, data, "--train.eval_steps=0"),
+                             log=lambda s: None, progress=False)
+    monkeypatch.setattr(trainer_mod, "split_head", lambda model: None)
+    slow = trainer_mod.train(tiny_config(tmp_path / "b", tiny_model_dir, data, "--train.eval_steps=0"),
+                             log=lambda s: None, progress=False)
+    assert used == [True]
+    a = load_file(fast / "adapter" / "adapter_model.safetensors")
+    b = load_file(slow / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k

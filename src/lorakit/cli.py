@@ -20,6 +20,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+    import warnings
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lk = logging.getLogger("lorakit")
+    if not lk.handlers:
+        lk.addHandler(handler)
+    lk.setLevel(logging.INFO)
+    # PEFT still calls the name transformers 5.x deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         from transformers.utils import logging as hf_logging
 

@@ -42,8 +42,8 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
     examples = load_test_examples()[:test_limit]
     refs = [split_reference(ex)[1] for ex in examples]
     print(f"\nanswering {len(examples)} held-out test prompts with the base model and the tuned model ...")
-    base = answer(session, examples, use_adapter=False, max_new_tokens=32)
-    tuned = answer(session, examples, use_adapter=True, max_new_tokens=32)
+    base = answer(session, examples, use_adapter=False, max_new_tokens=20)
+    tuned = answer(session, examples, use_adapter=True, max_new_tokens=20)
     b, t = aggregate(base, refs), aggregate(tuned, refs)
 
     print("\n=== lorakit demo: SmolLM2-135M-Instruct, base vs LoRA-tuned ===")

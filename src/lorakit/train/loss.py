@@ -1,0 +1,46 @@
+"""Causal-LM loss computed only where there are labels.
+
+The stock path materialises logits for every position, `[batch × seq × vocab]` (49k columns
+for SmolLM2), although completion-only training needs them only at response tokens, often a
+fifth of the sequence. Here the LM head runs on the hidden states of labelled positions only:
+
+    loss = Σ_{i: y_{i+1} ≠ -100} CE(W_head · h_i, y_{i+1}) / N
+
+with N the trained-token count of the whole optimizer step (`num_items_in_batch`), which is
+what the Trainer divides by to make gradient accumulation exact. The value equals the model's
+own loss; only the work on unlabelled positions is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping or
+# scaling in between (Gemma 2/3 soft-cap, Cohere scales), which this shortcut would skip.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, lm_head) when the shortcut is exact for this model, else None."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(inner, "config", None)
+    body, head = getattr(inner, "model", None), getattr(inner, "lm_head", None)
+    if cfg is None or body is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if getattr(cfg, "model_type", None) not in _PLAIN_HEAD:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    return body, head
+
+
+def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int) -> torch.Tensor:
+    """Sum of token cross-entropies at labelled positions, divided by `num_items`."""
+    labels = inputs["labels"][:, 1:]
+    hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                  position_ids=inputs.get("position_ids")).last_hidden_state  # (B, T, H)
+    keep = labels != -100
+    logits = head(hidden[:, :-1][keep])  # (N, V): only positions that predict a label
+    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return loss / num_items
