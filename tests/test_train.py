@@ -165,3 +165,17 @@ def test_fast_loss_trains_like_the_stock_loss(tmp_path, tiny_model_dir, monkeypa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_batched_generation_matches_one_at_a_time(trained_run):
+    from lorakit.infer import Sampling, generate, generate_batch, load_session, messages_from_instruction
+
+    run_dir, _ = trained_run
+    session = load_session(run_dir)
+    convs = [messages_from_instruction("Say hello."),
+             messages_from_instruction("Explain the return policy to a customer.", "Can I return an item after 45 days?")]
+    s = Sampling(max_new_tokens=6, greedy=True)
+    for use_adapter in (True, False):
+        batched = generate_batch(session, convs, s, use_adapter=use_adapter)
+        single = [generate(session, c, s, use_adapter=use_adapter) for c in convs]
+        assert batched == single

@@ -7,6 +7,7 @@ exactly the format it learned (the guide's most common failure is a mismatch her
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -108,35 +109,59 @@ def messages_from_instruction(instruction: str, input_text: str = "", system: st
     return msgs
 
 
-@torch.no_grad()
-def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
-             stream: Callable[[str], None] | None = None, use_adapter: bool = True) -> str:
-    """Generate the assistant reply to `messages`; `use_adapter=False` answers with the base."""
-    s = sampling or Sampling()
-    if not messages or messages[-1].get("role") not in ("user", "tool"):
-        raise LorakitError("the conversation must end with a user message", hint="add a final {'role': 'user', ...}")
+def _generation_kwargs(session: Session, s: Sampling) -> dict[str, Any]:
     tok = session.tokenizer
-    ids = session.template.encode_prompt(tok, messages)
-    input_ids = torch.tensor([ids], device=session.model.device)
     if s.seed is not None:
         torch.manual_seed(s.seed)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=s.max_new_tokens,
         eos_token_id=session.template.stop_token_ids(tok),
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
         repetition_penalty=s.repetition_penalty,
     )
     if s.greedy or s.temperature <= 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+    return kwargs
+
+
+def adapter_enabled(model, use_adapter: bool):
+    """Context in which `model` answers as the tuned model, or as its base when `use_adapter` is False."""
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+@torch.no_grad()
+def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
+             stream: Callable[[str], None] | None = None, use_adapter: bool = True) -> str:
+    """Generate the assistant reply to `messages`; `use_adapter=False` answers with the base."""
+    if not messages or messages[-1].get("role") not in ("user", "tool"):
+        raise LorakitError("the conversation must end with a user message", hint="add a final {'role': 'user', ...}")
+    tok = session.tokenizer
+    ids = session.template.encode_prompt(tok, messages)
+    input_ids = torch.tensor([ids], device=session.model.device)
+    kwargs = _generation_kwargs(session, sampling or Sampling())
     if stream is not None:
         kwargs["streamer"] = _CallbackStreamer(tok, len(ids), stream)
-    model = session.model
-    attention_mask = torch.ones_like(input_ids)
-    if use_adapter or not hasattr(model, "disable_adapter"):
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    else:
-        with model.disable_adapter():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    with adapter_enabled(session.model, use_adapter):
+        out = session.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+@torch.no_grad()
+def generate_batch(session: Session, conversations: list[list[dict]], sampling: Sampling | None = None, *,
+                   use_adapter: bool = True) -> list[str]:
+    """Answer several conversations in one left-padded batch (eval and the demo)."""
+    tok = session.tokenizer
+    kwargs = _generation_kwargs(session, sampling or Sampling())
+    prompts = [session.template.encode_prompt(tok, msgs) for msgs in conversations]
+    width = max(len(p) for p in prompts)
+    pad = kwargs["pad_token_id"]
+    device = session.model.device
+    # Left padding: every prompt ends at the same column, where generation starts.
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with adapter_enabled(session.model, use_adapter):
+        out = session.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]

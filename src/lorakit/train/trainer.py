@@ -101,8 +101,6 @@ def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        # Batches of similar length waste less compute on padding.
-        train_sampling_strategy="group_by_length",
         dataloader_num_workers=t.num_workers,
         use_cpu=not torch.cuda.is_available(),
         # Our collator already sets the right padding; the model needs no cache while training.
