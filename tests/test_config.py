@@ -96,3 +96,11 @@ def test_every_shipped_config_validates(path):
 def test_shipped_configs_were_found():
     names = {p.name for p in SHIPPED}
     assert {"alpaca.yaml", "chat.yaml", "qlora-gpu.yaml", "text.yaml", "demo.yaml"} <= names
+
+
+def test_yaml_booleans_spell_choice_words(tmp_path):
+    cfg = config.load(write(tmp_path, "data:\n  train: x.jsonl\nmodel:\n  gradient_checkpointing: on\n"
+                                      "train:\n  mixed_precision: no\n"))
+    assert cfg.model.gradient_checkpointing == "on" and cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="data.overlong"):
+        config.load(write(tmp_path, "data:\n  train: x.jsonl\n  overlong: yes\n"))

@@ -16,6 +16,7 @@ def tiny_config(tmp_path, model_dir, data_file, *extra):
         "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0",
         "--train.max_steps=4", "--train.batch_size=2", "--train.grad_accum=2", "--train.lr=1e-2",
         "--train.logging_steps=1", "--train.eval_steps=2", "--train.save_steps=2", "--train.save_total_limit=1",
+        "--train.mixed_precision=no",  # exact fp32, so comparisons between runs are tight
         f"--output.dir={tmp_path / 'runs'}", "--output.name=tiny", *extra,
     ])
 
@@ -179,3 +180,56 @@ def test_batched_generation_matches_one_at_a_time(trained_run):
         batched = generate_batch(session, convs, s, use_adapter=use_adapter)
         single = [generate(session, c, s, use_adapter=use_adapter) for c in convs]
         assert batched == single
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """mixed_precision bf16 autocasts the loss computation; LoRA weights and their saved copy stay fp32."""
+    from safetensors.torch import load_file
+
+    import lorakit.train.trainer as trainer_mod
+    from conftest import ALPACA_ROWS, write_jsonl
+    from lorakit.train.trainer import train
+
+    seen = []
+    real = trainer_mod.labelled_loss
+
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*args)
+
+    monkeypatch.setattr(trainer_mod, "labelled_loss", spy)
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, "--train.mixed_precision=bf16", "--train.max_steps=2",
+                      "--train.eval_steps=0", "--train.save_steps=0")
+    run = train(cfg, log=lambda s: None, progress=False)
+    assert seen and all(seen), "every training step ran under bf16 autocast"
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert weights and all(v.dtype == torch.float32 for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_fp16_autocast_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    from conftest import ALPACA_ROWS, write_jsonl
+    from lorakit.train.trainer import train
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 autocast is valid on a GPU")
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    with pytest.raises(LorakitError, match="fp16 needs a CUDA GPU"):
+        train(tiny_config(tmp_path, tiny_model_dir, data, "--train.mixed_precision=fp16"), log=lambda s: None,
+              progress=False)
+
+
+def test_folder_of_a_failed_run_is_reused(tmp_path, tiny_model_dir):
+    from conftest import ALPACA_ROWS, write_jsonl
+    from lorakit.train.trainer import train
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, "--train.max_steps=1", "--train.eval_steps=0",
+                      "--train.save_steps=0")
+    leftover = cfg.run_dir
+    leftover.mkdir(parents=True)
+    (leftover / "config.yaml").write_text("stale")
+    run = train(cfg, log=lambda s: None, progress=False)
+    assert (run / "adapter" / "lorakit.json").is_file()
+    assert (run / "config.yaml").read_text() != "stale"

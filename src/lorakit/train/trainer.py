@@ -43,7 +43,9 @@ class LorakitTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fast_head is None or return_outputs or num_items_in_batch is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return labelled_loss(*self.fast_head, inputs, num_items_in_batch)
+        # accelerate applies mixed precision by wrapping model.forward, which this path skips.
+        with self.accelerator.autocast():
+            return labelled_loss(*self.fast_head, inputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -67,9 +69,36 @@ def _total_steps(cfg: Config, n_train: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool, dtype: torch.dtype) -> TrainingArguments:
+def resolve_mixed_precision(cfg: Config) -> str:
+    """'bf16', 'fp16' or 'no' for this machine; see TrainConfig.mixed_precision."""
+    mp = cfg.train.mixed_precision
+    if mp != "auto":
+        if mp == "fp16" and not torch.cuda.is_available():
+            raise LorakitError("train.mixed_precision fp16 needs a CUDA GPU (CPU autocast supports bf16 only)",
+                               hint="use --train.mixed_precision bf16 or no", where="config train.mixed_precision")
+        return mp
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo: without them CPU bf16 autocast is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool) -> TrainingArguments:
     """Map lorakit's schema onto TrainingArguments (names changed in transformers 5.x)."""
     t = cfg.train
+    mp = resolve_mixed_precision(cfg)
     total = _total_steps(cfg, n_train)
     eval_every = t.eval_steps if t.eval_steps > 0 else total
     return TrainingArguments(
@@ -96,8 +125,8 @@ def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         save_total_limit=t.save_total_limit,
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16,
+        bf16=mp == "bf16",
+        fp16=mp == "fp16",
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -109,12 +138,18 @@ def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool,
 
 
 def _prepare_run_dir(cfg: Config) -> Path:
+    """Create the run folder; never silently replace a finished or resumable run.
+
+    A folder left by a run that failed before its first checkpoint holds nothing worth
+    keeping, so it is reused; one with an adapter or checkpoints needs --output.overwrite.
+    """
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
+        has_work = (run_dir / ADAPTER_DIR).exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
+        if has_work and not cfg.output.overwrite:
             raise LorakitError(
-                f"run folder {run_dir} already exists",
-                hint=f"choose another name (--output.name NEW) or replace it with --output.overwrite true",
+                f"run folder {run_dir} already exists and holds a trained adapter or checkpoints",
+                hint="choose another name (--output.name NEW) or replace it with --output.overwrite true",
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +176,7 @@ def _final_metrics(trainer: Trainer, counter: TokenCounter, seconds: float) -> d
 
 def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage."""
+    resolve_mixed_precision(cfg)  # fail on an impossible precision before touching the run folder
     run_dir = _prepare_run_dir(cfg)
     config_mod.save(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
@@ -159,7 +195,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     log(describe_parameters(model))
 
     counter = TokenCounter()
-    args = training_arguments(cfg, run_dir, len(prepared.train), bool(prepared.validation), info_dtype(model))
+    args = training_arguments(cfg, run_dir, len(prepared.train), bool(prepared.validation))
     (run_dir / "logs").mkdir(exist_ok=True)
     callbacks = [
         MetricsLogger(run_dir / "metrics.jsonl", counter),
@@ -184,13 +220,6 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
     return run_dir
-
-
-def info_dtype(model: torch.nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _tensorboard(folder: Path):
