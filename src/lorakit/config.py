@@ -97,6 +97,12 @@ class DataConfig:
         "Also train on prompt tokens. Off: loss only on responses (every assistant turn) and EOS.",
         False,
     )
+    packing: bool = _help(
+        "Padding-free batches: the examples of each micro-batch are concatenated into one row, "
+        "position ids restart at every example and attention stays inside each example, so no "
+        "compute goes to padding. The loss equals the padded batch's loss.",
+        True,
+    )
     split: str = _help("Split to read from hub datasets and `datasets` folders.", "train")
     limit: int | None = _help("Use only the first N training rows (quick experiments).", None)
 

@@ -38,3 +38,30 @@ class Collator:
             labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCollator:
+    """Concatenate a micro-batch into one padding-free row.
+
+    Output is `(1, Σ len)` input_ids and labels plus position_ids that restart at 0 for every
+    example, and no attention mask: transformers reads each restart as an example boundary and
+    builds a block-diagonal causal mask, so examples never attend to each other and the loss
+    equals the padded batch's loss while no compute is spent on padding.
+
+    The first label of every example is set to -100. In a padded batch that position is never
+    a target (nothing precedes it); in a packed row it would be predicted from the previous
+    example's last token, which is not something to learn.
+    """
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(f["labels"][1:])
+            positions.extend(range(n))
+        as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}

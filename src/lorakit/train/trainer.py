@@ -20,7 +20,7 @@ from transformers.integrations import TensorBoardCallback
 from lorakit import config as config_mod
 from lorakit.artifacts import ADAPTER_DIR, atomic_dir, library_versions, write_meta
 from lorakit.config import Config
-from lorakit.data.collate import Collator
+from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
 from lorakit.errors import LorakitError
 from lorakit.model.load import load_model, load_tokenizer
@@ -51,7 +51,8 @@ class LorakitTrainer(Trainer):
         labels = inputs["labels"]
         # Labels are shifted inside the model: the first position of each row never counts.
         trained = int((labels[:, 1:] != -100).sum())
-        real = int(inputs["attention_mask"].sum())
+        mask = inputs.get("attention_mask")  # absent in packed (padding-free) batches
+        real = int(mask.sum()) if mask is not None else labels.numel()
         self.token_counter.add(trained, real, labels.numel())
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -205,7 +206,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     trainer = LorakitTrainer(
         model=model,
         args=args,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=PackedCollator() if cfg.data.packing else Collator(tokenizer.pad_token_id),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation or None,
         processing_class=tokenizer,
