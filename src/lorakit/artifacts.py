@@ -23,7 +23,7 @@ META_FILE = "lorakit.json"
 ADAPTER_DIR = "adapter"
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
@@ -46,7 +46,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

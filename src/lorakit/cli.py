@@ -49,7 +49,7 @@ def _load_config(args):
 def cmd_train(args) -> int:
     from lorakit.train.trainer import train
 
-    run_dir = train(_load_config(args))
+    run_dir = train(_load_config(args), resume=args.resume)
     print(f"done: {run_dir}\nnext: lorakit generate {run_dir} --instruction \"...\"")
     return 0
 
@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config file")
         return sp
 
-    with_config("train", "Fine-tune a LoRA adapter; writes runs/<name>/.").set_defaults(func=cmd_train)
+    t = with_config("train", "Fine-tune a LoRA adapter; writes runs/<name>/.")
+    t.add_argument("--resume", action="store_true",
+                   help="continue runs/<name> from its newest complete checkpoint (exact: optimizer, RNG, data position)")
+    t.set_defaults(func=cmd_train)
     with_config("data", "Show what training will see: counts, lengths, dropped rows, one masked example.").set_defaults(func=cmd_data)
 
     g = sub.add_parser("generate", help="Answer a prompt with a trained adapter (template from training).")

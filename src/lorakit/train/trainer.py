@@ -8,6 +8,7 @@ callbacks that make a run readable, and the self-describing adapter folder at th
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lorakit import config as config_mod
 from lorakit.artifacts import ADAPTER_DIR, atomic_dir, library_versions, write_meta
@@ -26,6 +28,7 @@ from lorakit.errors import LorakitError
 from lorakit.model.load import load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
+from lorakit.train.checkpoint import STAGING, check_resumable, publish, trim_metrics
 from lorakit.train.loss import labelled_loss, split_head
 
 
@@ -46,6 +49,25 @@ class LorakitTrainer(Trainer):
         # accelerate applies mixed precision by wrapping model.forward, which this path skips.
         with self.accelerator.autocast():
             return labelled_loss(*self.fast_head, inputs, num_items_in_batch)
+
+    # ---- atomic checkpoints: the Trainer writes into checkpoints/.staging, we rename into place
+    _staging = False
+
+    def _get_output_dir(self, trial):
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, STAGING) if self._staging else out
+
+    def _save_checkpoint(self, model, trial):
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        shutil.rmtree(final_root / STAGING, ignore_errors=True)
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        publish(final_root / STAGING, final_root, name)
+        rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -150,7 +172,8 @@ def _prepare_run_dir(cfg: Config) -> Path:
         if has_work and not cfg.output.overwrite:
             raise LorakitError(
                 f"run folder {run_dir} already exists and holds a trained adapter or checkpoints",
-                hint="choose another name (--output.name NEW) or replace it with --output.overwrite true",
+                hint="continue it with `lorakit train CONFIG --resume`, choose another name (--output.name NEW), "
+                "or replace it with --output.overwrite true",
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,10 +198,22 @@ def _final_metrics(trainer: Trainer, counter: TokenCounter, seconds: float) -> d
     }
 
 
-def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = True) -> Path:
-    """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage."""
+def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage.
+
+    With `resume`, continue the run in `cfg.run_dir` from its newest complete checkpoint:
+    adapter, optimizer, scheduler, RNG states and data position are restored by the Trainer,
+    so the result equals an uninterrupted run's.
+    """
     resolve_mixed_precision(cfg)  # fail on an impossible precision before touching the run folder
-    run_dir = _prepare_run_dir(cfg)
+    checkpoint = None
+    if resume:
+        run_dir = cfg.run_dir
+        checkpoint = check_resumable(cfg, run_dir)
+        trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        log(f"resuming from {checkpoint}")
+    else:
+        run_dir = _prepare_run_dir(cfg)
     config_mod.save(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
 
@@ -215,7 +250,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     )
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     metrics = _final_metrics(trainer, counter, seconds)
     save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)

@@ -1,0 +1,124 @@
+"""Exact resume after SIGKILL, and checkpoints that are complete or absent."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ALPACA_ROWS, write_jsonl
+from lorakit import config
+from lorakit.errors import LorakitError
+
+STEPS = 6
+
+
+def write_config(tmp_path: Path, model_dir: Path, data: Path, name: str) -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(
+        f"model:\n  name: {model_dir}\n"
+        f"data:\n  train: {data}\n  template: alpaca\n  max_length: 96\n  val_fraction: 0.2\n"
+        "lora:\n  r: 4\n  alpha: 8\n  dropout: 0.1\n"  # dropout: the RNG state must be restored too
+        f"train:\n  max_steps: {STEPS}\n  batch_size: 2\n  grad_accum: 2\n  lr: 5.0e-3\n  logging_steps: 1\n"
+        "  eval_steps: 3\n  save_steps: 1\n  save_total_limit: 2\n  mixed_precision: 'no'\n"
+        f"output:\n  dir: {tmp_path / 'runs'}\n  name: {name}\n"
+    )
+    return p
+
+
+def adapter(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lorakit.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
+    ref_cfg = write_config(tmp, tiny_model_dir, data, "reference")
+    subprocess.run(cli("train", str(ref_cfg)), check=True, capture_output=True, timeout=300)
+    return tmp, data, adapter(tmp / "runs" / "reference")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup, tiny_model_dir):
+    tmp, data, reference = setup
+    cfg = write_config(tmp, tiny_model_dir, data, "killed")
+    kill_after = random.Random().randint(1, STEPS - 2)  # any step with a later one to redo
+    ckpts = tmp / "runs" / "killed" / "checkpoints"
+    proc = subprocess.Popen(cli("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (ckpts / f"checkpoint-{kill_after}").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp / "runs" / "killed" / "adapter").exists()
+    out = subprocess.run(cli("train", str(cfg), "--resume"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert_same(adapter(tmp / "runs" / "killed"), reference)
+    steps = [line for line in (tmp / "runs" / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == STEPS, "each step logged once, none twice after resume"
+
+
+def test_crash_while_saving_leaves_no_checkpoint_resume_would_use(setup, tiny_model_dir, monkeypatch):
+    """A save that dies between files leaves only .staging; resume takes the previous checkpoint."""
+    from transformers import Trainer
+
+    from lorakit.train.checkpoint import checkpoints
+    from lorakit.train.trainer import train
+
+    tmp, data, reference = setup
+    cfg = config.load(write_config(tmp, tiny_model_dir, data, "crashed"))
+    real = Trainer._save_rng_state
+
+    def dies_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("simulated crash between checkpoint files")
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda s: None, progress=False)
+    ckpt_dir = tmp / "runs" / "crashed" / "checkpoints"
+    assert [p.name for p in checkpoints(ckpt_dir)] == ["checkpoint-2", "checkpoint-3"]
+    assert (ckpt_dir / ".staging" / "checkpoint-4").is_dir(), "the half-written save stayed in staging"
+    monkeypatch.setattr(Trainer, "_save_rng_state", real)
+    train(cfg, resume=True, log=lambda s: None, progress=False)
+    assert_same(adapter(tmp / "runs" / "crashed"), reference)
+    assert not (ckpt_dir / ".staging").exists()
+    logged = [line for line in (tmp / "runs" / "crashed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(logged) == STEPS, "resumed at step 3, not restarted from step 0"
+
+
+def test_resume_refuses_a_changed_config(setup, tiny_model_dir):
+    from lorakit.train.trainer import train
+
+    tmp, data, _ = setup
+    cfg = config.load(write_config(tmp, tiny_model_dir, data, "reference"), ["--lora.r", "8"])
+    with pytest.raises(LorakitError, match="lora.r: 4 -> 8"):
+        train(cfg, resume=True, log=lambda s: None, progress=False)
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_model_dir):
+    from lorakit.train.trainer import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    cfg = config.load(write_config(tmp_path, tiny_model_dir, data, "never"))
+    with pytest.raises(LorakitError, match="nothing to resume"):
+        train(cfg, resume=True, log=lambda s: None, progress=False)
