@@ -158,6 +158,9 @@ class TrainConfig:
     eval_steps: int = _help("Evaluate every N optimizer steps; 0 evaluates only at the end.", 100)
     save_steps: int = _help("Checkpoint every N optimizer steps; 0 disables intermediate checkpoints.", 100)
     save_total_limit: int = _help("Keep only the last K checkpoints.", 3)
+    early_stopping_patience: int = _help(
+        "Stop when the validation loss has not improved for this many evaluations; 0 only warns.", 0
+    )
     num_workers: int = _help("DataLoader worker processes.", 0)
 
 
@@ -336,7 +339,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
     for key in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "save_total_limit"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}: {getattr(t, key)} must be at least 1")
-    for key in ("eval_steps", "save_steps", "num_workers"):
+    for key in ("eval_steps", "save_steps", "num_workers", "early_stopping_patience"):
         if getattr(t, key) < 0:
             problems.append(f"train.{key}: {getattr(t, key)} must be 0 or more")
     if t.lr <= 0:

@@ -28,16 +28,18 @@ from lorakit.errors import LorakitError
 from lorakit.model.load import load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
-from lorakit.train.checkpoint import STAGING, check_resumable, publish, trim_metrics
+from lorakit.train.checkpoint import STAGING, check_resumable, checkpoints, publish, trim_metrics
+from lorakit.train.diagnostics import Diagnostics, Health, nonfinite_error, oom_error, preflight
 from lorakit.train.loss import labelled_loss, split_head
 
 
 class LorakitTrainer(Trainer):
     """The stock Trainer plus a token count per step and the labelled-positions-only loss."""
 
-    def __init__(self, *args, token_counter: TokenCounter, **kwargs):
+    def __init__(self, *args, token_counter: TokenCounter, health: Health, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter
+        self.health = health
         # Calling the body directly would bypass DDP's gradient hooks: single process only.
         self.fast_head = split_head(self.model) if self.accelerator.num_processes == 1 else None
         if self.fast_head is not None:
@@ -76,7 +78,10 @@ class LorakitTrainer(Trainer):
         mask = inputs.get("attention_mask")  # absent in packed (padding-free) batches
         real = int(mask.sum()) if mask is not None else labels.numel()
         self.token_counter.add(trained, real, labels.numel())
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.health.nonfinite_step is None and not torch.isfinite(loss).all():
+            self.health.nonfinite_step, self.health.nonfinite_value = self.state.global_step + 1, float(loss)
+        return loss
 
 
 def _warmup_steps(cfg: Config, total_steps: int) -> int:
@@ -142,6 +147,7 @@ def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool)
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_every if has_eval else None,
         eval_on_start=has_eval,
@@ -225,17 +231,17 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     model, info = load_model(cfg.model, training=True, tokenizer=tokenizer)
     model = apply_lora(model, cfg.lora)
     trainable, _ = count_parameters(model)
-    if trainable == 0:
-        raise LorakitError("the model has no trainable parameters after applying LoRA",
-                           hint="check lora.target_modules names the model's linear layers")
     log(describe_parameters(model))
+    preflight(cfg, prepared, tokenizer, trainable, log)
 
-    counter = TokenCounter()
+    counter, health = TokenCounter(), Health()
+    diagnostics = Diagnostics(cfg, health, log)
     args = training_arguments(cfg, run_dir, len(prepared.train), bool(prepared.validation))
     (run_dir / "logs").mkdir(exist_ok=True)
     callbacks = [
         MetricsLogger(run_dir / "metrics.jsonl", counter),
         Progress(counter, enabled=progress),
+        diagnostics,
         _tensorboard(run_dir / "logs"),
     ]
     trainer = LorakitTrainer(
@@ -247,11 +253,17 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         processing_class=tokenizer,
         callbacks=[c for c in callbacks if c is not None],
         token_counter=counter,
+        health=health,
     )
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise oom_error(cfg, prepared.stats.length_percentiles.get("p99")) from e
     seconds = time.perf_counter() - start
+    if diagnostics.stopped == "nonfinite":
+        raise nonfinite_error(health, checkpoints(run_dir / "checkpoints"))
     metrics = _final_metrics(trainer, counter, seconds)
     save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")

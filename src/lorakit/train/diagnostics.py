@@ -1,0 +1,161 @@
+"""The guide's "Common Issues" table as checks that run before and during training.
+
+Before: no trainable parameters, no trained tokens, EOS never in the labels (the model would
+never learn to stop), learning rate above 1e-3. During: NaN/inf loss (stop at once, never save
+the broken weights, point at the last good checkpoint), gradient norm above 10 or below 1e-6,
+loss flat from the start (template or mask problem), validation loss rising (overfitting; early
+stopping with patience when configured). After an out-of-memory error: concrete changes
+computed from the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from lorakit.config import Config
+from lorakit.errors import LorakitError
+
+LR_HIGH = 1e-3
+GRAD_HIGH = 10.0
+GRAD_LOW = 1e-6
+FLAT_WINDOW = 3  # "flat from the start": mean of logs 4-6 not 1% below the mean of logs 1-3
+FLAT_REL = 0.01
+
+
+@dataclass
+class Health:
+    """Written by the trainer at every step, read by `Diagnostics`."""
+
+    nonfinite_step: int | None = None
+    nonfinite_value: float | None = None
+
+
+def preflight(cfg: Config, prepared, tokenizer, trainable: int, warn: Callable[[str], None]) -> None:
+    """Checks that need no training step; errors stop before any compute is spent."""
+    if trainable == 0:
+        raise LorakitError("the model has no trainable parameters after applying LoRA",
+                           hint="check lora.target_modules names the model's linear layers")
+    trained = sum(sum(1 for x in ex["labels"] if x != -100) for ex in prepared.train)
+    if trained == 0:
+        raise LorakitError("no training example has a token in the loss (the loss mask is all zero)",
+                           hint="check data.template and the data format with `lorakit data CONFIG`")
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        with_eos = sum(1 for ex in prepared.train if eos in [x for x in ex["labels"] if x != -100])
+        share = with_eos / len(prepared.train)
+        if with_eos == 0:
+            raise LorakitError(
+                f"the EOS token {tokenizer.eos_token!r} is in no example's labels: the model would never learn to stop",
+                hint="raise data.max_length if truncation cut it, or check data.template with `lorakit data CONFIG`",
+            )
+        if share < 0.5:
+            warn(f"warning: only {share:.0%} of training examples keep their EOS in the loss (truncated at "
+                 f"data.max_length {cfg.data.max_length}); raise data.max_length or set data.overlong: drop")
+    if cfg.train.lr > LR_HIGH:
+        warn(f"warning: train.lr {cfg.train.lr:g} is above {LR_HIGH:g}, high for LoRA (the guide uses 1e-4 to "
+             "3e-4); expect unstable loss")
+
+
+class Diagnostics(TrainerCallback):
+    """Watch the logs and the per-step loss; warn once per problem, stop on NaN or overfitting."""
+
+    def __init__(self, cfg: Config, health: Health, warn: Callable[[str], None]):
+        self.cfg = cfg
+        self.health = health
+        self.warn = warn
+        self.warned: set[str] = set()
+        self.losses: list[float] = []
+        self.best_eval: float | None = None
+        self.evals_worse = 0
+        self.stopped: str | None = None  # why training was stopped early, if it was
+
+    def _once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.warn(message)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.health.nonfinite_step is not None and self.stopped is None:
+            self.stopped = "nonfinite"
+            control.should_training_stop = True
+            control.should_save = False  # never checkpoint the broken weights
+            control.should_evaluate = False
+            control.should_log = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        grad = logs.get("grad_norm")
+        if grad is not None and math.isfinite(grad):
+            if grad > GRAD_HIGH:
+                self._once("grad_high", f"warning: gradient norm {grad:.3g} at step {state.global_step} is above "
+                           f"{GRAD_HIGH:g} (exploding); lower train.lr or keep train.max_grad_norm clipping on")
+            elif grad < GRAD_LOW:
+                self._once("grad_low", f"warning: gradient norm {grad:.3g} at step {state.global_step} is below "
+                           f"{GRAD_LOW:g} (vanishing); check that the loss mask covers the responses "
+                           "(`lorakit data CONFIG`) and that train.lr is not tiny")
+        if "loss" in logs and math.isfinite(logs["loss"]):
+            self.losses.append(logs["loss"])
+            if len(self.losses) == 2 * FLAT_WINDOW:  # judged once, early: later plateaus are convergence
+                first = sum(self.losses[:FLAT_WINDOW]) / FLAT_WINDOW
+                later = sum(self.losses[FLAT_WINDOW:]) / FLAT_WINDOW
+                if later > first * (1 - FLAT_REL):
+                    self._once("flat", f"warning: the training loss has not fallen in its first {len(self.losses)} "
+                               f"logs ({first:.4f} -> {later:.4f}): nothing is being learned. Check the prompt "
+                               "template and the loss mask with `lorakit data CONFIG`, and that train.lr is not "
+                               "too small")
+        if "eval_loss" in logs:
+            self._watch_eval(logs["eval_loss"], state, control)
+
+    def _watch_eval(self, loss: float, state, control) -> None:
+        patience = self.cfg.train.early_stopping_patience
+        if self.best_eval is None or loss < self.best_eval:
+            self.best_eval, self.evals_worse = loss, 0
+            return
+        self.evals_worse += 1
+        if self.evals_worse >= max(1, patience or 2):
+            self._once("overfit", f"warning: validation loss {loss:.4f} at step {state.global_step} is above its best "
+                       f"{self.best_eval:.4f} for {self.evals_worse} evaluations: overfitting. Use fewer epochs, "
+                       "more lora.dropout or more data" + ("" if patience else
+                                                           "; train.early_stopping_patience stops such runs"))
+        if patience and self.evals_worse >= patience:
+            self.stopped = "early_stopping"
+            control.should_training_stop = True
+
+
+def nonfinite_error(health: Health, checkpoints: list) -> LorakitError:
+    last = checkpoints[-1] if checkpoints else None
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    return LorakitError(
+        f"the loss became {health.nonfinite_value} at step {health.nonfinite_step}; training stopped and "
+        f"nothing was saved from that step ({where})",
+        hint="lower train.lr (e.g. halve it), keep train.max_grad_norm on, use model.dtype fp32 or bf16 instead "
+             "of fp16; then start again, or continue from the checkpoint with --resume after fixing the config",
+    )
+
+
+def oom_error(cfg: Config, p99_tokens: int | None) -> LorakitError:
+    """What to change, computed from the config, after an out-of-memory error."""
+    t, d, m = cfg.train, cfg.data, cfg.model
+    changes = []
+    if t.batch_size > 1:
+        changes.append(f"--train.batch_size {max(1, t.batch_size // 2)} --train.grad_accum {t.grad_accum * 2} "
+                       "(same effective batch, half the activations)")
+    if m.gradient_checkpointing != "on":
+        changes.append("--model.gradient_checkpointing on (recompute activations: about a third more compute)")
+    # Batches hold real lengths, not max_length: shortening helps only when examples are long.
+    half = d.max_length // 2
+    if half >= 64 and (p99_tokens is None or p99_tokens > half):
+        changes.append(f"--data.max_length {half} (activations grow with sequence length)")
+    if m.quantization == "none":
+        changes.append("--model.quantization 4bit (QLoRA, CUDA only: base weights in 4 bits)")
+    if cfg.lora.r > 8:
+        changes.append(f"--lora.r {cfg.lora.r // 2} (fewer adapter parameters and optimizer states)")
+    return LorakitError(
+        "out of memory during training",
+        hint="try, in this order: " + "; ".join(changes) + ". `lorakit plan CONFIG` estimates what fits.",
+    )
