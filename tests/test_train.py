@@ -255,3 +255,41 @@ def test_packed_run_matches_padded_run(tmp_path, tiny_model_dir):
     mb = json.loads((runs["false"] / "adapter" / "lorakit.json").read_text())["metrics"]
     assert ma["eval_loss"] == pytest.approx(mb["eval_loss"], rel=1e-4)
     assert ma["trained_tokens"] == mb["trained_tokens"]
+
+
+def test_failed_overwrite_keeps_the_previous_run(trained_run, tmp_path, monkeypatch):
+    """--output.overwrite with a run that dies before its first checkpoint: the old run is back, byte for byte."""
+    from transformers import Trainer
+
+    from lorakit.train.trainer import train
+
+    run_dir, cfg = trained_run
+    before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def dies(self, *a, **k):
+        raise RuntimeError("simulated crash in the first step")
+
+    monkeypatch.setattr(Trainer, "train", dies)
+    cfg.output.overwrite = True
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            train(cfg, log=lambda s: None, progress=False)
+    finally:
+        cfg.output.overwrite = False
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert not list(run_dir.parent.glob(".tiny.replaced-*"))
+
+
+def test_bad_data_never_touches_an_existing_run(trained_run, tmp_path):
+    from lorakit.errors import DataError
+    from lorakit.train.trainer import train
+
+    run_dir, cfg = trained_run
+    listing = sorted(p.name for p in run_dir.rglob("*"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": 3}\n')
+    broken = config.load(None, [f"--model.name={cfg.model.name}", f"--data.train={bad}",
+                                f"--output.dir={cfg.output.dir}", "--output.name=tiny", "--output.overwrite=true"])
+    with pytest.raises(DataError, match="bad.jsonl line 1"):
+        train(broken, log=lambda s: None, progress=False)
+    assert sorted(p.name for p in run_dir.rglob("*")) == listing

@@ -166,24 +166,50 @@ def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool)
     )
 
 
-def _prepare_run_dir(cfg: Config) -> Path:
-    """Create the run folder; never silently replace a finished or resumable run.
+def _has_work(run_dir: Path) -> bool:
+    return (run_dir / ADAPTER_DIR).exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def _check_run_dir(cfg: Config) -> None:
+    """Refuse, before any work, to replace a finished or resumable run unless told to."""
+    run_dir = cfg.run_dir
+    if run_dir.exists() and _has_work(run_dir) and not cfg.output.overwrite:
+        raise LorakitError(
+            f"run folder {run_dir} already exists and holds a trained adapter or checkpoints",
+            hint="continue it with `lorakit train CONFIG --resume`, choose another name (--output.name NEW), "
+            "or replace it with --output.overwrite true",
+        )
+
+
+def _claim_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """Create the run folder once everything before training has succeeded.
 
     A folder left by a run that failed before its first checkpoint holds nothing worth
-    keeping, so it is reused; one with an adapter or checkpoints needs --output.overwrite.
+    keeping and is cleared. A finished run being overwritten is moved aside, not deleted,
+    and only removed once the new adapter is published (`_release`), so a failed or killed
+    replacement never costs the old run.
     """
     run_dir = cfg.run_dir
+    backup = None
     if run_dir.exists() and any(run_dir.iterdir()):
-        has_work = (run_dir / ADAPTER_DIR).exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
-        if has_work and not cfg.output.overwrite:
-            raise LorakitError(
-                f"run folder {run_dir} already exists and holds a trained adapter or checkpoints",
-                hint="continue it with `lorakit train CONFIG --resume`, choose another name (--output.name NEW), "
-                "or replace it with --output.overwrite true",
-            )
-        shutil.rmtree(run_dir)
+        if _has_work(run_dir):
+            backup = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+            os.replace(run_dir, backup)
+        else:
+            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, backup
+
+
+def _restore(run_dir: Path, backup: Path | None, log: Callable[[str], None]) -> None:
+    """The replacement failed: put the previous run back, unless the new one left checkpoints to resume."""
+    if backup is None or not backup.exists():
+        return
+    if _has_work(run_dir):
+        log(f"the previous run in {run_dir} was kept at {backup}")
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(backup, run_dir)
 
 
 def _final_metrics(trainer: Trainer, counter: TokenCounter, seconds: float) -> dict[str, Any]:
@@ -211,16 +237,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     adapter, optimizer, scheduler, RNG states and data position are restored by the Trainer,
     so the result equals an uninterrupted run's.
     """
-    resolve_mixed_precision(cfg)  # fail on an impossible precision before touching the run folder
-    checkpoint = None
-    if resume:
-        run_dir = cfg.run_dir
-        checkpoint = check_resumable(cfg, run_dir)
-        trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
-        log(f"resuming from {checkpoint}")
-    else:
-        run_dir = _prepare_run_dir(cfg)
-    config_mod.save(cfg, run_dir / "config.yaml")
+    # Everything that can fail on bad input runs before the run folder is touched.
+    resolve_mixed_precision(cfg)
+    checkpoint = check_resumable(cfg, cfg.run_dir) if resume else None
+    if not resume:
+        _check_run_dir(cfg)
     set_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -234,6 +255,27 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     log(describe_parameters(model))
     preflight(cfg, prepared, tokenizer, trainable, log)
 
+    backup = None
+    if resume:
+        run_dir = cfg.run_dir
+        trim_metrics(run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        log(f"resuming from {checkpoint}")
+    else:
+        run_dir, backup = _claim_run_dir(cfg)
+    try:
+        _run(cfg, run_dir, model, tokenizer, prepared, info, checkpoint, log, progress)
+    except BaseException:
+        _restore(run_dir, backup, log)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return run_dir
+
+
+def _run(cfg: Config, run_dir: Path, model, tokenizer, prepared: Prepared, info, checkpoint: Path | None,
+         log: Callable[[str], None], progress: bool) -> None:
+    """The training loop proper, into a claimed run folder; ends with the published adapter."""
+    config_mod.save(cfg, run_dir / "config.yaml")
     counter, health = TokenCounter(), Health()
     diagnostics = Diagnostics(cfg, health, log)
     args = training_arguments(cfg, run_dir, len(prepared.train), bool(prepared.validation))
@@ -267,7 +309,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     metrics = _final_metrics(trainer, counter, seconds)
     save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
-    return run_dir
 
 
 def _tensorboard(folder: Path):
