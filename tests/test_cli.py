@@ -78,3 +78,10 @@ def test_console_script_help_runs():
     assert out.returncode == 0
     for cmd in ("train", "data", "generate", "demo"):
         assert cmd in out.stdout
+
+
+def test_doctor_command(capsys):
+    rc = main(["doctor"])
+    out = capsys.readouterr().out
+    assert "transformers" in out and "checks:" in out
+    assert rc == (1 if " FAIL " in out else 0)

@@ -109,6 +109,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from lorakit.doctor import FAIL, format_checks, run_checks
+
+    checks = run_checks()
+    print(format_checks(checks))
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -149,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--trust-remote-code", action="store_true")
     g.set_defaults(func=cmd_generate, overrides=[])
+
+    sub.add_parser("doctor", help="Check versions, GPU/bf16, bitsandbytes, llama.cpp and disk; print fixes.") \
+        .set_defaults(func=cmd_doctor)
 
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
