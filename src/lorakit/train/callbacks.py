@@ -45,6 +45,9 @@ class MetricsLogger(TrainerCallback):
         self.path = Path(path)
         self.counter = counter
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.counter.started = time.perf_counter()  # tokens/s counts the loop, not the set-up
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -67,7 +70,6 @@ class Progress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.enabled and state.is_world_process_zero:
-            self.counter.started = time.perf_counter()
             self.bar = tqdm(total=state.max_steps, desc="train", unit="step", dynamic_ncols=True,
                             initial=state.global_step)
 

@@ -1,0 +1,105 @@
+"""benchmarks/: the data generator, the token meter, and both workers end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import make_data  # noqa: E402
+
+
+def test_make_data_is_deterministic(tmp_path):
+    a = make_data.write(tmp_path / "a", train_rows=300, eval_rows=30, seed=0)
+    b = make_data.write(tmp_path / "b", train_rows=300, eval_rows=30, seed=0)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert make_data.generate(300, 1) != make_data.generate(300, 0)
+    train, held_out = (common.read_jsonl(p) for p in a)
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out if r["input"]}, \
+        "held-out rows with an input are not copies of training rows"
+
+
+def test_make_data_is_long_tailed(tiny_tokenizer):
+    rows = make_data.generate(1000, 0)
+    lengths = sorted(len(ids) for ids, _ in common.encode_rows(tiny_tokenizer, rows))
+    assert statistics.median(lengths) < lengths[-1] / 3
+    over_300 = sum(n > 300 for n in lengths) / len(lengths)
+    assert 0.02 < over_300 < 0.3, "a few rows are several hundred tokens long, most are short"
+    assert {"instruction", "input", "output"} == set(rows[0])
+
+
+def test_meter_counts_padded_and_packed_batches():
+    meter = common.Meter()
+    padded = {  # two rows of 3 and 2 real tokens, right-padded to 3
+        "input_ids": torch.tensor([[5, 6, 7], [5, 6, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "labels": torch.tensor([[-100, 6, 7], [-100, 6, -100]]),
+    }
+    meter.observe(padded)
+    assert (meter.trained, meter.real, meter.fed, meter.rows) == (3, 5, 6, 2)
+    packed = {  # the same two examples concatenated, no padding and no mask
+        "input_ids": torch.tensor([[5, 6, 7, 5, 6]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+        "labels": torch.tensor([[-100, 6, 7, -100, 6]]),
+    }
+    meter.observe(packed)
+    assert (meter.trained, meter.real, meter.fed, meter.rows) == (6, 10, 11, 4)
+
+
+def test_useful_flops_formula():
+    params = {"frozen_linear": 100, "lora": 10, "head": 50}
+    assert common.useful_flops(params, real_tokens=7, trained_tokens=3) == 4 * 100 * 7 + 6 * 10 * 7 + 4 * 50 * 3
+
+
+def test_eval_loss_equals_the_models_own_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The head-only, length-batched eval gives the token-weighted mean of the full forward's loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    rows = make_data.generate(6, 3)
+    total = count = 0
+    with torch.no_grad():
+        for ids, labels in common.encode_rows(tiny_tokenizer, rows):
+            n = sum(label != -100 for label in labels[1:])
+            total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            count += n
+    result = common.eval_loss(tiny_model_dir, tmp_path / "adapter", rows, batch_size=4)
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)  # fp32 sums in another order
+
+
+@pytest.mark.slow  # three Python processes importing torch + transformers (+ TRL): about a minute on 2 cores
+def test_compare_runs_both_sides_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "compare.py"), "--model", str(tiny_model_dir), "--steps", "1",
+           "--eval-rows", "4", "--data", str(tmp_path / "data"), "--out", str(out), "--matmul-size", "128"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("throughput_ratio", "peak_rss_ratio", "eval_loss_lorakit", "eval_loss_recipe", "eval_loss_base"):
+        assert summary[key] > 0, key
+    # Each worker printed its own result as the last line of its log, and the two fed the same rows.
+    sides = {name: json.loads((out / f"{name}.log").read_text().strip().splitlines()[-1])
+             for name in ("recipe", "lorakit")}
+    assert sides["recipe"]["side"] == "recipe" and sides["lorakit"]["side"] == "lorakit"
+    for side in sides.values():
+        assert side["steps"] == 1 and side["examples"] == 16
+        assert side["trained_tokens_per_s"] > 0 and side["peak_rss_bytes"] > 0
+        assert (Path(side["adapter"]) / "adapter_config.json").is_file()
+    assert sides["recipe"]["trained_tokens"] == sides["lorakit"]["trained_tokens"]
+    assert sides["recipe"]["tokenization_matches_lorakit"] == 1.0
+    assert sides["recipe"]["gradient_checkpointing"] is True
