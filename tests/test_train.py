@@ -293,3 +293,21 @@ def test_bad_data_never_touches_an_existing_run(trained_run, tmp_path):
     with pytest.raises(DataError, match="bad.jsonl line 1"):
         train(broken, log=lambda s: None, progress=False)
     assert sorted(p.name for p in run_dir.rglob("*")) == listing
+
+
+def test_auto_hyperparameters_resolve_from_the_guides_table(tmp_path, tiny_model_dir):
+    """16 rows is a small dataset: r 8, alpha 16, dropout 0.1, lr 1e-4 — written into the run's config."""
+    import yaml
+
+    from conftest import ALPACA_ROWS, write_jsonl
+    from lorakit.train.trainer import train
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data, "--lora.r=auto", "--lora.alpha=auto", "--lora.dropout=auto",
+                      "--train.lr=auto", "--train.max_steps=1", "--train.eval_steps=0", "--train.save_steps=0")
+    said = []
+    run = train(cfg, log=said.append, progress=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["lora"]["dropout"], saved["train"]["lr"]) == \
+        (8, 16, 0.1, 1e-4)
+    assert any("lora.r: auto" in s for s in said)

@@ -65,6 +65,15 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from lorakit.plan import format_plan, make_plan
+
+    plan = make_plan(_load_config(args), device=args.device, memory_gb=args.memory_gb,
+                     calibrate_steps=3 if args.calibrate else 0)
+    print(format_plan(plan))
+    return 0
+
+
 def _read_messages(args) -> list[dict]:
     from lorakit.infer import messages_from_instruction
 
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue runs/<name> from its newest complete checkpoint (exact: optimizer, RNG, data position)")
     t.set_defaults(func=cmd_train)
     with_config("data", "Show what training will see: counts, lengths, dropped rows, one masked example.").set_defaults(func=cmd_data)
+    pl = with_config("plan", "Before training: parameters, peak memory by part (CPU and GPU), time per epoch from a "
+                     "short calibration, the guide's hyper-parameters for the dataset size, and a config that fits.")
+    pl.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to plan and fit for")
+    pl.add_argument("--memory-gb", type=float, help="memory to fit in (default: available RAM, or the GPU's memory)")
+    pl.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                    help="time a few real training steps (loads the model)")
+    pl.set_defaults(func=cmd_plan)
 
     g = sub.add_parser("generate", help="Answer a prompt with a trained adapter (template from training).")
     g.add_argument("run", help="run folder (runs/<name>) or adapter folder")

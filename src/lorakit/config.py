@@ -25,6 +25,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 GUIDE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+AUTO = "auto"
+"""Value of lora.r / alpha / dropout and train.lr / epochs / batch_size that `lorakit.plan.resolve_auto`
+replaces with the guide's hyper-parameter table row for the dataset size, before training."""
+_BY_SIZE = " 'auto': the guide's table by dataset size (<1k / 1k-10k / >10k rows; see `lorakit plan`)."
+
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     if factory is not dataclasses.MISSING:
@@ -109,9 +114,13 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = _help("Rank of the update matrices B·A.", 16)
-    alpha: float = _help("Scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rslora).", 32)
-    dropout: float = _help("Dropout on the LoRA input path.", 0.05)
+    r: Union[int, Literal["auto"]] = _help("Rank of the update matrices B·A." + _BY_SIZE, 16)
+    alpha: Union[float, Literal["auto"]] = _help(
+        "Scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rslora)."
+        + _BY_SIZE + " With an explicit r, 'auto' is 2 × r (the guide's rule).",
+        32,
+    )
+    dropout: Union[float, Literal["auto"]] = _help("Dropout on the LoRA input path." + _BY_SIZE, 0.05)
     target_modules: Union[list[str], str] = _help(
         "Layers to adapt: a list of module names, a regex string matched against full module "
         "names, or 'all-linear'.",
@@ -131,12 +140,14 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = _help("Passes over the training data (ignored when max_steps > 0).", 3)
+    epochs: Union[float, Literal["auto"]] = _help(
+        "Passes over the training data (ignored when max_steps > 0)." + _BY_SIZE, 3
+    )
     max_steps: int = _help("Stop after this many optimizer steps; -1 means use `epochs`.", -1)
-    batch_size: int = _help("Examples per device per forward pass.", 4)
+    batch_size: Union[int, Literal["auto"]] = _help("Examples per device per forward pass." + _BY_SIZE, 4)
     grad_accum: int = _help("Forward passes per optimizer step (effective batch = batch_size × grad_accum × devices).", 4)
     eval_batch_size: int = _help("Examples per forward pass during evaluation.", 8)
-    lr: float = _help("Peak learning rate.", 2e-4)
+    lr: Union[float, Literal["auto"]] = _help("Peak learning rate." + _BY_SIZE, 2e-4)
     scheduler: Literal["cosine", "linear", "constant"] = _help("Learning-rate schedule after warmup.", "cosine")
     warmup: float = _help("Warmup: a fraction of total steps when < 1, else a number of steps.", 0.03)
     weight_decay: float = _help("AdamW weight decay.", 0.01)
@@ -191,6 +202,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if tp in (int, float):  # as in the plain-type messages: "expected an integer / a number"
+        return "integer" if tp is int else "number"
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
@@ -317,6 +330,11 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _set(value: Any) -> bool:
+    """False for 'auto', which is range-checked once `lorakit.plan.resolve_auto` has chosen a number."""
+    return value != AUTO
+
+
 def _check(cfg: Config, problems: list[str]) -> None:
     """Cross-field and range checks, all in one place."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
@@ -326,23 +344,23 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"data.val_fraction: {d.val_fraction} must be in [0, 1)")
     if d.max_length < 8:
         problems.append(f"data.max_length: {d.max_length} is too small; use at least 8 tokens")
-    if lo.r < 1:
+    if _set(lo.r) and lo.r < 1:
         problems.append(f"lora.r: {lo.r} must be a positive integer")
-    if lo.alpha <= 0:
+    if _set(lo.alpha) and lo.alpha <= 0:
         problems.append(f"lora.alpha: {lo.alpha} must be positive")
-    if not 0 <= lo.dropout < 1:
+    if _set(lo.dropout) and not 0 <= lo.dropout < 1:
         problems.append(f"lora.dropout: {lo.dropout} must be in [0, 1)")
     if isinstance(lo.target_modules, list) and not lo.target_modules:
         problems.append("lora.target_modules: empty; name layers, give a regex, or use 'all-linear'")
-    if t.max_steps <= 0 and t.epochs <= 0:
+    if t.max_steps <= 0 and _set(t.epochs) and t.epochs <= 0:
         problems.append("train: set train.epochs > 0 or train.max_steps > 0")
     for key in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "save_total_limit"):
-        if getattr(t, key) < 1:
+        if _set(getattr(t, key)) and getattr(t, key) < 1:
             problems.append(f"train.{key}: {getattr(t, key)} must be at least 1")
     for key in ("eval_steps", "save_steps", "num_workers", "early_stopping_patience"):
         if getattr(t, key) < 0:
             problems.append(f"train.{key}: {getattr(t, key)} must be 0 or more")
-    if t.lr <= 0:
+    if _set(t.lr) and t.lr <= 0:
         problems.append(f"train.lr: {t.lr} must be positive")
     if t.warmup < 0:
         problems.append(f"train.warmup: {t.warmup} must be 0 or more")

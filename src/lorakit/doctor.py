@@ -86,7 +86,7 @@ def check_bitsandbytes() -> Check:
     import torch
 
     if not torch.cuda.is_available():
-        return Check(WARN, "bitsandbytes", f"{version} on CPU: 4-bit works but is slow; lorakit disables the "
+        return Check(OK, "bitsandbytes", f"{version} on CPU: 4-bit works but is slow; lorakit disables the "
                      "AVX512-BF16 repacking that corrupts LoRA gradients after an eval pass")
     return Check(OK, "bitsandbytes", version)
 

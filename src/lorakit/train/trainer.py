@@ -248,6 +248,10 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     prepared = prepare(cfg, tokenizer)
     log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
         f"template '{prepared.template.name}'")
+    from lorakit.plan import resolve_auto  # plan imports this module: import at use
+
+    for note in resolve_auto(cfg, len(prepared.train)):  # written into the run's config.yaml
+        log(note)
 
     model, info = load_model(cfg.model, training=True, tokenizer=tokenizer)
     model = apply_lora(model, cfg.lora)
