@@ -49,6 +49,16 @@ class _Source:
     revision: str | None
 
 
+def _from_pretrained(auto_cls, mcfg: ModelConfig, src: "_Source", **kwargs):
+    """`auto_cls.from_pretrained` with lorakit's errors for an unreachable source or remote code."""
+    try:
+        return auto_cls.from_pretrained(src.path, **kwargs)
+    except OSError as e:
+        raise _unreachable(mcfg, src, e) from e
+    except ValueError as e:
+        raise _maybe_remote_code(e) from e
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -94,12 +104,7 @@ def load_tokenizer(mcfg: ModelConfig):
     kwargs = {"trust_remote_code": mcfg.trust_remote_code}
     if src.hub and src.revision:
         kwargs["revision"] = src.revision
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(src.path, **kwargs)
-    except OSError as e:
-        raise _unreachable(mcfg, src, e) from e
-    except ValueError as e:
-        raise _maybe_remote_code(e) from e
+    tok = _from_pretrained(transformers.AutoTokenizer, mcfg, src, **kwargs)
     _repair_pad(tok, mcfg.name)
     tok.padding_side = "right"
     return tok
@@ -133,12 +138,7 @@ def load_model(mcfg: ModelConfig, *, training: bool = True, tokenizer=None):
         kwargs["quantization_config"] = _bnb_config(mcfg.quantization, dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except OSError as e:
-        raise _unreachable(mcfg, src, e) from e
-    except ValueError as e:
-        raise _maybe_remote_code(e) from e
+    model = _from_pretrained(transformers.AutoModelForCausalLM, mcfg, src, **kwargs)
     _set_pad_id(model, tokenizer)
     if training:
         _prepare_for_training(model, mcfg)
