@@ -29,6 +29,8 @@ def _quiet_libraries() -> None:
     if not lk.handlers:
         lk.addHandler(handler)
     lk.setLevel(logging.INFO)
+    # bitsandbytes (a dev/qlora dependency) warns at import about an optional CPU kernel package.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # PEFT still calls the name transformers 5.x deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
