@@ -15,7 +15,7 @@ In sequence, on this machine:
 4. lorakit in its own process (`compare.py --side lorakit`): a config with data.template alpaca,
    the guide's LoRA settings and effective hyper-parameters (batch 4 × accumulation 4, lr 2e-4
    cosine, warmup 0.03, clip 0.3, weight decay 0.01, max length 2048), everything else lorakit's
-   defaults (packing, labelled-positions loss, mixed_precision auto, gradient_checkpointing auto),
+   defaults (data.packing, labelled-positions loss, mixed_precision auto, gradient_checkpointing auto),
    except data.val_fraction 0: both sides train on the same rows, and neither evaluates inside
    the timed loop. Run through `lorakit.train.trainer.train(cfg, progress=False)`.
 5. The held-out loss of the base model and of each adapter, computed here by one function
