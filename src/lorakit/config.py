@@ -105,9 +105,9 @@ class DataConfig:
     packing: bool = _help(
         "Padding-free batches: the examples of each micro-batch are concatenated into one row, "
         "position ids restart at every example and attention stays inside each example, so no "
-        "compute goes to padding. The loss equals the padded batch's loss. Off by default: on "
-        "CPU, transformers 5.x turns a packed row into a dense block-diagonal mask whose backward "
-        "measured slower than padding (BENCHMARKS.md).",
+        "compute goes to padding. The loss equals the padded batch's loss. Off by default until "
+        "its speed is measured on an idle machine: transformers 5.x builds a dense block-diagonal "
+        "mask for a packed row, so attention cost grows with the packed length (BENCHMARKS.md).",
         False,
     )
     split: str = _help("Split to read from hub datasets and `datasets` folders.", "train")
