@@ -289,7 +289,8 @@ def measured_peak_rss(args: list[str], cwd: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", REAL_CONFIGS, ids=["demo", "bs4-r64", "bs16-len64-r8", "padded-fp32", "checkpointing-bs16", "bs2-fp32-r32"])
+@pytest.mark.parametrize("overrides", REAL_CONFIGS, ids=["demo", "bs4-r64", "bs16-len64-r8", "padded-fp32",
+                                                       "checkpointing-bs16", "bs2-fp32-r32"])
 def test_predicted_peak_within_15_percent_of_a_real_run(overrides, tmp_path):
     from lorakit.demo.run import DEMO_CONFIG
 

@@ -370,10 +370,15 @@ def probe_activations(shape: ModelShape, lcfg, weight_dtype: torch.dtype, autoca
     scale = min(1.0, PROBE_BUDGET / max(1, layer_params * rows * seq))
     seq1 = max(8, int(seq * scale))
     seq2 = max(4, seq1 // 2)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        l1, s1 = _saved_bytes(model, body, layers, autocast, rows, seq1, packing)
-        l2, s2 = _saved_bytes(model, body, layers, autocast, rows, seq2, packing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread avoids OpenMP waits on a busy machine
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            l1, s1 = _saved_bytes(model, body, layers, autocast, rows, seq1, packing)
+            l2, s2 = _saved_bytes(model, body, layers, autocast, rows, seq2, packing)
+    finally:
+        torch.set_num_threads(threads)
     t1, t2 = rows * seq1, rows * seq2
     b, d = (l1 - l2) / (t1 - t2), (s1 - s2) / (t1 - t2)
     resid = 4 if weight_dtype == torch.float32 else 2
@@ -817,6 +822,9 @@ def _fmt_gpu(plan: Plan) -> str:
     for key in keys:
         lines.append(f"  {key:<15}" + "".join(f"{_fmt(e.parts[key]):>11}" for e in cols.values()))
     lines.append(f"  {'peak':<15}" + "".join(f"{_fmt(e.peak):>11}" for e in cols.values()))
+    if plan.device == "cuda":
+        w = plan.target.setup.weights
+        lines.append(f"  this config on a GPU: the {names.get(w, w)} column")
     return "\n".join(lines)
 
 
@@ -851,6 +859,8 @@ def _fmt_guide(plan: Plan) -> str:
         rng = row.ranges.get(name, f"{getattr(row, name):g}")
         lines.append(f"  {key:<18} guide {rng:<8} config {getattr(getattr(c, section), name):g}")
     lines.extend(f"  {n}" for n in plan.auto_notes)
+    if not plan.auto_notes:
+        lines.append("  no 'auto' values in the config (lora.r: auto, train.lr: auto, ... take the guide's)")
     return "\n".join(lines)
 
 
