@@ -119,6 +119,7 @@ class ModelShape:
     base: int  # parameters of the base model
     quantizable: int  # weights of the base's nn.Linear layers except the output head
     quantizable_rows: int  # their output features (8-bit keeps one fp32 scale per row)
+    labelled_logits: bool = True  # lorakit's loss computes logits at labelled positions only
 
 
 def model_folder(cfg: Config) -> str:
@@ -135,6 +136,7 @@ def describe_model(cfg: Config) -> ModelShape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorakit.model.lora import apply_lora, count_parameters
+    from lorakit.train.loss import split_head
 
     m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code, **({"revision": m.revision} if m.revision else {})}
@@ -156,6 +158,7 @@ def describe_model(cfg: Config) -> ModelShape:
         total=total, trainable=trainable, base=base,
         quantizable=sum(lin.weight.numel() for lin in linears),
         quantizable_rows=sum(lin.out_features for lin in linears),
+        labelled_logits=split_head(peft_model) is not None,
     )
 
 
@@ -319,7 +322,8 @@ def _probe_model(hf_config, lcfg, weight_dtype: torch.dtype):
     model = AutoModelForCausalLM.from_config(small, dtype=weight_dtype, attn_implementation="sdpa")
     model = apply_lora(model, dataclasses.replace(lcfg, init="true"))
     model.train()
-    body = model.get_base_model().model
+    inner = model.get_base_model()
+    body = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.model
     layers = getattr(body, "layers", None) or next(
         m for m in body.modules() if isinstance(m, nn.ModuleList) and len(m) == 2)
     return model, body, layers
@@ -388,13 +392,16 @@ def probe_activations(shape: ModelShape, lcfg, weight_dtype: torch.dtype, autoca
 # --------------------------------------------------------------------------- the estimate
 
 HEAP_RETENTION = 0.35
-"""CPU only: resident memory above the live activations at the training peak, as a fraction
-of them. glibc serves blocks under its mmap threshold (raised up to 32 MiB as blocks are freed)
-from its heap and keeps freed ones there, so a step's temporaries (dropout products, autocast
-copies, backward buffers) stay resident between the saved tensors. Measured with
-`lorakit train` on SmolLM2-135M (tests/test_plan.py, slow): 0.32-0.36 for batch 4/8/16, r 8/16/64,
-max_length 64/256, packed and padded, bf16 autocast and fp32; bare training loops repeating one
-batch reach 0.35-0.43 after 8 steps."""
+"""CPU only: resident memory above the live tensors at the training peak, as a fraction of the
+activations the step would save without checkpointing. glibc serves blocks under its mmap
+threshold (raised up to 32 MiB as blocks are freed) from its heap and keeps freed ones there;
+each layer's temporaries (dropout products, autocast copies, attention buffers) leave holes that
+the kept tensors (saved activations, or with checkpointing the layer outputs) pin in place, so
+the heap grows by a share of every layer's work in both modes: with checkpointing the live
+memory after the forward pass was 126 MiB and the RSS peak +1.0 GiB (SmolLM2, 1,353 tokens).
+Measured with `lorakit train` on SmolLM2-135M (tests/test_plan.py, slow): 0.32-0.36 for batch
+4/8/16, r 8/16/64, max_length 64/256, packed and padded, bf16 autocast and fp32; 0.45 with
+checkpointing; bare training loops repeating one batch reach 0.35-0.43 after 8 steps."""
 
 CUDA_CONTEXT = 512 * MiB
 """CUDA context and kernels of a torch process on a recent GPU, outside the caching allocator."""
@@ -490,7 +497,8 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     trainable = int(shape.trainable * lora_scale)
     act = prof.total(shape, mb.tokens, setup.checkpointing)
     head_cast = shape.vocab * shape.hidden * 2 if setup.autocast else 0  # the head's 16-bit copy, saved
-    train_logits = mb.labelled * shape.vocab * 4 * 3 + head_cast
+    logit_rows = mb.labelled if shape.labelled_logits else mb.tokens  # other heads: the stock loss
+    train_logits = logit_rows * shape.vocab * 4 * 3 + head_cast
     eval_tokens = peak_eval_batch(b, setup.eval_batch_size, cfg.data.packing) if evaluation else 0
     eval_logits = eval_tokens * shape.vocab * _eval_logit_bytes(setup)
     parts: dict[str, int] = {}
@@ -515,10 +523,13 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     notes["activations"] = (f"{shape.layers} layers × {per_tok:.1f} KiB per token × {mb.tokens:,} tokens"
                             + (" (checkpointing: layer inputs + one layer)" if setup.checkpointing else ""))
     if setup.device == "cpu":
-        parts["heap retention"] = int(act * HEAP_RETENTION)
-        notes["heap retention"] = "freed activation memory glibc keeps resident (measured factor)"
+        # Temporaries are made layer by layer with or without checkpointing: scale by the full activations.
+        parts["heap retention"] = int(prof.total(shape, mb.tokens, False) * HEAP_RETENTION)
+        notes["heap retention"] = (f"freed temporaries glibc keeps resident: {HEAP_RETENTION:.0%} of the "
+                                   "activations without checkpointing (measured)")
     parts["logits"] = max(train_logits, eval_logits)
-    notes["logits"] = (f"training {_fmt(train_logits)} ({mb.labelled:,} labelled × {shape.vocab:,} × 4 B × 3), "
+    rows_are = "labelled" if shape.labelled_logits else "positions"
+    notes["logits"] = (f"training {_fmt(train_logits)} ({logit_rows:,} {rows_are} × {shape.vocab:,} × 4 B × 3), "
                        f"evaluation {_fmt(eval_logits)} ({eval_tokens:,} tokens × {shape.vocab:,}"
                        f" × {_eval_logit_bytes(setup)} B); the larger counts")
     return Estimate(setup, parts, notes, mb, eval_tokens)
