@@ -128,16 +128,22 @@ def test_oom_message_is_computed_from_the_config(tmp_path, tiny_model_dir, monke
     monkeypatch.setattr(Trainer, "train", boom)
     with pytest.raises(LorakitError) as e:
         run(tiny(tmp_path, tiny_model_dir, "--train.batch_size=8", "--train.grad_accum=2", "--lora.r=32",
-                 "--train.max_steps=1"))
+                 "--train.max_steps=1", "--data.packing=false"))
     hint = e.value.hint
     assert "--train.batch_size 4 --train.grad_accum 4" in hint
     assert "--model.gradient_checkpointing on" in hint and "--lora.r 16" in hint
     assert "--data.max_length" not in hint, "these examples are far shorter than max_length: cutting it saves nothing"
 
 
+def test_oom_message_with_packing_halves_the_tokens_per_pass():
+    cfg = config.load(None, ["--data.train=x.jsonl", "--train.tokens_per_pass=1024"])
+    hint = oom_error(cfg, p99_tokens=40).hint
+    assert "--train.tokens_per_pass 512" in hint and "batch_size" not in hint
+
+
 def test_oom_error_without_room_to_halve():
     cfg = config.load(None, ["--data.train=x.jsonl", "--train.batch_size=1", "--model.gradient_checkpointing=on",
-                             "--lora.r=8"])
+                             "--lora.r=8", "--data.packing=false"])
     hint = oom_error(cfg, p99_tokens=40).hint
     assert "batch_size" not in hint and "gradient_checkpointing" not in hint and "4bit" in hint
     long_data = oom_error(config.load(None, ["--data.train=x.jsonl", "--data.max_length=2048"]), p99_tokens=1800).hint

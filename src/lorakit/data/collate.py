@@ -48,15 +48,23 @@ class PackedCollator:
     builds a block-diagonal causal mask, so examples never attend to each other and the loss
     equals the padded batch's loss while no compute is spent on padding.
 
+    Examples go longest first, so that `LorakitTrainer` can cut the row into passes of
+    bounded length at example boundaries with as few passes as possible.
+
     The first label of every example is set to -100. In a padded batch that position is never
     a target (nothing precedes it); in a packed row it would be predicted from the previous
     example's last token, which is not something to learn.
     """
 
+    def __init__(self, longest_first: bool = True):
+        self.longest_first = longest_first
+
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
+        if self.longest_first:  # order within a row does not change the loss; it makes passes fill evenly
+            features = sorted(features, key=lambda f: -len(f["input_ids"]))
         for f in features:
             n = len(f["input_ids"])
             ids.extend(f["input_ids"])

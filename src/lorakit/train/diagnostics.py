@@ -142,7 +142,13 @@ def oom_error(cfg: Config, p99_tokens: int | None) -> LorakitError:
     """What to change, computed from the config, after an out-of-memory error."""
     t, d, m = cfg.train, cfg.data, cfg.model
     changes = []
-    if t.batch_size > 1:
+    if d.packing:
+        from lorakit.train.trainer import resolve_tokens_per_pass
+
+        budget = resolve_tokens_per_pass(cfg)
+        if budget and budget >= 128:
+            changes.append(f"--train.tokens_per_pass {budget // 2} (same steps, half the activations per pass)")
+    elif t.batch_size > 1:
         changes.append(f"--train.batch_size {max(1, t.batch_size // 2)} --train.grad_accum {t.grad_accum * 2} "
                        "(same effective batch, half the activations)")
     if m.gradient_checkpointing != "on":

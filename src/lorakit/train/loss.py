@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorakit.train.speed import ATTENTION, SEGMENTS, segment_bounds
+
 # Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping or
 # scaling in between (Gemma 2/3 soft-cap, Cohere scales), which this shortcut would skip.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
@@ -38,9 +40,17 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
 def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int) -> torch.Tensor:
     """Sum of token cross-entropies at labelled positions, divided by `num_items`."""
     labels = inputs["labels"][:, 1:]
+    extra = {}
+    positions = inputs.get("position_ids")
+    if positions is not None and inputs.get("attention_mask") is None and _segmented(body):
+        extra[SEGMENTS] = segment_bounds(positions)  # a packed row: attention per example
     hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                  position_ids=inputs.get("position_ids")).last_hidden_state  # (B, T, H)
+                  position_ids=positions, **extra).last_hidden_state  # (B, T, H)
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])  # (N, V): only positions that predict a label
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / num_items
+
+
+def _segmented(body) -> bool:
+    return getattr(getattr(body, "config", None), "_attn_implementation", None) == ATTENTION

@@ -31,15 +31,18 @@ from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import STAGING, check_resumable, checkpoints, publish, trim_metrics
 from lorakit.train.diagnostics import Diagnostics, Health, nonfinite_error, oom_error, preflight
 from lorakit.train.loss import labelled_loss, split_head
+from lorakit.train.speed import segment_bounds
 
 
 class LorakitTrainer(Trainer):
     """The stock Trainer plus a token count per step and the labelled-positions-only loss."""
 
-    def __init__(self, *args, token_counter: TokenCounter, health: Health, **kwargs):
+    def __init__(self, *args, token_counter: TokenCounter, health: Health, tokens_per_pass: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter
         self.health = health
+        self.tokens_per_pass = tokens_per_pass
         # Calling the body directly would bypass DDP's gradient hooks: single process only.
         self.fast_head = split_head(self.model) if self.accelerator.num_processes == 1 else None
         if self.fast_head is not None:
@@ -78,10 +81,39 @@ class LorakitTrainer(Trainer):
         mask = inputs.get("attention_mask")  # absent in packed (padding-free) batches
         real = int(mask.sum()) if mask is not None else labels.numel()
         self.token_counter.add(trained, real, labels.numel())
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = None
+        for part in self._passes(inputs):
+            # Every pass divides by the whole step's token count, so the gradients add up to the step's.
+            part_loss = super().training_step(model, part, num_items_in_batch)
+            loss = part_loss if loss is None else loss + part_loss
         if self.health.nonfinite_step is None and not torch.isfinite(loss).all():
             self.health.nonfinite_step, self.health.nonfinite_value = self.state.global_step + 1, float(loss)
         return loss
+
+    def _passes(self, inputs: dict) -> list[dict]:
+        """A packed step split at example boundaries into passes of at most `tokens_per_pass` tokens."""
+        positions = inputs.get("position_ids")
+        budget = self.tokens_per_pass
+        if budget is None or positions is None or inputs.get("attention_mask") is not None \
+                or positions.shape[0] != 1 or positions.shape[1] <= budget:
+            return [inputs]
+        return _slice_row(inputs, pass_cuts(segment_bounds(positions), budget))
+
+
+def pass_cuts(bounds: list[int], budget: int) -> list[int]:
+    """Start offsets of passes over examples at `bounds`, grouped in order while they fit in `budget`."""
+    cuts = [0]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end - cuts[-1] > budget and start > cuts[-1]:
+            cuts.append(start)
+    return cuts
+
+
+def _slice_row(inputs: dict, cuts: list[int]) -> list[dict]:
+    length = inputs["input_ids"].shape[1]
+    edges = [*cuts, length]
+    return [{k: v[:, a:b] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == length else v
+             for k, v in inputs.items()} for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _warmup_steps(cfg: Config, total_steps: int) -> int:
@@ -123,17 +155,32 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def resolve_tokens_per_pass(cfg: Config) -> int | None:
+    """Tokens per forward/backward pass of a packed step; None when batches are padded."""
+    if not cfg.data.packing:
+        return None
+    if cfg.train.tokens_per_pass != "auto":
+        return int(cfg.train.tokens_per_pass)
+    return 16384 if torch.cuda.is_available() else 512
+
+
 def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool) -> TrainingArguments:
-    """Map lorakit's schema onto TrainingArguments (names changed in transformers 5.x)."""
+    """Map lorakit's schema onto TrainingArguments (names changed in transformers 5.x).
+
+    With packing the Trainer gets a whole optimizer step's examples as one batch
+    (batch_size × grad_accum rows, the same rows it would have accumulated) and
+    `LorakitTrainer` splits it into passes by tokens instead of by rows.
+    """
     t = cfg.train
     mp = resolve_mixed_precision(cfg)
     total = _total_steps(cfg, n_train)
     eval_every = t.eval_steps if t.eval_steps > 0 else total
+    rows, accum = (t.batch_size * t.grad_accum, 1) if cfg.data.packing else (t.batch_size, t.grad_accum)
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=rows,
         per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=accum,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.lr,
@@ -290,10 +337,13 @@ def _run(cfg: Config, run_dir: Path, model, tokenizer, prepared: Prepared, info,
         diagnostics,
         _tensorboard(run_dir / "logs"),
     ]
+    for note in apply_fast_path(cfg, model, info):
+        log(note)
     trainer = LorakitTrainer(
         model=model,
         args=args,
         data_collator=PackedCollator() if cfg.data.packing else Collator(tokenizer.pad_token_id),
+        tokens_per_pass=resolve_tokens_per_pass(cfg),
         train_dataset=prepared.train,
         eval_dataset=prepared.validation or None,
         processing_class=tokenizer,
@@ -313,6 +363,29 @@ def _run(cfg: Config, run_dir: Path, model, tokenizer, prepared: Prepared, info,
     metrics = _final_metrics(trainer, counter, seconds)
     save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+
+
+def apply_fast_path(cfg: Config, model, info) -> list[str]:
+    """Switch on lorakit's training kernels (train.fast_path); returns what was done, for the log."""
+    if not cfg.train.fast_path:
+        return []
+    from lorakit.train import speed
+
+    notes = []
+    mp = resolve_mixed_precision(cfg)
+    if mp != "no" and info.quantization == "none":
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        saved = speed.freeze_in_half(model, dtype)
+        fused = speed.fuse_lora_linears(model)
+        if saved or fused:
+            notes.append(f"fast path: frozen weights stored in {mp} ({saved / 2**20:,.0f} MiB saved), "
+                         f"{fused} LoRA linears fused")
+    dropouts = speed.fast_lora_dropout(model)
+    if dropouts:
+        notes.append(f"fast path: {dropouts} LoRA dropouts draw 16-bit masks")
+    if cfg.data.packing and speed.use_segment_attention(model):
+        notes.append("fast path: attention per packed example")
+    return notes
 
 
 def _tensorboard(folder: Path):

@@ -1,0 +1,296 @@
+"""Training-time changes to a PEFT LoRA model that make the same work cheaper.
+
+Each one leaves the maths of a training step as it was (tests/test_speed.py checks that), and
+each was kept because it measured faster on the benchmark (BENCHMARKS.md):
+
+- `fast_lora_dropout`: LoRA's dropout draws its keep-mask from 16-bit lanes of one 64-bit
+  random word instead of `bernoulli_` per element (4× faster on CPU, where dropout was a fifth
+  of the step), keeps the mask as bytes for the backward, and hands the 16-bit copy that
+  autocast's matmul needs straight to `lora_A`.
+- `freeze_in_half`: frozen base `nn.Linear` weights stored in the autocast dtype. Under autocast
+  every matmul reads a bf16 copy of them anyway, cast again at every forward; storing that
+  copy once halves their memory and drops the cast. Only when training runs under autocast.
+- `use_segment_attention`: attention for padding-free packed rows, one causal SDPA call per
+  example. transformers turns restarting position ids into a dense block-diagonal mask over the
+  whole row, so attention cost grows with the square of the packed length instead of the sum of
+  squares of the examples, and CPU SDPA falls back to its masked kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEGMENTS = "lorakit_segments"
+"""Keyword that carries a packed row's example boundaries from `labelled_loss` to the attention."""
+
+ATTENTION = "lorakit_segments"
+"""Name of the attention implementation registered with transformers."""
+
+# --------------------------------------------------------------------------- dropout
+
+
+class _MaskedScale(torch.autograd.Function):
+    """y = x·keep·scale, saving only the byte mask for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float, out_dtype: torch.dtype):
+        ctx.save_for_backward(keep)
+        ctx.scale, ctx.in_dtype = scale, x.dtype
+        y = x.to(out_dtype) if x.dtype != out_dtype else x.clone()
+        return y.mul_(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return (grad * keep * ctx.scale).to(ctx.in_dtype), None, None, None
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None):
+    """Bernoulli(1 - p) booleans from 16-bit lanes of full-range 64-bit random words.
+
+    `random_()` with no bounds on int64 leaves the top bit 0, so the range is given explicitly;
+    each lane is then uniform over [-32768, 32767] and p is rounded to a multiple of 1/65536.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= (-32768 + round(p * 65536))
+
+
+def kept_fraction(p: float) -> float:
+    """The exact keep probability `keep_mask` draws for a dropout p."""
+    return 1.0 - round(p * 65536) / 65536
+
+
+class FastDropout(nn.Module):
+    """Drop-in for `nn.Dropout(p)` in front of `lora_A`; same distribution, cheaper draw."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        keep = keep_mask(x.shape, self.p, x.device)
+        return _MaskedScale.apply(x, keep, 1.0 / kept_fraction(self.p), out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def fast_lora_dropout(model: nn.Module) -> int:
+    """Replace every LoRA `nn.Dropout` with `FastDropout`; returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is nn.Dropout and drop.p > 0:
+                drops[name] = FastDropout(drop.p)
+                replaced += 1
+    return replaced
+
+
+# --------------------------------------------------------------------------- fused LoRA linear
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·((x⊙keep·d)·Aᵀ)·Bᵀ in the autocast dtype, as one autograd node.
+
+    PEFT runs this as eight nodes (cast, base matmul, dropout, cast, A, B, scale, add), each
+    keeping its own copy of what it needs. This one keeps the 16-bit input (shared by every
+    projection that reads the same hidden state), the byte keep-mask and the rank-r
+    intermediate, and returns the input's gradient in the input's dtype, so gradients from
+    several projections still add up in fp32 as they do under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xh, weight, bias, lora_a, lora_b, keep, drop_scale: float, scale: float):
+        # Scalars are applied to the rank-r side, where they cost nothing.
+        a, b = lora_a.to(xh.dtype), lora_b.to(xh.dtype)
+        xd = xh if keep is None else xh * keep
+        h = xd @ a.t()  # (…, r), without the dropout scale
+        y = F.linear(xh, weight, None if bias is None else bias.to(xh.dtype))
+        y2 = y.view(-1, y.shape[-1])
+        y2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale * drop_scale)
+        ctx.save_for_backward(xh, weight, lora_a, lora_b, keep, h)
+        ctx.drop_scale, ctx.scale, ctx.x_dtype = drop_scale, scale, x.dtype
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xh, weight, lora_a, lora_b, keep, h = ctx.saved_tensors
+        a, b = lora_a.to(xh.dtype), lora_b.to(xh.dtype)
+        s = ctx.scale * ctx.drop_scale
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        grad_b = (gy2.t() @ h.view(-1, h.shape[-1])).mul_(s).to(lora_b.dtype)
+        gh = (gy2 @ b).mul_(s)  # (N, r): gradient at A's output, dropout scale included
+        xd = xh if keep is None else xh * keep
+        grad_a = (gh.t() @ xd.view(-1, xd.shape[-1])).to(lora_a.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gxd = gh @ a
+            if keep is not None:
+                gxd.mul_(keep.view(-1, keep.shape[-1]))
+            grad_x = torch.addmm(gxd, gy2, weight).view(*gy.shape[:-1], -1).to(ctx.x_dtype)
+        grad_bias = gy2.sum(0).float() if ctx.bias_grad else None
+        return grad_x, None, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _half_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, cast once per tensor: q/k/v (and gate/up) read the same hidden state."""
+    if x.dtype == dtype:
+        return x
+    cached = getattr(x, "_lorakit_half", None)
+    if cached is None or cached.dtype != dtype or cached.shape != x.shape:
+        with torch.no_grad():
+            cached = x.to(dtype)
+        x._lorakit_half = cached
+    return cached
+
+
+def _fused_forward(module, stock_forward, x: torch.Tensor, *args, **kwargs):
+    fusable = (module.training and not args and not kwargs and not module.merged and not module.disable_adapters
+               and torch.is_autocast_enabled(x.device.type)
+               and len(module.active_adapters) == 1)
+    if fusable:
+        name = module.active_adapters[0]
+        base = module.base_layer
+        dtype = torch.get_autocast_dtype(x.device.type)
+        fusable = (name in module.lora_A and name not in module.lora_variant and base.weight.dtype == dtype
+                   and not base.weight.requires_grad and module.lora_A[name].bias is None
+                   and module.lora_B[name].bias is None)
+    if not fusable:
+        return stock_forward(x, *args, **kwargs)
+    drop = module.lora_dropout[name]
+    p = getattr(drop, "p", 0.0) if isinstance(drop, (nn.Dropout, FastDropout)) else None
+    if p is None:  # some other dropout module: keep PEFT's path
+        return stock_forward(x, *args, **kwargs)
+    keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+    drop_scale = 1.0 / kept_fraction(p) if p > 0 else 1.0
+    return _LoraLinear.apply(x, _half_input(x, dtype), base.weight, base.bias, module.lora_A[name].weight,
+                             module.lora_B[name].weight, keep, drop_scale, module.scaling[name])
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Route plain LoRA linears through `_LoraLinear` while training under autocast; returns the count.
+
+    Each module keeps PEFT's forward for everything else (eval, several adapters, DoRA, merged
+    weights, fp32 training), so saving, loading and generation are untouched.
+    """
+    from functools import partial
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and "forward" not in vars(module):
+            module.forward = partial(_fused_forward, module, module.forward)
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- frozen weights
+
+
+def freeze_in_half(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen fp32 weights of LoRA-wrapped linears in `dtype`; returns bytes saved.
+
+    Only base layers of LoRA modules: their weights are frozen, and only ever read through
+    autocast's matmul. Embeddings, norms and the LM head keep their dtype (the head is often
+    tied to the embedding, which is not a matmul input under autocast).
+    """
+    saved = 0
+    cast = set()
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, nn.Linear) or not hasattr(module, "lora_A"):
+            continue
+        for p in base.parameters(recurse=False):
+            if p.requires_grad or p.dtype != torch.float32:
+                continue
+            saved += p.numel() * (p.element_size() - torch.finfo(dtype).bits // 8)
+            p.data = p.data.to(dtype)
+            cast.add(id(p))
+    if saved:
+        # transformers maps safetensors files and its tensors view that mapping: the fp32 pages just
+        # read stay resident while any weight still points into the file. Copy the others out so
+        # the mapping, and the fp32 copy with it, is released.
+        for p in model.parameters():
+            if id(p) not in cast and not p.requires_grad:
+                p.data = p.data.clone()
+    return saved
+
+
+# --------------------------------------------------------------------------- attention per example
+
+FP32_ATTENTION_UPTO = 192
+"""CPU: examples up to this many tokens attend in fp32. torch's CPU flash-attention backward in
+bf16 took 2× the fp32 time at 64-128 tokens and 12% more at 256 (2 cores, AVX512-BF16)."""
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """Causal SDPA per example of a packed row; the stock SDPA path for everything else."""
+    bounds = kwargs.pop(SEGMENTS, None)
+    if bounds is None or query.shape[0] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query heads: SDPA reads the shared k/v, no copies
+    dtype = value.dtype
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if e - s <= FP32_ATTENTION_UPTO and q.device.type == "cpu" and dtype != torch.float32:
+            with torch.autocast("cpu", enabled=False):
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
+                                                   is_causal=True, scale=scaling, enable_gqa=gqa).to(dtype)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                               enable_gqa=gqa)
+        outs.append(o)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+def use_segment_attention(model: nn.Module) -> bool:
+    """Switch an SDPA model to `segment_attention`; False (and unchanged) for other attention."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(inner, "config", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return False
+    _register()
+    for sub in inner.modules():
+        c = getattr(sub, "config", None)
+        if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+            c._attn_implementation = ATTENTION
+    return True
+
+
+def segment_bounds(position_ids: torch.Tensor) -> list[int]:
+    """Example boundaries [0, s1, …, T] of one packed row, from where its positions restart at 0."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return [*starts, position_ids.shape[1]]

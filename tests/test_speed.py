@@ -1,0 +1,277 @@
+"""The fast path (lorakit.train.speed) computes what the stock PEFT/transformers path computes."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ALPACA_ROWS, write_jsonl
+from lorakit import config
+from lorakit.config import LoraConfig, ModelConfig
+from lorakit.data.collate import Collator, PackedCollator
+from lorakit.model.load import load_model
+from lorakit.model.lora import apply_lora
+from lorakit.train import speed
+from lorakit.train.loss import labelled_loss, split_head
+from lorakit.train.trainer import _slice_row, pass_cuts
+
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _model(model_dir, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    m, _ = load_model(ModelConfig(name=str(model_dir), dtype="fp32"), training=True)
+    m = apply_lora(m, LoraConfig(r=4, alpha=8, dropout=dropout, init="gaussian"))
+    with torch.no_grad():  # B = 0 at init would hide every LoRA term: give it values
+        for i, (name, p) in enumerate(m.named_parameters()):
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    m.train()
+    return m
+
+
+def _examples(vocab: int, lengths=((9, 5), (17, 10), (4, 1), (23, 12))):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n, prompt in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def _loss_and_grads(model, batch, n, autocast: bool):
+    model.zero_grad()
+    with torch.autocast(**BF16, enabled=autocast):
+        loss = labelled_loss(*split_head(model), batch, n)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def _close(a: dict, b: dict, rtol: float):
+    for k in a:
+        err = float((a[k] - b[k]).norm() / b[k].norm())
+        assert err < rtol, f"{k}: relative gradient difference {err:.2e}"
+
+
+# --------------------------------------------------------------------------- dropout mask
+
+
+def test_keep_mask_draws_bernoulli_from_every_lane():
+    torch.manual_seed(0)
+    keep = speed.keep_mask(torch.Size([4096, 1024]), 0.5, torch.device("cpu"))
+    lanes = keep.view(-1, 4).float().mean(0)  # the four 16-bit lanes of each 64-bit word
+    assert torch.allclose(lanes, torch.full((4,), 0.5), atol=3e-3), lanes
+    sparse = speed.keep_mask(torch.Size([4096, 1024]), 0.05, torch.device("cpu")).float().mean()
+    assert abs(float(sparse) - speed.kept_fraction(0.05)) < 1e-3
+    assert abs(speed.kept_fraction(0.05) - 0.95) < 1e-4
+
+
+def test_fast_dropout_scales_kept_values_and_their_gradient():
+    torch.manual_seed(0)
+    drop = speed.FastDropout(0.25).train()
+    x = torch.randn(64, 32, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    scale = 1 / speed.kept_fraction(0.25)
+    assert torch.allclose(y[kept], x[kept] * scale)
+    assert 0.65 < kept.float().mean() < 0.85
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() * scale)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_only_lora_dropouts_are_replaced(tiny_model_dir):
+    m = _model(tiny_model_dir, dropout=0.1)
+    n = speed.fast_lora_dropout(m)
+    assert n == sum(1 for mod in m.modules() if isinstance(mod, speed.FastDropout)) > 0
+    assert speed.fast_lora_dropout(m) == 0  # idempotent
+
+
+# --------------------------------------------------------------------------- fused LoRA linear
+
+
+def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
+    """Same loss and gradients as PEFT's own forward over the same half-precision weights."""
+    stock, fused = _model(tiny_model_dir), _model(tiny_model_dir)
+    for m in (stock, fused):
+        assert speed.freeze_in_half(m, torch.bfloat16) > 0
+    assert speed.fuse_lora_linears(fused) > 0
+    feats = _examples(stock.config.vocab_size)
+    batch = Collator(0)(feats)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss_s, grads_s = _loss_and_grads(stock, batch, n, autocast=True)
+    loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=True)
+    assert abs(loss_s - loss_f) < 2e-3 * abs(loss_s)
+    _close(grads_f, grads_s, rtol=2e-2)  # bf16 rounding happens in different places
+    # and a negative control: a fused path that forgot the LoRA term would be far off
+    for mod in fused.modules():
+        if hasattr(mod, "lora_A"):
+            mod.scaling = {k: 0.0 for k in mod.scaling}
+    loss_wrong, _ = _loss_and_grads(fused, batch, n, autocast=True)
+    assert abs(loss_wrong - loss_s) > 20 * abs(loss_s - loss_f)
+
+
+def test_fused_lora_with_dropout_matches_the_same_mask_by_hand(tiny_model_dir, monkeypatch):
+    fused = _model(tiny_model_dir, dropout=0.3)
+    speed.freeze_in_half(fused, torch.bfloat16)
+    speed.fuse_lora_linears(fused)
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    masks = []
+    real = speed.keep_mask
+    monkeypatch.setattr(speed, "keep_mask", lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    with torch.autocast(**BF16):
+        y = layer(x)
+    y.float().sum().backward()
+    (keep,) = masks
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"] / speed.kept_fraction(0.3)
+    xr = x.detach().clone().requires_grad_()
+    ar, br = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = xr @ layer.base_layer.weight.float().t() + s * ((xr * keep) @ ar.t()) @ br.t()
+    ref.sum().backward()
+    assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.02)
+    for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_fused_path_steps_aside_in_eval_and_fp32(tiny_model_dir):
+    m = _model(tiny_model_dir)
+    speed.fuse_lora_linears(m)  # weights still fp32: nothing to fuse with
+    feats = _examples(m.config.vocab_size)
+    batch = Collator(0)(feats)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    ref = _model(tiny_model_dir)
+    assert _loss_and_grads(m, batch, n, autocast=False)[0] == pytest.approx(
+        _loss_and_grads(ref, batch, n, autocast=False)[0], rel=1e-6)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(**batch).logits, ref.eval()(**batch).logits, atol=1e-5)
+
+
+def test_freeze_in_half_touches_only_frozen_lora_bases(tiny_model_dir):
+    m = _model(tiny_model_dir)
+    saved = speed.freeze_in_half(m, torch.bfloat16)
+    halves = [n for n, p in m.named_parameters() if p.dtype == torch.bfloat16]
+    assert halves and all("base_layer" in n for n in halves)
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+    assert saved == sum(p.numel() * 2 for p in m.parameters() if p.dtype == torch.bfloat16)
+    inner = m.get_base_model()
+    assert inner.lm_head.weight.dtype == torch.float32
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
+
+
+# --------------------------------------------------------------------------- attention per example
+
+
+def test_segment_attention_equals_block_mask_attention(tiny_model_dir):
+    stock, seg = _model(tiny_model_dir), _model(tiny_model_dir)
+    assert speed.use_segment_attention(seg)
+    feats = _examples(stock.config.vocab_size)
+    packed = PackedCollator()(feats)
+    n = int((packed["labels"][:, 1:] != -100).sum())
+    loss_s, grads_s = _loss_and_grads(stock, packed, n, autocast=False)
+    loss_g, grads_g = _loss_and_grads(seg, packed, n, autocast=False)
+    assert abs(loss_s - loss_g) < 1e-5 * abs(loss_s)
+    _close(grads_g, grads_s, rtol=1e-4)
+    loss_p, _ = _loss_and_grads(stock, Collator(0)(feats), n, autocast=False)
+    assert abs(loss_p - loss_g) < 1e-5 * abs(loss_p)
+
+
+def test_segment_attention_under_autocast_is_as_close_to_fp32_as_stock(tiny_model_dir):
+    """Under bf16 autocast short examples attend in fp32: no further from the fp32 result than stock bf16."""
+    stock, seg = _model(tiny_model_dir), _model(tiny_model_dir)
+    speed.use_segment_attention(seg)
+    packed = PackedCollator()(_examples(stock.config.vocab_size))
+    n = int((packed["labels"][:, 1:] != -100).sum())
+    loss_ref, grads_ref = _loss_and_grads(stock, packed, n, autocast=False)
+    loss_s, grads_s = _loss_and_grads(stock, packed, n, autocast=True)
+    loss_g, grads_g = _loss_and_grads(seg, packed, n, autocast=True)
+    assert abs(loss_g - loss_ref) <= 1.5 * abs(loss_s - loss_ref) + 1e-4
+    err = lambda g: sum(float((g[k] - grads_ref[k]).norm()) for k in g)  # noqa: E731
+    assert err(grads_g) <= 1.5 * err(grads_s)
+
+
+def test_segment_attention_keeps_examples_apart(tiny_model_dir):
+    m = _model(tiny_model_dir)
+    speed.use_segment_attention(m)
+    feats = _examples(m.config.vocab_size)
+    body, _ = split_head(m)
+    packed = PackedCollator(longest_first=False)(feats)
+    bounds = speed.segment_bounds(packed["position_ids"])
+    assert bounds == [0, 9, 26, 30, 53]
+    with torch.no_grad():
+        h = body(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                 **{speed.SEGMENTS: bounds}).last_hidden_state[0]
+        for (a, b), f in zip(zip(bounds[:-1], bounds[1:]), feats):
+            alone = body(input_ids=torch.tensor([f["input_ids"]])).last_hidden_state[0]
+            assert torch.allclose(h[a:b], alone, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- passes by token budget
+
+
+def test_pass_cuts_group_examples_within_the_budget():
+    assert pass_cuts([0, 50, 90, 120, 130], 64) == [0, 50, 90]  # 50 | 40+30 > 64 → 40 | 30+10
+    assert pass_cuts([0, 50, 90, 120, 130], 1000) == [0]
+    assert pass_cuts([0, 300, 310], 64) == [0, 300]  # a long example gets a pass of its own
+    assert pass_cuts([0, 10], 4) == [0]
+
+
+def test_slice_row_cuts_every_per_position_tensor():
+    feats = _examples(100)
+    packed = PackedCollator()(feats)
+    parts = _slice_row(packed, [0, 23])
+    assert [p["input_ids"].shape[1] for p in parts] == [23, 30]
+    assert all(p["position_ids"][0, 0] == 0 for p in parts)
+    assert torch.equal(torch.cat([p["labels"] for p in parts], 1), packed["labels"])
+
+
+def _train(tmp_path, model_dir, name, *extra):
+    from lorakit.train.trainer import train
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    cfg = config.load(None, [
+        f"--model.name={model_dir}", f"--data.train={data}", "--data.template=alpaca", "--data.max_length=96",
+        "--lora.r=4", "--lora.alpha=8", "--lora.dropout=0", "--train.batch_size=4", "--train.grad_accum=2",
+        "--train.max_steps=2", "--train.logging_steps=1", "--train.eval_steps=0", "--train.save_steps=0",
+        "--train.mixed_precision=no", "--data.val_fraction=0", f"--output.dir={tmp_path}", f"--output.name={name}",
+        *extra,
+    ])
+    said: list[str] = []
+    run = train(cfg, log=said.append, progress=False)
+    from safetensors.torch import load_file
+
+    (run / "said.txt").write_text("\n".join(said))
+    return load_file(str(run / "adapter" / "adapter_model.safetensors")), run
+
+
+def test_many_small_passes_train_like_one_big_one(tmp_path, tiny_model_dir, monkeypatch):
+    from lorakit.train.trainer import LorakitTrainer
+
+    passes: list[int] = []
+    real = LorakitTrainer._passes
+    monkeypatch.setattr(LorakitTrainer, "_passes", lambda self, inputs: passes.append(len(real(self, inputs)))
+                        or real(self, inputs))
+    one, _ = _train(tmp_path, tiny_model_dir, "one", "--train.tokens_per_pass=100000")
+    assert passes == [1, 1]
+    passes.clear()
+    many, run = _train(tmp_path, tiny_model_dir, "many", "--train.tokens_per_pass=40")
+    assert len(passes) == 2 and min(passes) >= 4, passes
+    for k in one:
+        assert torch.allclose(one[k], many[k], rtol=1e-4, atol=1e-6), k
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in records if "train_loss" in r or "loss" in r) >= 2
+
+
+def test_fast_path_trains_like_the_stock_path(tmp_path, tiny_model_dir):
+    fast, run = _train(tmp_path, tiny_model_dir, "fast", "--train.mixed_precision=bf16")
+    assert "LoRA linears fused" in (run / "said.txt").read_text()
+    stock, run = _train(tmp_path, tiny_model_dir, "stock", "--train.mixed_precision=bf16", "--train.fast_path=false")
+    assert "fast path" not in (run / "said.txt").read_text()
+    init, _ = _train(tmp_path, tiny_model_dir, "init", "--train.max_steps=1", "--train.lr=1e-12")
+    for k in fast:
+        moved = float((stock[k] - init[k]).norm())
+        assert moved > 0
+        assert float((fast[k] - stock[k]).norm()) < 0.1 * moved, k
