@@ -275,3 +275,29 @@ def test_fast_path_trains_like_the_stock_path(tmp_path, tiny_model_dir):
         moved = float((stock[k] - init[k]).norm())
         assert moved > 0
         assert float((fast[k] - stock[k]).norm()) < 0.1 * moved, k
+
+
+def test_first_fit_bins_are_what_the_greedy_cut_finds():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        lengths = torch.randint(1, 120, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        feats = [{"input_ids": [7] * n, "labels": [7] * n} for n in lengths]
+        # first-fit decreasing, by hand: the fill of each bin
+        fills: list[int] = []
+        for n in sorted(lengths, reverse=True):
+            i = next((i for i, f in enumerate(fills) if f + n <= 128), None)
+            fills.append(n) if i is None else fills.__setitem__(i, fills[i] + n)
+        bounds = speed.segment_bounds(PackedCollator(tokens_per_pass=128)(feats)["position_ids"])
+        cuts = [*pass_cuts(bounds, 128), bounds[-1]]
+        assert [b - a for a, b in zip(cuts[:-1], cuts[1:])] == fills
+
+
+def test_a_half_head_weight_gives_the_autocast_loss(tiny_model_dir):
+    m = _model(tiny_model_dir)
+    body, head = split_head(m)
+    packed = PackedCollator()(_examples(m.config.vocab_size))
+    n = int((packed["labels"][:, 1:] != -100).sum())
+    with torch.no_grad(), torch.autocast(**BF16):
+        plain = labelled_loss(body, head, packed, n)
+        cached = labelled_loss(body, head, packed, n, head_weight=head.weight.to(torch.bfloat16))
+    assert torch.equal(plain, cached)

@@ -193,9 +193,9 @@ def test_bf16_autocast_on_cpu_keeps_fp32_adapter(tmp_path, tiny_model_dir, monke
     seen = []
     real = trainer_mod.labelled_loss
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod, "labelled_loss", spy)
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)

@@ -48,16 +48,20 @@ class PackedCollator:
     builds a block-diagonal causal mask, so examples never attend to each other and the loss
     equals the padded batch's loss while no compute is spent on padding.
 
-    Examples go longest first, so that `LorakitTrainer` can cut the row into passes of
-    bounded length at example boundaries with as few passes as possible.
+    Examples go longest first and, given `tokens_per_pass`, grouped first-fit into bins of at
+    most that many tokens, bin after bin: `LorakitTrainer` cuts the row greedily at example
+    boundaries into passes of bounded length, and on this order the greedy cut finds exactly
+    those bins (an example opened a new bin only because no earlier bin had room for it, and
+    bins only fill up afterwards).
 
     The first label of every example is set to -100. In a padded batch that position is never
     a target (nothing precedes it); in a packed row it would be predicted from the previous
     example's last token, which is not something to learn.
     """
 
-    def __init__(self, longest_first: bool = True):
+    def __init__(self, longest_first: bool = True, tokens_per_pass: int | None = None):
         self.longest_first = longest_first
+        self.tokens_per_pass = tokens_per_pass
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids: list[int] = []
@@ -65,6 +69,8 @@ class PackedCollator:
         positions: list[int] = []
         if self.longest_first:  # order within a row does not change the loss; it makes passes fill evenly
             features = sorted(features, key=lambda f: -len(f["input_ids"]))
+            if self.tokens_per_pass:
+                features = first_fit(features, self.tokens_per_pass)
         for f in features:
             n = len(f["input_ids"])
             ids.extend(f["input_ids"])
@@ -73,3 +79,19 @@ class PackedCollator:
             positions.extend(range(n))
         as_row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
         return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+
+
+def first_fit(features: Sequence[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Examples (longest first) reordered bin by bin, first-fit: fewer, fuller passes than in order."""
+    bins: list[list[dict[str, Any]]] = []
+    room: list[int] = []
+    for f in features:
+        n = len(f["input_ids"])
+        i = next((i for i, r in enumerate(room) if r >= n), None)
+        if i is None:
+            bins.append([f])
+            room.append(budget - n)
+        else:
+            bins[i].append(f)
+            room[i] -= n
+    return [f for b in bins for f in b]

@@ -37,8 +37,13 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return body, head
 
 
-def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int) -> torch.Tensor:
-    """Sum of token cross-entropies at labelled positions, divided by `num_items`."""
+def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int,
+                  head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies at labelled positions, divided by `num_items`.
+
+    `head_weight`: a frozen head's weight already in the autocast dtype, so that it is not cast
+    again at every pass (the head is as large as the embedding: 56 MB for SmolLM2 in bf16).
+    """
     labels = inputs["labels"][:, 1:]
     extra = {}
     positions = inputs.get("position_ids")
@@ -47,7 +52,11 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
     hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                   position_ids=positions, **extra).last_hidden_state  # (B, T, H)
     keep = labels != -100
-    logits = head(hidden[:, :-1][keep])  # (N, V): only positions that predict a label
+    rows = hidden[:, :-1][keep]
+    if head_weight is not None:
+        logits = F.linear(rows.to(head_weight.dtype), head_weight)  # (N, V): only positions that predict a label
+    else:
+        logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / num_items
 

@@ -235,9 +235,10 @@ def freeze_in_half(model: nn.Module, dtype: torch.dtype) -> int:
 
 # --------------------------------------------------------------------------- attention per example
 
-FP32_ATTENTION_UPTO = 192
-"""CPU: examples up to this many tokens attend in fp32. torch's CPU flash-attention backward in
-bf16 took 2× the fp32 time at 64-128 tokens and 12% more at 256 (2 cores, AVX512-BF16)."""
+CPU_ATTENTION_DTYPE = torch.float32
+"""CPU: packed examples attend in fp32 even under bf16 autocast. torch's CPU flash-attention
+backward in bf16 took twice the fp32 time at 64-128 tokens and 12% more at 256 (2 cores,
+AVX512-BF16), and the quick benchmark's training loop went 28.3 s → 22.6 s with fp32."""
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -254,9 +255,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if e - s <= FP32_ATTENTION_UPTO and q.device.type == "cpu" and dtype != torch.float32:
+        if q.device.type == "cpu" and dtype != CPU_ATTENTION_DTYPE:
+            up = CPU_ATTENTION_DTYPE
             with torch.autocast("cpu", enabled=False):
-                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
+                o = F.scaled_dot_product_attention(q.to(up), k.to(up), v.to(up), dropout_p=dropout,
                                                    is_causal=True, scale=scaling, enable_gqa=gqa).to(dtype)
         else:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,

@@ -38,8 +38,9 @@ class LorakitTrainer(Trainer):
     """The stock Trainer plus a token count per step and the labelled-positions-only loss."""
 
     def __init__(self, *args, token_counter: TokenCounter, health: Health, tokens_per_pass: int | None = None,
-                 **kwargs):
+                 fast_path: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fast_path = fast_path
         self.token_counter = token_counter
         self.health = health
         self.tokens_per_pass = tokens_per_pass
@@ -53,7 +54,22 @@ class LorakitTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # accelerate applies mixed precision by wrapping model.forward, which this path skips.
         with self.accelerator.autocast():
-            return labelled_loss(*self.fast_head, inputs, num_items_in_batch)
+            return labelled_loss(*self.fast_head, inputs, num_items_in_batch, head_weight=self._half_head())
+
+    _head_cache: torch.Tensor | None = None
+
+    def _half_head(self) -> torch.Tensor | None:
+        """The frozen LM head's weight in the autocast dtype, cast once (fast path only)."""
+        head = self.fast_head[1]
+        if not getattr(self, "fast_path", False) or head.weight.requires_grad or head.bias is not None:
+            return None
+        dev = head.weight.device.type
+        if not torch.is_autocast_enabled(dev):
+            return None
+        dtype = torch.get_autocast_dtype(dev)
+        if self._head_cache is None or self._head_cache.dtype != dtype:
+            self._head_cache = head.weight.detach().to(dtype)
+        return self._head_cache
 
     # ---- atomic checkpoints: the Trainer writes into checkpoints/.staging, we rename into place
     _staging = False
@@ -342,8 +358,10 @@ def _run(cfg: Config, run_dir: Path, model, tokenizer, prepared: Prepared, info,
     trainer = LorakitTrainer(
         model=model,
         args=args,
-        data_collator=PackedCollator() if cfg.data.packing else Collator(tokenizer.pad_token_id),
+        data_collator=PackedCollator(tokens_per_pass=resolve_tokens_per_pass(cfg)) if cfg.data.packing
+        else Collator(tokenizer.pad_token_id),
         tokens_per_pass=resolve_tokens_per_pass(cfg),
+        fast_path=cfg.train.fast_path,
         train_dataset=prepared.train,
         eval_dataset=prepared.validation or None,
         processing_class=tokenizer,
