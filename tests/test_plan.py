@@ -104,8 +104,15 @@ def test_breakdown_adds_up(tiny):
         assert all(v >= 0 for v in est.parts.values())
         assert {"weights", "adapter", "gradients", "optimizer", "activations", "logits", "runtime"} <= set(est.parts)
     s = ctx.shape
-    est = plan.estimate(ctx, plan.setup_for(ctx.cfg, "cpu"))
-    assert est.parts["weights"] == s.base * 4
+    setup = plan.setup_for(ctx.cfg, "cpu")
+    est = plan.estimate(ctx, setup)
+    if setup.autocast and setup.fast:  # the fast path stores the LoRA-wrapped linears in bf16
+        assert 0 < s.lora_base < s.base
+        assert est.parts["weights"] == s.lora_base * 2 + (s.base - s.lora_base) * 4
+    else:
+        assert est.parts["weights"] == s.base * 4
+    stock = plan.estimate(ctx, dataclasses.replace(setup, fast=False))
+    assert stock.parts["weights"] == s.base * 4
     assert est.parts["adapter"] == est.parts["gradients"] == s.trainable * 4
     assert est.parts["optimizer"] == s.trainable * 8, "AdamW: two fp32 states per trainable parameter"
 
@@ -225,9 +232,18 @@ def test_suggested_config_fits_by_the_plans_own_estimate(tiny):
 
 def test_batch_halving_keeps_the_effective_batch(tiny):
     _, ctx = tiny
-    s = dataclasses.replace(plan.setup_for(ctx.cfg, "cpu"), checkpointing=True)
+    s = dataclasses.replace(plan.setup_for(ctx.cfg, "cpu"), checkpointing=True, tokens_per_pass=None)
     first = next(c for c in plan._candidates(ctx, s) if c.batch_size != s.batch_size)
     assert first.batch_size * first.grad_accum == s.batch_size * s.grad_accum
+
+
+def test_packed_runs_shrink_the_pass_not_the_batch(tiny):
+    _, ctx = tiny
+    s = dataclasses.replace(plan.setup_for(ctx.cfg, "cpu"), checkpointing=True)
+    assert s.tokens_per_pass == 512
+    first = next(plan._candidates(ctx, s))
+    assert first.tokens_per_pass == 256 and (first.batch_size, first.grad_accum) == (s.batch_size, s.grad_accum)
+    assert first.overrides(s)[:2] == ["--train.tokens_per_pass", "256"]
 
 
 # --------------------------------------------------------------------------- end to end
@@ -256,7 +272,12 @@ def test_plan_with_unreadable_data_assumes_max_length(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "missing.jsonl", "--lora.r=auto")
     p = plan.make_plan(cfg, memory_gb=64, calibrate_steps=0)
     assert p.n_train is None and any("data not readable" in n for n in p.notes)
-    assert p.cfg.lora.r == 16 and p.target.batch.tokens == 2 * 96
+    assert p.cfg.lora.r == 16
+    # packed: a step's 2 × 2 examples of 96 tokens fit one 512-token pass
+    assert p.target.batch.tokens == 4 * 96 and p.target.setup.tokens_per_pass == 512
+    padded = plan.make_plan(tiny_cfg(tiny_model_dir, tmp_path / "missing.jsonl", "--data.packing=false"),
+                            memory_gb=64, calibrate_steps=0)
+    assert padded.target.batch.tokens == 2 * 96
 
 
 # --------------------------------------------------------------------------- slow: predicted vs measured
@@ -321,3 +342,20 @@ def planned_peak(args: list[str], cwd: Path) -> dict:
     is the RSS of the process that makes it)."""
     out = subprocess.run([sys.executable, "-c", _PLAN, *args], capture_output=True, text=True, cwd=cwd, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_pass_is_the_fullest_first_fit_pass():
+    from lorakit.data.collate import PackedCollator
+    from lorakit.train.speed import segment_bounds
+    from lorakit.train.trainer import pass_cuts
+
+    lengths = np.array([300, 20, 250, 40, 60, 500, 90, 100])
+    b = plan.Batches(lengths, lengths // 2, np.array([], int), True)
+    mb = plan.peak_pass(b, rows_per_step=8, budget=512, n_steps=1, seed=0, sims=1)
+    feats = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
+    bounds = segment_bounds(PackedCollator(tokens_per_pass=512)(feats)["position_ids"])
+    cuts = [*pass_cuts(bounds, 512), bounds[-1]]
+    assert mb.tokens == max(b - a for a, b in zip(cuts[:-1], cuts[1:]))
+    assert mb.tokens <= 512 and mb.rows == 1
+    long = plan.Batches(np.array([900, 10]), np.array([400, 5]), np.array([], int), True)
+    assert plan.peak_pass(long, 2, 512, 1, 0, 1).tokens == 900  # an example longer than a pass is its own pass

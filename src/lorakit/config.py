@@ -180,7 +180,7 @@ class TrainConfig:
         "batch_size × grad_accum examples are packed longest first into passes of at most this "
         "many tokens (an example longer than this gets a pass of its own); the gradient is the "
         "same as one big batch's. Bounds activation memory. 'auto': 512 on CPU (the fastest size "
-        "measured there), 16384 on a GPU.",
+        "measured there), 8192 on a GPU (not yet measured there: no GPU was available).",
         "auto",
     )
     fast_path: bool = _help(

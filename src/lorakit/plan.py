@@ -120,6 +120,7 @@ class ModelShape:
     quantizable: int  # weights of the base's nn.Linear layers except the output head
     quantizable_rows: int  # their output features (8-bit keeps one fp32 scale per row)
     labelled_logits: bool = True  # lorakit's loss computes logits at labelled positions only
+    lora_base: int = 0  # weights of the nn.Linear layers LoRA wraps (the fast path stores them in 16 bits)
 
 
 def model_folder(cfg: Config) -> str:
@@ -159,6 +160,8 @@ def describe_model(cfg: Config) -> ModelShape:
         quantizable=sum(lin.weight.numel() for lin in linears),
         quantizable_rows=sum(lin.out_features for lin in linears),
         labelled_logits=split_head(peft_model) is not None,
+        lora_base=sum(mod.base_layer.weight.numel() for mod in peft_model.modules()
+                      if hasattr(mod, "lora_A") and isinstance(getattr(mod, "base_layer", None), nn.Linear)),
     )
 
 
@@ -167,11 +170,15 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 scale per 256 absmax blocks (bitsandbytes' defaults)."""
 
 
-def weight_bytes(shape: ModelShape, weights: str) -> int:
+def weight_bytes(shape: ModelShape, weights: str, half_lora_bases: bool = False) -> int:
     """Frozen base weights in memory for 'fp32' | 'bf16' | 'fp16' | '8bit' | '4bit'.
 
     With 8/4-bit, every nn.Linear but the head is quantized; PEFT's prepare_model_for_kbit_training
-    then casts all remaining 16-bit parameters (embeddings, norms, head) to fp32."""
+    then casts all remaining 16-bit parameters (embeddings, norms, head) to fp32. `half_lora_bases`:
+    fp32 weights under autocast on the fast path, whose LoRA-wrapped linears are stored in 16 bits
+    (lorakit.train.speed.freeze_in_half)."""
+    if weights == "fp32" and half_lora_bases:
+        return shape.lora_base * 2 + (shape.base - shape.lora_base) * 4
     if weights in ("fp32", "bf16", "fp16"):
         return shape.base * (4 if weights == "fp32" else 2)
     rest = (shape.base - shape.quantizable) * 4
@@ -271,6 +278,46 @@ def peak_micro_batch(b: Batches, batch_size: int, packing: bool, n_micro: int, s
     return MicroBatch(tokens, int(np.median(best_labelled)), rows, tokens // rows)
 
 
+def _first_fit(lengths: np.ndarray, labelled: np.ndarray, budget: int) -> tuple[int, int]:
+    """(tokens, labelled) of the fullest pass PackedCollator's first-fit makes of one step's examples."""
+    fills: list[int] = []
+    labs: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        j = next((j for j, f in enumerate(fills) if f + n <= budget), None)
+        if j is None:
+            fills.append(n)
+            labs.append(int(labelled[i]))
+        else:
+            fills[j] += n
+            labs[j] += int(labelled[i])
+    j = int(np.argmax(fills))
+    return fills[j], labs[j]
+
+
+def peak_pass(b: Batches, rows_per_step: int, budget: int, n_steps: int, seed: int, sims: int = 5) -> MicroBatch:
+    """The largest pass (tokens) of a simulated packed run, median over `sims` shuffles.
+
+    Each optimizer step's examples are packed first-fit into passes of at most `budget` tokens
+    (one example longer than that is a pass of its own), as LorakitTrainer runs them."""
+    rng = np.random.default_rng(seed)
+    n = len(b.lengths)
+    steps_per_epoch = max(1, math.ceil(n / rows_per_step))
+    steps = max(1, min(n_steps, 20 * steps_per_epoch))
+    best_tokens, best_labelled = [], []
+    for _ in range(sims):
+        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(steps / steps_per_epoch))])
+        peak = (0, 0)
+        for k in range(steps):
+            idx = order[k * rows_per_step:(k + 1) * rows_per_step]
+            if len(idx):
+                peak = max(peak, _first_fit(b.lengths[idx], b.labelled[idx], budget))
+        best_tokens.append(peak[0])
+        best_labelled.append(peak[1])
+    tokens = int(np.median(best_tokens))
+    return MicroBatch(tokens, int(np.median(best_labelled)), 1, tokens)
+
+
 def peak_eval_batch(b: Batches, eval_batch_size: int, packing: bool) -> int:
     """Tokens of the largest evaluation batch (evaluation batches are taken in order)."""
     ev = b.eval_lengths
@@ -305,7 +352,8 @@ PROBE_BUDGET = 2e10
 above it both probe sizes shrink and the per-token rate is extrapolated linearly."""
 
 
-def _probe_model(hf_config, lcfg, weight_dtype: torch.dtype):
+def _probe_model(hf_config, lcfg, weight_dtype: torch.dtype, fast: bool = False, autocast: bool = False,
+                 packing: bool = False):
     from transformers import AutoModelForCausalLM
 
     from lorakit.model.lora import apply_lora
@@ -322,6 +370,15 @@ def _probe_model(hf_config, lcfg, weight_dtype: torch.dtype):
     model = AutoModelForCausalLM.from_config(small, dtype=weight_dtype, attn_implementation="sdpa")
     model = apply_lora(model, dataclasses.replace(lcfg, init="true"))
     model.train()
+    if fast:  # what lorakit.train.trainer.apply_fast_path does to the real model
+        from lorakit.train import speed
+
+        if autocast:
+            speed.freeze_in_half(model, torch.bfloat16)
+            speed.fuse_lora_linears(model)
+        speed.fast_lora_dropout(model)
+        if packing:
+            speed.use_segment_attention(model)
     inner = model.get_base_model()
     body = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.model
     layers = getattr(body, "layers", None) or next(
@@ -351,6 +408,10 @@ def _saved_bytes(model, body, layers, autocast: bool, rows: int, seq: int, packi
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
     if packing:  # examples of ~100 tokens restarting positions, as PackedCollator makes them
         inputs["position_ids"] = (torch.arange(seq) % 100).unsqueeze(0)
+        from lorakit.train import speed
+
+        if getattr(body.config, "_attn_implementation", None) == speed.ATTENTION:
+            inputs[speed.SEGMENTS] = speed.segment_bounds(inputs["position_ids"])
     elif rows > 1:  # a padded batch: the last row shorter, so the padding mask is in play
         mask = torch.ones(rows, seq, dtype=torch.long)
         mask[-1, seq // 2:] = 0
@@ -367,9 +428,9 @@ def _saved_bytes(model, body, layers, autocast: bool, rows: int, seq: int, packi
 
 
 def probe_activations(shape: ModelShape, lcfg, weight_dtype: torch.dtype, autocast: bool,
-                      rows: int, seq: int, packing: bool) -> ActivationProfile:
+                      rows: int, seq: int, packing: bool, fast: bool = False) -> ActivationProfile:
     """Measure saved-activation bytes on a two-layer copy of the model at two token counts."""
-    model, body, layers = _probe_model(shape.hf_config, lcfg, weight_dtype)
+    model, body, layers = _probe_model(shape.hf_config, lcfg, weight_dtype, fast, autocast, packing)
     layer_params = sum(p.numel() for p in layers[1].parameters())
     scale = min(1.0, PROBE_BUDGET / max(1, layer_params * rows * seq))
     seq1 = max(8, int(seq * scale))
@@ -421,14 +482,16 @@ class Setup:
     max_length: int
     r: int
     optimizer: str
+    fast: bool = False  # train.fast_path: fused LoRA linears, 16-bit frozen bases under autocast
+    tokens_per_pass: int | None = None  # packing: tokens per forward/backward pass; None = padded batches
 
     def overrides(self, base: "Setup") -> list[str]:
         """The `--key value` overrides that turn `base` into this setup."""
         out = []
         if self.checkpointing != base.checkpointing:
             out += ["--model.gradient_checkpointing", "on" if self.checkpointing else "off"]
-        for key, section in (("batch_size", "train"), ("grad_accum", "train"), ("eval_batch_size", "train"),
-                             ("max_length", "data"), ("r", "lora")):
+        for key, section in (("batch_size", "train"), ("grad_accum", "train"), ("tokens_per_pass", "train"),
+                             ("eval_batch_size", "train"), ("max_length", "data"), ("r", "lora")):
             if getattr(self, key) != getattr(base, key):
                 out += [f"--{section}.{key}", str(getattr(self, key))]
         if self.weights != base.weights and self.weights in ("4bit", "8bit"):
@@ -464,10 +527,10 @@ class Context:
 
     def profile(self, setup: Setup, mb: MicroBatch) -> ActivationProfile:
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(setup.weights, torch.bfloat16)
-        key = (str(dtype), setup.autocast)
+        key = (str(dtype), setup.autocast, setup.fast)
         if key not in self.profiles:
             self.profiles[key] = probe_activations(self.shape, self.cfg.lora, dtype, setup.autocast,
-                                                   mb.rows, mb.seq, self.cfg.data.packing)
+                                                   mb.rows, mb.seq, self.cfg.data.packing, setup.fast)
         return self.profiles[key]
 
 
@@ -490,8 +553,14 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     evaluation logits are left out (what a few bare training steps use)."""
     cfg, shape = ctx.cfg, ctx.shape
     b = _data_for(ctx, setup)
-    mb = batch or peak_micro_batch(b, setup.batch_size, cfg.data.packing,
-                                   _n_micro(cfg, len(b.lengths), setup), cfg.train.seed)
+    if batch is not None:
+        mb = batch
+    elif setup.tokens_per_pass:
+        mb = peak_pass(b, setup.batch_size * setup.grad_accum, setup.tokens_per_pass,
+                       _n_micro(cfg, len(b.lengths), setup) // max(1, setup.grad_accum), cfg.train.seed)
+    else:
+        mb = peak_micro_batch(b, setup.batch_size, cfg.data.packing, _n_micro(cfg, len(b.lengths), setup),
+                              cfg.train.seed)
     prof = ctx.profile(setup, mb)
     lora_scale = setup.r / cfg.lora.r
     trainable = int(shape.trainable * lora_scale)
@@ -511,8 +580,10 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     else:
         parts["runtime"] = CUDA_CONTEXT
         notes["runtime"] = "CUDA context (typical; not in torch.cuda.max_memory_allocated)"
-    parts["weights"] = weight_bytes(shape, setup.weights)
-    notes["weights"] = f"{shape.base:,} frozen parameters, {setup.weights}"
+    half = setup.fast and setup.autocast
+    parts["weights"] = weight_bytes(shape, setup.weights, half_lora_bases=half)
+    notes["weights"] = f"{shape.base:,} frozen parameters, {setup.weights}" + (
+        f" ({shape.lora_base:,} under LoRA stored in 16 bits: fast path)" if half else "")
     parts["adapter"] = trainable * 4
     notes["adapter"] = f"{trainable:,} trainable parameters, fp32"
     parts["gradients"] = trainable * 4
@@ -554,18 +625,23 @@ def setup_for(cfg: Config, device: str, weights: str | None = None) -> Setup:
     if mp == "auto":
         mp = "bf16" if device == "cuda" or trainer_mod.cpu_has_native_bf16() else "no"
     ckpt = m.gradient_checkpointing == "on" or (m.gradient_checkpointing == "auto" and device == "cuda")
+    per_pass = None
+    if cfg.data.packing:
+        per_pass = t.tokens_per_pass if t.tokens_per_pass != "auto" else (
+            trainer_mod.CUDA_TOKENS_PER_PASS if device == "cuda" else trainer_mod.CPU_TOKENS_PER_PASS)
     return Setup(device, weights, autocast=mp != "no" and weights == "fp32", checkpointing=ckpt,
                  batch_size=t.batch_size, grad_accum=t.grad_accum, eval_batch_size=t.eval_batch_size,
                  max_length=cfg.data.max_length,
-                 r=cfg.lora.r, optimizer=t.optimizer)
+                 r=cfg.lora.r, optimizer=t.optimizer, fast=t.fast_path, tokens_per_pass=per_pass)
 
 
 # --------------------------------------------------------------------------- a config that fits
 
 def fitting_setup(ctx: Context, setup: Setup, limit: int) -> Estimate | None:
     """The first change, in order of preference, whose estimate fits in `limit` bytes: gradient
-    checkpointing; halve batch_size and double grad_accum (same effective batch), and halve
-    eval_batch_size (evaluation computes logits at every position); shorter max_length; 4-bit
+    checkpointing; halve tokens_per_pass (packing) or batch_size doubling grad_accum (same
+    effective batch), and halve eval_batch_size (evaluation computes logits at every position);
+    shorter max_length; 4-bit
     weights (GPU); halve r. Changes accumulate. None if nothing fits."""
     for candidate in _candidates(ctx, setup):
         est = estimate(ctx, candidate)
@@ -578,7 +654,10 @@ def _candidates(ctx: Context, s: Setup):
     if not s.checkpointing:
         s = dataclasses.replace(s, checkpointing=True)
         yield s
-    while s.batch_size > 1 or s.eval_batch_size > 1:
+    while s.tokens_per_pass and s.tokens_per_pass > 64:
+        s = dataclasses.replace(s, tokens_per_pass=s.tokens_per_pass // 2, eval_batch_size=max(1, s.eval_batch_size // 2))
+        yield s
+    while not s.tokens_per_pass and (s.batch_size > 1 or s.eval_batch_size > 1):
         bs = max(1, s.batch_size // 2)
         s = dataclasses.replace(s, batch_size=bs, grad_accum=s.grad_accum * (s.batch_size // bs),
                                 eval_batch_size=max(1, s.eval_batch_size // 2))
@@ -650,20 +729,26 @@ def calibrate(cfg: Config, prepared, tokenizer, steps: int = 3) -> Calibration:
     from lorakit.train.loss import labelled_loss, split_head
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = trainer_mod.resolve_tokens_per_pass(cfg)
     collate = PackedCollator() if cfg.data.packing else Collator(tokenizer.pad_token_id)
     items = prepared.train
     rng = np.random.default_rng(cfg.train.seed)
     bs = cfg.train.batch_size
-    largest = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))[:bs]
-    groups = [largest] + [list(rng.choice(len(items), size=min(bs, len(items)), replace=False))
-                          for _ in range(steps - 1)]
+    by_length = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+    if budget:  # packed: passes of up to `budget` tokens, the first of the longest examples
+        groups = [_fill(by_length, items, budget)] + [
+            _fill(list(rng.permutation(len(items))), items, budget) for _ in range(steps - 1)]
+    else:
+        groups = [by_length[:bs]] + [list(rng.choice(len(items), size=min(bs, len(items)), replace=False))
+                                     for _ in range(steps - 1)]
     mp = trainer_mod.resolve_mixed_precision(cfg)
     start = torch.cuda.memory_allocated() if device == "cuda" else psutil.Process().memory_info().rss
     with _RssPeak() as rss:
-        model, _ = load_model(cfg.model, training=True, tokenizer=tokenizer)
+        model, info = load_model(cfg.model, training=True, tokenizer=tokenizer)
         model = apply_lora(model, cfg.lora)
         if device == "cuda" and cfg.model.quantization == "none":
             model.to(device)
+        trainer_mod.apply_fast_path(cfg, model, info)
         fast = split_head(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         tokens, seconds = [], []
@@ -686,6 +771,18 @@ def calibrate(cfg: Config, prepared, tokenizer, steps: int = 3) -> Calibration:
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     timed_t, timed_s = (tokens[1:], seconds[1:]) if steps > 1 else (tokens, seconds)
     return Calibration(sum(timed_s) / max(1, sum(timed_t)), steps, tokens, seconds, start, peak, first)
+
+
+def _fill(order: list[int], items, budget: int) -> list[int]:
+    """Examples taken in `order` while they fit in one pass of `budget` tokens (at least one)."""
+    out, used = [], 0
+    for i in order:
+        n = len(items[i]["input_ids"])
+        if out and used + n > budget:
+            continue
+        out.append(int(i))
+        used += n
+    return out
 
 
 # --------------------------------------------------------------------------- the plan
