@@ -591,8 +591,10 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     notes["optimizer"] = f"{cfg.train.optimizer}: {optimizer_state_bytes(setup.optimizer)} B per trainable parameter"
     parts["activations"] = act
     per_tok = prof.b / 1024
+    other = prof.total(shape, mb.tokens, not setup.checkpointing)
     notes["activations"] = (f"{shape.layers} layers × {per_tok:.1f} KiB per token × {mb.tokens:,} tokens"
-                            + (" (checkpointing: layer inputs + one layer)" if setup.checkpointing else ""))
+                            + (" (checkpointing: layer inputs + one layer)" if setup.checkpointing else "")
+                            + f"; {'without' if setup.checkpointing else 'with'} checkpointing {_fmt(other)}")
     if setup.device == "cpu":
         # Temporaries are made layer by layer with or without checkpointing: scale by the full activations.
         parts["heap retention"] = int(prof.total(shape, mb.tokens, False) * HEAP_RETENTION)
@@ -901,12 +903,17 @@ def _fmt_header(plan: Plan) -> str:
     lengths = (f"tokens per example p50 {p['p50']}, p99 {p['p99']}, max {p['max']}" if p
                else f"every example assumed {c.data.max_length} tokens")
     mb = plan.target.batch
-    kind = "packed into one row" if c.data.packing else f"padded, {mb.rows} rows × {mb.seq}"
+    per_pass = plan.target.setup.tokens_per_pass
+    if per_pass:
+        batch = (f"pass         each step's {c.train.batch_size * c.train.grad_accum} examples packed first-fit "
+                 f"into passes of ≤ {per_pass:,} tokens: the largest of the run ≈ {mb.tokens:,} tokens")
+    else:
+        batch = (f"micro-batch  {c.train.batch_size} examples, padded, {mb.rows} rows × {mb.seq}: the largest of "
+                 f"the run ≈ {mb.tokens:,} tokens")
     return (f"plan for {c.model.name} on {plan.device}: {rows}; {lengths}\n"
             f"parameters   total {s.total:,}   trainable {s.trainable:,} ({pct:.2f}%)   "
             f"{s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}\n"
-            f"micro-batch  {c.train.batch_size} examples, {kind}: the largest of the run ≈ {mb.tokens:,} tokens "
-            f"({mb.labelled:,} labelled)")
+            f"{batch} ({mb.labelled:,} labelled)")
 
 
 def _fmt_memory(est: Estimate, where: str) -> str:
