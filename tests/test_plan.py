@@ -359,3 +359,16 @@ def test_peak_pass_is_the_fullest_first_fit_pass():
     assert mb.tokens <= 512 and mb.rows == 1
     long = plan.Batches(np.array([900, 10]), np.array([400, 5]), np.array([], int), True)
     assert plan.peak_pass(long, 2, 512, 1, 0, 1).tokens == 900  # an example longer than a pass is its own pass
+
+
+def test_an_example_longer_than_a_pass_is_planned_with_checkpointing(tiny):
+    _, ctx = tiny
+    s = plan.setup_for(ctx.cfg, "cpu")
+    assert s.oversize_checkpointing and not s.checkpointing
+    long = dataclasses.replace(ctx, batches=plan.Batches(np.array([2000, 40, 40, 40, 40]), np.array([900, 20, 20, 20, 20]),
+                                                          np.array([], int), True))
+    auto = plan.estimate(long, s)
+    never = plan.estimate(long, dataclasses.replace(s, oversize_checkpointing=False))
+    assert auto.batch.tokens == never.batch.tokens == 2000
+    assert auto.parts["activations"] < 0.75 * never.parts["activations"]  # 2 layers: inputs kept + 1 recomputed
+    assert "checkpointed" in auto.notes["activations"]

@@ -301,3 +301,30 @@ def test_a_half_head_weight_gives_the_autocast_loss(tiny_model_dir):
         plain = labelled_loss(body, head, packed, n)
         cached = labelled_loss(body, head, packed, n, head_weight=head.weight.to(torch.bfloat16))
     assert torch.equal(plain, cached)
+
+
+def test_only_passes_longer_than_the_budget_recompute(tmp_path, tiny_model_dir, monkeypatch):
+    """gradient_checkpointing auto with packing: a pass holding one over-long example is checkpointed,
+    the others are not, and the trained adapter equals a run without any checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lorakit.train.trainer import LorakitTrainer
+
+    seen: list[tuple[int, bool]] = []
+    real = LorakitTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        seen.append((inputs["input_ids"].shape[1], all(m.gradient_checkpointing for m in layers)))
+        return real(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(LorakitTrainer, "compute_loss", spy)
+    auto, run = _train(tmp_path, tiny_model_dir, "auto", "--train.tokens_per_pass=24")
+    assert "only for passes over 24 tokens" in (run / "said.txt").read_text()
+    assert any(n > 24 and ckpt for n, ckpt in seen), seen
+    assert all(ckpt == (n > 24) for n, ckpt in seen), seen
+    seen.clear()
+    off, _ = _train(tmp_path, tiny_model_dir, "off", "--train.tokens_per_pass=24", "--model.gradient_checkpointing=off")
+    assert seen and not any(ckpt for _, ckpt in seen)
+    for k in auto:
+        assert torch.allclose(auto[k], off[k], rtol=1e-5, atol=1e-7), k

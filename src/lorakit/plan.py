@@ -484,6 +484,7 @@ class Setup:
     optimizer: str
     fast: bool = False  # train.fast_path: fused LoRA linears, 16-bit frozen bases under autocast
     tokens_per_pass: int | None = None  # packing: tokens per forward/backward pass; None = padded batches
+    oversize_checkpointing: bool = False  # checkpointing 'auto' + packing: only passes over tokens_per_pass
 
     def overrides(self, base: "Setup") -> list[str]:
         """The `--key value` overrides that turn `base` into this setup."""
@@ -564,8 +565,19 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     prof = ctx.profile(setup, mb)
     lora_scale = setup.r / cfg.lora.r
     trainable = int(shape.trainable * lora_scale)
-    act = prof.total(shape, mb.tokens, setup.checkpointing)
     head_cast = shape.vocab * shape.hidden * 2 if setup.autocast else 0  # the head's 16-bit copy, saved
+    ckpt = setup.checkpointing
+    oversize = (batch is None and setup.oversize_checkpointing and not ckpt and setup.tokens_per_pass
+                and mb.tokens > setup.tokens_per_pass)
+    if oversize:  # the longest example is a checkpointed pass of its own; a normal pass may still be larger
+        regular = _regular_pass(b, setup, cfg)
+        per_pass = lambda m, c: (prof.total(shape, m.tokens, c) + prof.total(shape, m.tokens, False)  # noqa: E731
+                                 * (HEAP_RETENTION if setup.device == "cpu" else 0) + m.labelled * shape.vocab * 12)
+        if regular is not None and per_pass(regular, False) >= per_pass(mb, True):
+            mb = regular
+        else:
+            ckpt = True
+    act = prof.total(shape, mb.tokens, ckpt)
     logit_rows = mb.labelled if shape.labelled_logits else mb.tokens  # other heads: the stock loss
     train_logits = logit_rows * shape.vocab * 4 * 3 + head_cast
     eval_tokens = peak_eval_batch(b, setup.eval_batch_size, cfg.data.packing) if evaluation else 0
@@ -591,10 +603,11 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     notes["optimizer"] = f"{cfg.train.optimizer}: {optimizer_state_bytes(setup.optimizer)} B per trainable parameter"
     parts["activations"] = act
     per_tok = prof.b / 1024
-    other = prof.total(shape, mb.tokens, not setup.checkpointing)
+    other = prof.total(shape, mb.tokens, not ckpt)
     notes["activations"] = (f"{shape.layers} layers × {per_tok:.1f} KiB per token × {mb.tokens:,} tokens"
-                            + (" (checkpointing: layer inputs + one layer)" if setup.checkpointing else "")
-                            + f"; {'without' if setup.checkpointing else 'with'} checkpointing {_fmt(other)}")
+                            + (" (checkpointing: layer inputs + one layer)" if ckpt else "")
+                            + (" (one example longer than a pass: checkpointed)" if oversize and ckpt else "")
+                            + f"; {'without' if ckpt else 'with'} checkpointing {_fmt(other)}")
     if setup.device == "cpu":
         # Temporaries are made layer by layer with or without checkpointing: scale by the full activations.
         parts["heap retention"] = int(prof.total(shape, mb.tokens, False) * HEAP_RETENTION)
@@ -606,6 +619,16 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
                        f"evaluation {_fmt(eval_logits)} ({eval_tokens:,} tokens × {shape.vocab:,}"
                        f" × {_eval_logit_bytes(setup)} B); the larger counts")
     return Estimate(setup, parts, notes, mb, eval_tokens)
+
+
+def _regular_pass(b: Batches, setup: Setup, cfg: Config) -> MicroBatch | None:
+    """The largest pass made of examples no longer than tokens_per_pass (run without checkpointing)."""
+    keep = b.lengths <= setup.tokens_per_pass
+    if not keep.any():
+        return None
+    short = Batches(b.lengths[keep], b.labelled[keep], b.eval_lengths, b.measured, b.percentiles)
+    return peak_pass(short, setup.batch_size * setup.grad_accum, setup.tokens_per_pass,
+                     _n_micro(cfg, len(short.lengths), setup) // max(1, setup.grad_accum), cfg.train.seed)
 
 
 def _n_micro(cfg: Config, n_train: int, setup: Setup) -> int:
@@ -634,7 +657,8 @@ def setup_for(cfg: Config, device: str, weights: str | None = None) -> Setup:
     return Setup(device, weights, autocast=mp != "no" and weights == "fp32", checkpointing=ckpt,
                  batch_size=t.batch_size, grad_accum=t.grad_accum, eval_batch_size=t.eval_batch_size,
                  max_length=cfg.data.max_length,
-                 r=cfg.lora.r, optimizer=t.optimizer, fast=t.fast_path, tokens_per_pass=per_pass)
+                 r=cfg.lora.r, optimizer=t.optimizer, fast=t.fast_path, tokens_per_pass=per_pass,
+                 oversize_checkpointing=bool(per_pass) and m.gradient_checkpointing == "auto" and not ckpt)
 
 
 # --------------------------------------------------------------------------- a config that fits

@@ -41,6 +41,7 @@ class LorakitTrainer(Trainer):
                  fast_path: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.fast_path = fast_path
+        self.oversize_layers: list = []  # see checkpoint_oversize_passes
         self.token_counter = token_counter
         self.health = health
         self.tokens_per_pass = tokens_per_pass
@@ -100,11 +101,39 @@ class LorakitTrainer(Trainer):
         loss = None
         for part in self._passes(inputs):
             # Every pass divides by the whole step's token count, so the gradients add up to the step's.
-            part_loss = super().training_step(model, part, num_items_in_batch)
+            oversize = bool(self.oversize_layers) and part["input_ids"].shape[1] > self.tokens_per_pass
+            for layer in self.oversize_layers if oversize else ():
+                layer.gradient_checkpointing = True
+            try:
+                part_loss = super().training_step(model, part, num_items_in_batch)
+            finally:
+                for layer in self.oversize_layers if oversize else ():
+                    layer.gradient_checkpointing = False
             loss = part_loss if loss is None else loss + part_loss
         if self.health.nonfinite_step is None and not torch.isfinite(loss).all():
             self.health.nonfinite_step, self.health.nonfinite_value = self.state.global_step + 1, float(loss)
         return loss
+
+    def checkpoint_oversize_passes(self) -> int:
+        """Recompute activations only in passes longer than tokens_per_pass (one long example each).
+
+        Such a pass would hold activations for its whole length; with checkpointing it keeps each
+        layer's input and recomputes the rest, so peak memory stays near a normal pass's. Returns
+        the number of layers that switch."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.tokens_per_pass is None or any(getattr(m, "gradient_checkpointing", False) is True
+                                               for m in inner.modules()):
+            return 0
+        enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
+        kwargs_name = "activation_checkpointing_kwargs" if hasattr(inner, "activation_checkpointing_enable") \
+            else "gradient_checkpointing_kwargs"
+        enable(**{kwargs_name: {"use_reentrant": False}})
+        self.oversize_layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self.oversize_layers:
+            layer.gradient_checkpointing = False
+        return len(self.oversize_layers)
 
     def _passes(self, inputs: dict) -> list[dict]:
         """A packed step split at example boundaries into passes of at most `tokens_per_pass` tokens."""
@@ -376,6 +405,8 @@ def _run(cfg: Config, run_dir: Path, model, tokenizer, prepared: Prepared, info,
         health=health,
     )
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
+    if cfg.data.packing and cfg.model.gradient_checkpointing == "auto" and trainer.checkpoint_oversize_passes():
+        log(f"gradient checkpointing: only for passes over {trainer.tokens_per_pass:,} tokens (one long example)")
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
