@@ -60,8 +60,10 @@ class ModelConfig:
         False,
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = _help(
-        "Recompute activations in the backward pass to save memory. 'auto' turns it on "
-        "only on GPUs, where memory is the usual limit.",
+        "Recompute activations in the backward pass to save memory (about a third more work). "
+        "'auto': on for every pass on GPUs, where memory is the usual limit; on CPU with "
+        "data.packing only for a pass longer than train.tokens_per_pass (one long example), so "
+        "memory stays near a normal pass's while other passes keep full speed.",
         "auto",
     )
     attn_implementation: str = _help("Attention kernel passed to transformers ('sdpa', 'eager', ...).", "sdpa")
