@@ -92,24 +92,37 @@ def test_only_lora_dropouts_are_replaced(tiny_model_dir):
 
 
 def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
-    """Same loss and gradients as PEFT's own forward over the same half-precision weights."""
-    stock, fused = _model(tiny_model_dir), _model(tiny_model_dir)
+    """Same loss as PEFT's own forward over the same half-precision weights, and gradients at least
+    as close to the fp32 result as PEFT's bf16 ones (the two round in different places, so they
+    differ from each other by about as much as each differs from fp32: up to ~3% per tensor)."""
+    ref, stock, fused = (_model(tiny_model_dir) for _ in range(3))
     for m in (stock, fused):
         assert speed.freeze_in_half(m, torch.bfloat16) > 0
     assert speed.fuse_lora_linears(fused) > 0
     feats = _examples(stock.config.vocab_size)
     batch = Collator(0)(feats)
     n = int((batch["labels"][:, 1:] != -100).sum())
+    _, grads_ref = _loss_and_grads(ref, batch, n, autocast=False)
     loss_s, grads_s = _loss_and_grads(stock, batch, n, autocast=True)
-    loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=True)
+    calls = []
+    real = speed._LoraLinear.apply
+    speed._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=True)
+    finally:
+        speed._LoraLinear.apply = real
+    assert len(calls) == 7 * fused.config.num_hidden_layers, "every LoRA linear went through the fused node"
     assert abs(loss_s - loss_f) < 2e-3 * abs(loss_s)
-    _close(grads_f, grads_s, rtol=2e-2)  # bf16 rounding happens in different places
-    # and a negative control: a fused path that forgot the LoRA term would be far off
+    err = lambda g, k: float((g[k] - grads_ref[k]).norm() / grads_ref[k].norm())  # noqa: E731
+    close = lambda g, k: err(g, k) <= 2 * err(grads_s, k) + 1e-3  # noqa: E731
+    assert all(close(grads_f, k) for k in grads_ref), [k for k in grads_ref if not close(grads_f, k)]
+    assert sum(err(grads_f, k) for k in grads_ref) <= 1.2 * sum(err(grads_s, k) for k in grads_ref)
+    # and a negative control: the same checks reject a fused path that forgot the LoRA term
     for mod in fused.modules():
         if hasattr(mod, "lora_A"):
             mod.scaling = {k: 0.0 for k in mod.scaling}
-    loss_wrong, _ = _loss_and_grads(fused, batch, n, autocast=True)
-    assert abs(loss_wrong - loss_s) > 20 * abs(loss_s - loss_f)
+    _, grads_wrong = _loss_and_grads(fused, batch, n, autocast=True)
+    assert not any(close(grads_wrong, k) for k in grads_ref)
 
 
 def test_fused_lora_with_dropout_matches_the_same_mask_by_hand(tiny_model_dir, monkeypatch):

@@ -174,7 +174,10 @@ def _fused_forward(module, stock_forward, x: torch.Tensor, *args, **kwargs):
     if not fusable:
         return stock_forward(x, *args, **kwargs)
     drop = module.lora_dropout[name]
-    p = getattr(drop, "p", 0.0) if isinstance(drop, (nn.Dropout, FastDropout)) else None
+    if isinstance(drop, nn.Identity):  # PEFT's stand-in for lora_dropout 0
+        p = 0.0
+    else:
+        p = drop.p if isinstance(drop, (nn.Dropout, FastDropout)) else None
     if p is None:  # some other dropout module: keep PEFT's path
         return stock_forward(x, *args, **kwargs)
     keep = keep_mask(x.shape, p, x.device) if p > 0 else None
