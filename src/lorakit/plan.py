@@ -280,19 +280,12 @@ def peak_micro_batch(b: Batches, batch_size: int, packing: bool, n_micro: int, s
 
 def _first_fit(lengths: np.ndarray, labelled: np.ndarray, budget: int) -> tuple[int, int]:
     """(tokens, labelled) of the fullest pass PackedCollator's first-fit makes of one step's examples."""
-    fills: list[int] = []
-    labs: list[int] = []
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        j = next((j for j, f in enumerate(fills) if f + n <= budget), None)
-        if j is None:
-            fills.append(n)
-            labs.append(int(labelled[i]))
-        else:
-            fills[j] += n
-            labs[j] += int(labelled[i])
-    j = int(np.argmax(fills))
-    return fills[j], labs[j]
+    from lorakit.data.collate import first_fit_bins
+
+    order = np.argsort(-lengths, kind="stable")  # longest first, as PackedCollator sorts
+    bins = [order[b] for b in first_fit_bins(lengths[order].tolist(), budget)]
+    fullest = max(bins, key=lambda b: int(lengths[b].sum()))
+    return int(lengths[fullest].sum()), int(labelled[fullest].sum())
 
 
 def peak_pass(b: Batches, rows_per_step: int, budget: int, n_steps: int, seed: int, sims: int = 5) -> MicroBatch:
@@ -373,12 +366,7 @@ def _probe_model(hf_config, lcfg, weight_dtype: torch.dtype, fast: bool = False,
     if fast:  # what lorakit.train.trainer.apply_fast_path does to the real model
         from lorakit.train import speed
 
-        if autocast:
-            speed.freeze_in_half(model, torch.bfloat16)
-            speed.fuse_lora_linears(model)
-        speed.fast_lora_dropout(model)
-        if packing:
-            speed.use_segment_attention(model)
+        speed.apply(model, torch.bfloat16 if autocast else None, packing)
     inner = model.get_base_model()
     body = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.model
     layers = getattr(body, "layers", None) or next(
@@ -408,10 +396,9 @@ def _saved_bytes(model, body, layers, autocast: bool, rows: int, seq: int, packi
     inputs: dict[str, torch.Tensor] = {"input_ids": ids}
     if packing:  # examples of ~100 tokens restarting positions, as PackedCollator makes them
         inputs["position_ids"] = (torch.arange(seq) % 100).unsqueeze(0)
-        from lorakit.train import speed
+        from lorakit.train.speed import segment_kwargs
 
-        if getattr(body.config, "_attn_implementation", None) == speed.ATTENTION:
-            inputs[speed.SEGMENTS] = speed.segment_bounds(inputs["position_ids"])
+        inputs.update(segment_kwargs(body, inputs))
     elif rows > 1:  # a padded batch: the last row shorter, so the padding mask is in play
         mask = torch.ones(rows, seq, dtype=torch.long)
         mask[-1, seq // 2:] = 0
@@ -650,10 +637,7 @@ def setup_for(cfg: Config, device: str, weights: str | None = None) -> Setup:
     if mp == "auto":
         mp = "bf16" if device == "cuda" or trainer_mod.cpu_has_native_bf16() else "no"
     ckpt = m.gradient_checkpointing == "on" or (m.gradient_checkpointing == "auto" and device == "cuda")
-    per_pass = None
-    if cfg.data.packing:
-        per_pass = t.tokens_per_pass if t.tokens_per_pass != "auto" else (
-            trainer_mod.CUDA_TOKENS_PER_PASS if device == "cuda" else trainer_mod.CPU_TOKENS_PER_PASS)
+    per_pass = trainer_mod.resolve_tokens_per_pass(cfg, device)
     return Setup(device, weights, autocast=mp != "no" and weights == "fp32", checkpointing=ckpt,
                  batch_size=t.batch_size, grad_accum=t.grad_accum, eval_batch_size=t.eval_batch_size,
                  max_length=cfg.data.max_length,
@@ -681,7 +665,8 @@ def _candidates(ctx: Context, s: Setup):
         s = dataclasses.replace(s, checkpointing=True)
         yield s
     while s.tokens_per_pass and s.tokens_per_pass > 64:
-        s = dataclasses.replace(s, tokens_per_pass=s.tokens_per_pass // 2, eval_batch_size=max(1, s.eval_batch_size // 2))
+        s = dataclasses.replace(s, tokens_per_pass=s.tokens_per_pass // 2,
+                                eval_batch_size=max(1, s.eval_batch_size // 2))
         yield s
     while not s.tokens_per_pass and (s.batch_size > 1 or s.eval_batch_size > 1):
         bs = max(1, s.batch_size // 2)

@@ -83,15 +83,20 @@ class PackedCollator:
 
 def first_fit(features: Sequence[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     """Examples (longest first) reordered bin by bin, first-fit: fewer, fuller passes than in order."""
-    bins: list[list[dict[str, Any]]] = []
+    return [features[i] for b in first_fit_bins([len(f["input_ids"]) for f in features], budget) for i in b]
+
+
+def first_fit_bins(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths`, taken in order, each put in the first bin with room for it (a new bin
+    when none has): the passes of a packed step. `lorakit.plan` simulates runs with it."""
+    bins: list[list[int]] = []
     room: list[int] = []
-    for f in features:
-        n = len(f["input_ids"])
-        i = next((i for i, r in enumerate(room) if r >= n), None)
-        if i is None:
-            bins.append([f])
+    for i, n in enumerate(lengths):
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            bins.append([i])
             room.append(budget - n)
         else:
-            bins[i].append(f)
-            room[i] -= n
-    return [f for b in bins for f in b]
+            bins[j].append(i)
+            room[j] -= n
+    return bins

@@ -346,28 +346,36 @@ def _set_pad_id(model, tokenizer) -> None:
         gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
 
 
+NON_REENTRANT = {"use_reentrant": False}
+"""Checkpointing kwargs: the reentrant variant drops gradients of inputs that do not require
+grad, which with a frozen base means no LoRA gradients."""
+
+
 def _prepare_for_training(model, mcfg: ModelConfig) -> None:
     model.config.use_cache = False
     checkpointing = mcfg.gradient_checkpointing == "on" or (
         mcfg.gradient_checkpointing == "auto" and torch.cuda.is_available()
     )
-    # Non-reentrant checkpointing: the reentrant one drops gradients of inputs that do not
-    # require grad, which with a frozen base means no LoRA gradients.
-    gc_kwargs = {"use_reentrant": False}
     if mcfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         _disable_bnb_cpu_repack(model)
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                        gradient_checkpointing_kwargs=gc_kwargs)
+                                        gradient_checkpointing_kwargs=dict(NON_REENTRANT))
     elif checkpointing:
-        # transformers 5.24 renamed gradient_checkpointing_enable (now a deprecated alias).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model)
         model.enable_input_require_grads()  # the frozen embedding's output must carry grad
     model.train()
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing on every layer of a transformers model
+    (transformers 5.24 renamed gradient_checkpointing_enable; the old name is an alias)."""
+    gc_kwargs = dict(NON_REENTRANT)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
 
 
 def _disable_bnb_cpu_repack(model) -> None:

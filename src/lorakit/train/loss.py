@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.speed import ATTENTION, SEGMENTS, segment_bounds
+from lorakit.train.speed import segment_kwargs
 
 # Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping or
 # scaling in between (Gemma 2/3 soft-cap, Cohere scales), which this shortcut would skip.
@@ -45,12 +45,9 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
     again at every pass (the head is as large as the embedding: 56 MB for SmolLM2 in bf16).
     """
     labels = inputs["labels"][:, 1:]
-    extra = {}
-    positions = inputs.get("position_ids")
-    if positions is not None and inputs.get("attention_mask") is None and _segmented(body):
-        extra[SEGMENTS] = segment_bounds(positions)  # a packed row: attention per example
     hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                  position_ids=positions, **extra).last_hidden_state  # (B, T, H)
+                  position_ids=inputs.get("position_ids"),
+                  **segment_kwargs(body, inputs)).last_hidden_state  # (B, T, H)
     keep = labels != -100
     rows = hidden[:, :-1][keep]
     if head_weight is not None:
@@ -59,7 +56,3 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
         logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / num_items
-
-
-def _segmented(body) -> bool:
-    return getattr(getattr(body, "config", None), "_attn_implementation", None) == ATTENTION

@@ -299,3 +299,23 @@ def segment_bounds(position_ids: torch.Tensor) -> list[int]:
     if not starts or starts[0] != 0:
         starts = [0, *starts]
     return [*starts, position_ids.shape[1]]
+
+
+def segment_kwargs(body: nn.Module, inputs: dict) -> dict:
+    """Extra keyword for `body(...)`: a packed row's example bounds when `body` attends per example."""
+    positions = inputs.get("position_ids")
+    if positions is None or inputs.get("attention_mask") is not None:
+        return {}
+    if getattr(getattr(body, "config", None), "_attn_implementation", None) != ATTENTION:
+        return {}
+    return {SEGMENTS: segment_bounds(positions)}
+
+
+def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict[str, int | bool]:
+    """Everything above, on a PEFT model about to train: `half` is the autocast dtype (None without
+    autocast or over quantized weights), `packing` whether rows are packed. Returns what changed:
+    bytes saved by 16-bit weights, fused linears, replaced dropouts, per-example attention."""
+    saved = freeze_in_half(model, half) if half is not None else 0
+    fused = fuse_lora_linears(model) if half is not None else 0
+    return {"saved": saved, "fused": fused, "dropouts": fast_lora_dropout(model),
+            "segments": packing and use_segment_attention(model)}

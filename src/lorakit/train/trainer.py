@@ -25,7 +25,7 @@ from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
 from lorakit.errors import LorakitError
-from lorakit.model.load import load_model, load_tokenizer
+from lorakit.model.load import enable_checkpointing, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import STAGING, check_resumable, checkpoints, publish, trim_metrics
@@ -62,7 +62,7 @@ class LorakitTrainer(Trainer):
     def _half_head(self) -> torch.Tensor | None:
         """The frozen LM head's weight in the autocast dtype, cast once (fast path only)."""
         head = self.fast_head[1]
-        if not getattr(self, "fast_path", False) or head.weight.requires_grad or head.bias is not None:
+        if not self.fast_path or head.weight.requires_grad or head.bias is not None:
             return None
         dev = head.weight.device.type
         if not torch.is_autocast_enabled(dev):
@@ -101,13 +101,13 @@ class LorakitTrainer(Trainer):
         loss = None
         for part in self._passes(inputs):
             # Every pass divides by the whole step's token count, so the gradients add up to the step's.
-            oversize = bool(self.oversize_layers) and part["input_ids"].shape[1] > self.tokens_per_pass
-            for layer in self.oversize_layers if oversize else ():
-                layer.gradient_checkpointing = True
+            oversize = self.oversize_layers if part["input_ids"].shape[1] > (self.tokens_per_pass or 0) else []
             try:
+                for layer in oversize:
+                    layer.gradient_checkpointing = True
                 part_loss = super().training_step(model, part, num_items_in_batch)
             finally:
-                for layer in self.oversize_layers if oversize else ():
+                for layer in oversize:
                     layer.gradient_checkpointing = False
             loss = part_loss if loss is None else loss + part_loss
         if self.health.nonfinite_step is None and not torch.isfinite(loss).all():
@@ -126,10 +126,7 @@ class LorakitTrainer(Trainer):
         if self.tokens_per_pass is None or any(getattr(m, "gradient_checkpointing", False) is True
                                                for m in inner.modules()):
             return 0
-        enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
-        kwargs_name = "activation_checkpointing_kwargs" if hasattr(inner, "activation_checkpointing_enable") \
-            else "gradient_checkpointing_kwargs"
-        enable(**{kwargs_name: {"use_reentrant": False}})
+        enable_checkpointing(inner)
         self.oversize_layers = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
         for layer in self.oversize_layers:
             layer.gradient_checkpointing = False
@@ -206,13 +203,15 @@ CUDA_TOKENS_PER_PASS = 8192
 """A GPU needs long passes to keep busy; 8k tokens is a common packed micro-batch. Not measured here."""
 
 
-def resolve_tokens_per_pass(cfg: Config) -> int | None:
-    """Tokens per forward/backward pass of a packed step; None when batches are padded."""
+def resolve_tokens_per_pass(cfg: Config, device: str | None = None) -> int | None:
+    """Tokens per forward/backward pass of a packed step on `device` ('cpu' | 'cuda'; default:
+    this machine's); None when batches are padded."""
     if not cfg.data.packing:
         return None
     if cfg.train.tokens_per_pass != "auto":
         return int(cfg.train.tokens_per_pass)
-    return CUDA_TOKENS_PER_PASS if torch.cuda.is_available() else CPU_TOKENS_PER_PASS
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    return CUDA_TOKENS_PER_PASS if cuda else CPU_TOKENS_PER_PASS
 
 
 def training_arguments(cfg: Config, run_dir: Path, n_train: int, has_eval: bool) -> TrainingArguments:
@@ -426,19 +425,16 @@ def apply_fast_path(cfg: Config, model, info) -> list[str]:
         return []
     from lorakit.train import speed
 
-    notes = []
     mp = resolve_mixed_precision(cfg)
-    if mp != "no" and info.quantization == "none":
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        saved = speed.freeze_in_half(model, dtype)
-        fused = speed.fuse_lora_linears(model)
-        if saved or fused:
-            notes.append(f"fast path: frozen weights stored in {mp} ({saved / 2**20:,.0f} MiB saved), "
-                         f"{fused} LoRA linears fused")
-    dropouts = speed.fast_lora_dropout(model)
-    if dropouts:
-        notes.append(f"fast path: {dropouts} LoRA dropouts draw 16-bit masks")
-    if cfg.data.packing and speed.use_segment_attention(model):
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp) if info.quantization == "none" else None
+    done = speed.apply(model, half, cfg.data.packing)
+    notes = []
+    if done["saved"] or done["fused"]:
+        notes.append(f"fast path: frozen weights stored in {mp} ({done['saved'] / 2**20:,.0f} MiB saved), "
+                     f"{done['fused']} LoRA linears fused")
+    if done["dropouts"]:
+        notes.append(f"fast path: {done['dropouts']} LoRA dropouts draw 16-bit masks")
+    if done["segments"]:
         notes.append("fast path: attention per packed example")
     return notes
 
