@@ -149,41 +149,35 @@ def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dic
     gf = lambda f: f"{f / 1e9:,.1f} GFLOP/s"  # noqa: E731
     loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
 
-    def ratio(key, fn=lambda s, k: s[k]):
-        a, b = fn(lorakit, key), fn(recipe, key)
+    def ratio(key):
+        a, b = lorakit[key], recipe[key]
         return f"{a / b:.2f}×" if a is not None and b else ""
 
+    def row(label, key, fmt, compared=True):
+        return label, fmt(recipe[key]), fmt(lorakit[key]), ratio(key) if compared else ""
+
+    one = lambda x: f"{x:.1f}"  # noqa: E731
+    rate = lambda x: f"{x:,.1f}"  # noqa: E731
+    share = lambda x: f"{x:.1%}"  # noqa: E731
     rows = [
-        ("optimizer steps", str(recipe["steps"]), str(lorakit["steps"]), ""),
-        ("examples fed", fmt_int(recipe["examples"]), fmt_int(lorakit["examples"]), ""),
-        ("trained (loss) tokens", fmt_int(recipe["trained_tokens"]), fmt_int(lorakit["trained_tokens"]),
-         ratio("trained_tokens")),
-        ("real (non-pad) tokens", fmt_int(recipe["real_tokens"]), fmt_int(lorakit["real_tokens"]),
-         ratio("real_tokens")),
-        ("fed positions (incl. padding)", fmt_int(recipe["fed_tokens"]), fmt_int(lorakit["fed_tokens"]),
-         ratio("fed_tokens")),
-        ("training loop seconds", f"{recipe['train_seconds']:.1f}", f"{lorakit['train_seconds']:.1f}",
-         ratio("train_seconds")),
-        ("trained tokens / s", f"{recipe['trained_tokens_per_s']:,.1f}", f"{lorakit['trained_tokens_per_s']:,.1f}",
-         ratio("trained_tokens_per_s")),
-        ("real tokens / s", f"{recipe['real_tokens_per_s']:,.1f}", f"{lorakit['real_tokens_per_s']:,.1f}",
-         ratio("real_tokens_per_s")),
-        ("peak RSS (whole process)", mib(recipe["peak_rss_bytes"]), mib(lorakit["peak_rss_bytes"]),
-         ratio("peak_rss_bytes")),
-        ("peak RSS in training loop", mib(recipe["rss_peak_in_loop_bytes"]), mib(lorakit["rss_peak_in_loop_bytes"]),
-         ratio("rss_peak_in_loop_bytes")),
-        ("RSS at train begin", mib(recipe["rss_at_train_begin_bytes"]), mib(lorakit["rss_at_train_begin_bytes"]),
-         ratio("rss_at_train_begin_bytes")),
-        ("final step train loss", loss(recipe["final_step_loss"]), loss(lorakit["final_step_loss"]), ""),
-        ("mean train loss", loss(recipe["mean_train_loss"]), loss(lorakit["mean_train_loss"]), ""),
+        row("optimizer steps", "steps", str, compared=False),
+        row("examples fed", "examples", fmt_int, compared=False),
+        row("trained (loss) tokens", "trained_tokens", fmt_int),
+        row("real (non-pad) tokens", "real_tokens", fmt_int),
+        row("fed positions (incl. padding)", "fed_tokens", fmt_int),
+        row("training loop seconds", "train_seconds", one),
+        row("trained tokens / s", "trained_tokens_per_s", rate),
+        row("real tokens / s", "real_tokens_per_s", rate),
+        row("peak RSS (whole process)", "peak_rss_bytes", mib),
+        row("peak RSS in training loop", "rss_peak_in_loop_bytes", mib),
+        row("RSS at train begin", "rss_at_train_begin_bytes", mib),
+        row("final step train loss", "final_step_loss", loss, compared=False),
+        row("mean train loss", "mean_train_loss", loss, compared=False),
         (f"held-out loss (base {evals['base']['loss']:.4f})", loss(evals["recipe"]["loss"]),
          loss(evals["lorakit"]["loss"]), ""),
-        ("useful FLOP/s (common.py formula)", gf(recipe["useful_flops_per_s"]), gf(lorakit["useful_flops_per_s"]),
-         ratio("useful_flops_per_s")),
-        ("  share of bf16 matmul rate", f"{recipe['fraction_of_bf16_matmul']:.1%}",
-         f"{lorakit['fraction_of_bf16_matmul']:.1%}", ""),
-        ("  share of fp32 matmul rate", f"{recipe['fraction_of_fp32_matmul']:.1%}",
-         f"{lorakit['fraction_of_fp32_matmul']:.1%}", ""),
+        row("useful FLOP/s (common.py formula)", "useful_flops_per_s", gf),
+        row("  share of bf16 matmul rate", "fraction_of_bf16_matmul", share, compared=False),
+        row("  share of fp32 matmul rate", "fraction_of_fp32_matmul", share, compared=False),
     ]
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':{width}}{'recipe (TRL+PEFT)':>20}{'lorakit':>20}{'lorakit/recipe':>16}"]
