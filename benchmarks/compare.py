@@ -73,7 +73,8 @@ def lorakit_config(model: str, train_file: str, out: Path, steps: int):
 def run_lorakit(model: str, train_file: str, out: Path, steps: int, result_path: str | None) -> dict:
     """Train with lorakit in this process, counting its batches with the same Meter as the recipe."""
     from common import Meter, MeteredMixin, emit
-    from lorakit.model.load import resolve_dtype
+    from lorakit.resolve import resolve
+    from lorakit.train import run as lk_run
     from lorakit.train import trainer as lk
 
     meter = Meter()
@@ -84,11 +85,12 @@ def run_lorakit(model: str, train_file: str, out: Path, steps: int, result_path:
             self.meter = meter
             self.add_callback(meter)
 
-    # train() builds its trainer from this module attribute at call time; substituting the subclass
+    # fit() builds its trainer from this module attribute at call time; substituting the subclass
     # is the one way in from outside, and it changes nothing but the counting.
     lk.LorakitTrainer = MeteredLorakitTrainer
     cfg = lorakit_config(model, train_file, out, steps)
-    run_dir = lk.train(cfg, progress=False)
+    run_dir = lk_run.train(cfg, progress=False)
+    resolved = resolve(cfg)
     meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     mean_loss = next((r["train_loss"] for r in reversed(records) if "train_loss" in r), None)
@@ -100,8 +102,8 @@ def run_lorakit(model: str, train_file: str, out: Path, steps: int, result_path:
         "mean_train_loss": mean_loss,
         "adapter": str(run_dir / "adapter"),
         "settings": {
-            "precision": f"{resolve_dtype(cfg.model)} weights".replace("torch.", "")
-            + {"bf16": " + bf16 autocast", "fp16": " + fp16 autocast", "no": ""}[lk.resolve_mixed_precision(cfg)],
+            "precision": f"{resolved.dtype} weights"
+            + {"bf16": " + bf16 autocast", "fp16": " + fp16 autocast", "no": ""}[resolved.mixed_precision],
             "packing (config)": getattr(cfg.data, "packing", None),
             "batches": "packed, padding-free" if packed else "padded",
             "loss": "labelled positions",

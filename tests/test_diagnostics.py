@@ -10,6 +10,7 @@ from transformers import TrainerControl, TrainerState
 from conftest import ALPACA_ROWS, write_jsonl
 from lorakit import config
 from lorakit.errors import LorakitError
+from lorakit.resolve import resolve
 from lorakit.train.diagnostics import Diagnostics, Health, oom_error, preflight
 
 
@@ -25,7 +26,7 @@ def tiny(tmp_path, model_dir, *extra, rows=ALPACA_ROWS):
 
 
 def run(cfg):
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     said: list[str] = []
     return train(cfg, log=said.append, progress=False), said
@@ -137,14 +138,15 @@ def test_oom_message_is_computed_from_the_config(tmp_path, tiny_model_dir, monke
 
 def test_oom_message_with_packing_halves_the_tokens_per_pass():
     cfg = config.load(None, ["--data.train=x.jsonl", "--train.tokens_per_pass=1024"])
-    hint = oom_error(cfg, p99_tokens=40).hint
+    hint = oom_error(resolve(cfg), p99_tokens=40).hint
     assert "--train.tokens_per_pass 512" in hint and "batch_size" not in hint
 
 
 def test_oom_error_without_room_to_halve():
     cfg = config.load(None, ["--data.train=x.jsonl", "--train.batch_size=1", "--model.gradient_checkpointing=on",
                              "--lora.r=8", "--data.packing=false"])
-    hint = oom_error(cfg, p99_tokens=40).hint
+    hint = oom_error(resolve(cfg), p99_tokens=40).hint
     assert "batch_size" not in hint and "gradient_checkpointing" not in hint and "4bit" in hint
-    long_data = oom_error(config.load(None, ["--data.train=x.jsonl", "--data.max_length=2048"]), p99_tokens=1800).hint
+    long_data = oom_error(resolve(config.load(None, ["--data.train=x.jsonl", "--data.max_length=2048"])),
+                          p99_tokens=1800).hint
     assert "--data.max_length 1024" in long_data

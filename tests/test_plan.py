@@ -158,59 +158,6 @@ def test_truncation_shortens_examples_and_their_labels():
     assert list(b.truncated(50, drop=True).lengths) == [10]
 
 
-# --------------------------------------------------------------------------- guide table and auto
-
-
-@pytest.mark.parametrize("rows,name", [(1, "small"), (999, "small"), (1000, "medium"), (10_000, "medium"),
-                                       (10_001, "large"), (250_000, "large")])
-def test_guide_row_by_dataset_size(rows, name):
-    assert plan.guide_row(rows).name == name
-
-
-def test_guide_values_are_the_tables():
-    small, medium, large = (plan.guide_row(n) for n in (500, 5000, 50_000))
-    assert (small.r, small.alpha, small.dropout, small.lr, small.epochs, small.batch_size) == (8, 16, 0.1, 1e-4, 5, 4)
-    assert (medium.r, medium.alpha, medium.dropout, medium.lr, medium.epochs, medium.batch_size) == \
-        (16, 32, 0.05, 2e-4, 3, 8)
-    assert (large.r, large.alpha, large.dropout, large.lr, large.epochs, large.batch_size) == \
-        (32, 64, 0.05, 3e-4, 1, 16)
-
-
-def _auto_cfg(*extra):
-    return config.load(None, ["--data.train=x.jsonl", "--lora.r=auto", "--lora.alpha=auto", "--lora.dropout=auto",
-                              "--train.lr=auto", "--train.epochs=auto", "--train.batch_size=auto", *extra])
-
-
-def test_config_accepts_auto_and_still_checks_numbers():
-    cfg = _auto_cfg()
-    assert cfg.lora.r == "auto" and cfg.train.lr == "auto"
-    assert config.load(None, ["--data.train=x.jsonl"]).lora.r == 16, "defaults stay numbers"
-    with pytest.raises(ConfigError) as e:
-        config.load(None, ["--data.train=x.jsonl", "--lora.r=many"])
-    assert "'auto'" in str(e.value) and "integer" in str(e.value)
-    with pytest.raises(ConfigError):
-        config.load(None, ["--data.train=x.jsonl", "--train.lr=-1"])
-
-
-@pytest.mark.parametrize("rows,expect", [(320, (8, 16, 0.1, 1e-4, 5, 4)), (4000, (16, 32, 0.05, 2e-4, 3, 8)),
-                                         (20_000, (32, 64, 0.05, 3e-4, 1, 16))])
-def test_resolve_auto_uses_the_row_for_the_size(rows, expect):
-    cfg = _auto_cfg()
-    notes = plan.resolve_auto(cfg, rows)
-    got = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.train.lr, cfg.train.epochs, cfg.train.batch_size)
-    assert got == expect
-    assert len(notes) == 6 and all("auto →" in n for n in notes)
-
-
-def test_resolve_auto_leaves_explicit_values_and_scales_alpha_with_r():
-    cfg = _auto_cfg("--lora.r=64", "--train.lr=5e-4")
-    notes = plan.resolve_auto(cfg, 320)
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.train.lr) == (64, 128, 5e-4)
-    assert len(notes) == 4 and any("2 × lora.r" in n for n in notes)
-    cfg = config.load(None, ["--data.train=x.jsonl"])
-    assert plan.resolve_auto(cfg, 320) == [] and cfg.lora.r == 16
-
-
 # --------------------------------------------------------------------------- fitting
 
 
@@ -345,17 +292,14 @@ def planned_peak(args: list[str], cwd: Path) -> dict:
 
 
 def test_peak_pass_is_the_fullest_first_fit_pass():
-    from lorakit.data.collate import PackedCollator
-    from lorakit.train.speed import segment_bounds
-    from lorakit.train.trainer import pass_cuts
+    from lorakit.data.collate import PackedCollator, split_passes
 
     lengths = np.array([300, 20, 250, 40, 60, 500, 90, 100])
     b = plan.Batches(lengths, lengths // 2, np.array([], int), True)
     mb = plan.peak_pass(b, rows_per_step=8, budget=512, n_steps=1, seed=0, sims=1)
     feats = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
-    bounds = segment_bounds(PackedCollator(tokens_per_pass=512)(feats)["position_ids"])
-    cuts = [*pass_cuts(bounds, 512), bounds[-1]]
-    assert mb.tokens == max(b - a for a, b in zip(cuts[:-1], cuts[1:]))
+    passes = split_passes(PackedCollator(tokens_per_pass=512)(feats))  # what the trainer runs
+    assert mb.tokens == max(p["input_ids"].shape[1] for p in passes)
     assert mb.tokens <= 512 and mb.rows == 1
     long = plan.Batches(np.array([900, 10]), np.array([400, 5]), np.array([], int), True)
     assert plan.peak_pass(long, 2, 512, 1, 0, 1).tokens == 900  # an example longer than a pass is its own pass

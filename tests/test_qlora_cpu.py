@@ -84,7 +84,7 @@ def test_qlora_training_run_on_cpu(qdir, tmp_path):
 
     from conftest import ALPACA_ROWS, write_jsonl
     from lorakit import config
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
     cfg = config.load(None, [f"--model.name={qdir}", "--model.quantization=4bit", f"--data.train={data}",

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_few_steps_loss_falls(tmp_path):
     from lorakit.infer import Sampling, generate, load_session, messages_from_instruction
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     cfg = config.load(DEMO_CONFIG, [
         f"--output.dir={tmp_path}", "--data.limit=64", "--train.max_steps=8", "--train.lr=1e-3",

@@ -81,7 +81,7 @@ def test_crash_while_saving_leaves_no_checkpoint_resume_would_use(setup, tiny_mo
     from transformers import Trainer
 
     from lorakit.train.checkpoint import checkpoints
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     tmp, data, reference = setup
     cfg = config.load(write_config(tmp, tiny_model_dir, data, "crashed"))
@@ -107,7 +107,7 @@ def test_crash_while_saving_leaves_no_checkpoint_resume_would_use(setup, tiny_mo
 
 
 def test_resume_refuses_a_changed_config(setup, tiny_model_dir):
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     tmp, data, _ = setup
     cfg = config.load(write_config(tmp, tiny_model_dir, data, "reference"), ["--lora.r", "8"])
@@ -116,7 +116,7 @@ def test_resume_refuses_a_changed_config(setup, tiny_model_dir):
 
 
 def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_model_dir):
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
     cfg = config.load(write_config(tmp_path, tiny_model_dir, data, "never"))

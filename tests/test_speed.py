@@ -13,7 +13,7 @@ from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
 from lorakit.train import speed
 from lorakit.train.loss import labelled_loss, split_head
-from lorakit.train.trainer import _slice_row, pass_cuts
+from lorakit.data.collate import PASSES, SEGMENTS, pack_bins, segment_bounds, split_passes
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
@@ -212,11 +212,11 @@ def test_segment_attention_keeps_examples_apart(tiny_model_dir):
     feats = _examples(m.config.vocab_size)
     body, _ = split_head(m)
     packed = PackedCollator(longest_first=False)(feats)
-    bounds = speed.segment_bounds(packed["position_ids"])
+    bounds = segment_bounds(packed["position_ids"])
     assert bounds == [0, 9, 26, 30, 53]
     with torch.no_grad():
         h = body(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                 **{speed.SEGMENTS: bounds}).last_hidden_state[0]
+                 **{SEGMENTS: bounds}).last_hidden_state[0]
         for (a, b), f in zip(zip(bounds[:-1], bounds[1:]), feats):
             alone = body(input_ids=torch.tensor([f["input_ids"]])).last_hidden_state[0]
             assert torch.allclose(h[a:b], alone, atol=1e-5)
@@ -225,24 +225,29 @@ def test_segment_attention_keeps_examples_apart(tiny_model_dir):
 # --------------------------------------------------------------------------- passes by token budget
 
 
-def test_pass_cuts_group_examples_within_the_budget():
-    assert pass_cuts([0, 50, 90, 120, 130], 64) == [0, 50, 90]  # 50 | 40+30 > 64 → 40 | 30+10
-    assert pass_cuts([0, 50, 90, 120, 130], 1000) == [0]
-    assert pass_cuts([0, 300, 310], 64) == [0, 300]  # a long example gets a pass of its own
-    assert pass_cuts([0, 10], 4) == [0]
+def test_pack_bins_group_examples_within_the_budget():
+    # longest first: 50 opens a bin (14 left), 40 and 30 do not fit it, 10 does
+    assert pack_bins([50, 40, 30, 10], 64) == [[0, 3], [1], [2]]
+    assert pack_bins([50, 40, 30, 10], 1000) == [[0, 1, 2, 3]]
+    assert pack_bins([300, 10], 64) == [[0], [1]]  # a long example gets a pass of its own
+    assert pack_bins([10], 4) == [[0]]
+    assert pack_bins([20, 30, 20], 40) == [[1], [0, 2]]  # ties keep their order
 
 
-def test_slice_row_cuts_every_per_position_tensor():
-    feats = _examples(100)
-    packed = PackedCollator()(feats)
-    parts = _slice_row(packed, [0, 23])
-    assert [p["input_ids"].shape[1] for p in parts] == [23, 30]
-    assert all(p["position_ids"][0, 0] == 0 for p in parts)
+def test_split_passes_cuts_every_per_position_tensor():
+    feats = _examples(100)  # 9, 17, 4, 23 tokens; longest first within 40: [23, 17] and [9, 4]
+    packed = PackedCollator(tokens_per_pass=40)(feats)
+    assert packed[PASSES] == [0, 40]
+    parts = split_passes(packed)
+    assert [p["input_ids"].shape[1] for p in parts] == [40, 13]
+    assert all(p["position_ids"][0, 0] == 0 for p in parts) and all(PASSES not in p for p in parts)
     assert torch.equal(torch.cat([p["labels"] for p in parts], 1), packed["labels"])
+    whole = PackedCollator()(feats)
+    assert PASSES not in whole and len(split_passes(whole)) == 1
 
 
 def _train(tmp_path, model_dir, name, *extra):
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     cfg = config.load(None, [
@@ -290,7 +295,7 @@ def test_fast_path_trains_like_the_stock_path(tmp_path, tiny_model_dir):
         assert float((fast[k] - stock[k]).norm()) < 0.1 * moved, k
 
 
-def test_first_fit_bins_are_what_the_greedy_cut_finds():
+def test_the_passes_are_first_fit_decreasing_bins():
     g = torch.Generator().manual_seed(3)
     for _ in range(50):
         lengths = torch.randint(1, 120, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
@@ -300,9 +305,8 @@ def test_first_fit_bins_are_what_the_greedy_cut_finds():
         for n in sorted(lengths, reverse=True):
             i = next((i for i, f in enumerate(fills) if f + n <= 128), None)
             fills.append(n) if i is None else fills.__setitem__(i, fills[i] + n)
-        bounds = speed.segment_bounds(PackedCollator(tokens_per_pass=128)(feats)["position_ids"])
-        cuts = [*pass_cuts(bounds, 128), bounds[-1]]
-        assert [b - a for a, b in zip(cuts[:-1], cuts[1:])] == fills
+        passes = split_passes(PackedCollator(tokens_per_pass=128)(feats))
+        assert [p["input_ids"].shape[1] for p in passes] == fills
 
 
 def test_a_half_head_weight_gives_the_autocast_loss(tiny_model_dir):

@@ -24,7 +24,7 @@ def tiny_config(tmp_path, model_dir, data_file, *extra):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     tmp = tmp_path_factory.mktemp("train")
     data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
@@ -129,7 +129,7 @@ def test_generate_uses_stored_template_and_streams(trained_run):
 
 
 def test_existing_run_folder_is_not_overwritten(trained_run, tiny_model_dir, tmp_path):
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     run_dir, cfg = trained_run
     before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -144,6 +144,7 @@ def test_fast_loss_trains_like_the_stock_loss(tmp_path, tiny_model_dir, monkeypa
 
     from conftest import ALPACA_ROWS, write_jsonl
     import lorakit.train.trainer as trainer_mod
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     used = []
@@ -155,11 +156,11 @@ def test_fast_loss_trains_like_the_stock_loss(tmp_path, tiny_model_dir, monkeypa
         return out
 
     monkeypatch.setattr(trainer_mod, "split_head", spy)
-    fast = trainer_mod.train(tiny_config(tmp_path / "a", tiny_model_dir, data, "--train.eval_steps=0"),
-                             log=lambda s: None, progress=False)
+    fast = train(tiny_config(tmp_path / "a", tiny_model_dir, data, "--train.eval_steps=0"),
+                 log=lambda s: None, progress=False)
     monkeypatch.setattr(trainer_mod, "split_head", lambda model: None)
-    slow = trainer_mod.train(tiny_config(tmp_path / "b", tiny_model_dir, data, "--train.eval_steps=0"),
-                             log=lambda s: None, progress=False)
+    slow = train(tiny_config(tmp_path / "b", tiny_model_dir, data, "--train.eval_steps=0"),
+                 log=lambda s: None, progress=False)
     assert used == [True]
     a = load_file(fast / "adapter" / "adapter_model.safetensors")
     b = load_file(slow / "adapter" / "adapter_model.safetensors")
@@ -188,7 +189,7 @@ def test_bf16_autocast_on_cpu_keeps_fp32_adapter(tmp_path, tiny_model_dir, monke
 
     import lorakit.train.trainer as trainer_mod
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     seen = []
     real = trainer_mod.labelled_loss
@@ -210,7 +211,7 @@ def test_bf16_autocast_on_cpu_keeps_fp32_adapter(tmp_path, tiny_model_dir, monke
 
 def test_fp16_autocast_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir):
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     if torch.cuda.is_available():
         pytest.skip("fp16 autocast is valid on a GPU")
@@ -222,7 +223,7 @@ def test_fp16_autocast_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir):
 
 def test_folder_of_a_failed_run_is_reused(tmp_path, tiny_model_dir):
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     cfg = tiny_config(tmp_path, tiny_model_dir, data, "--train.max_steps=1", "--train.eval_steps=0",
@@ -240,7 +241,7 @@ def test_packed_run_matches_padded_run(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     runs = {}
@@ -261,7 +262,7 @@ def test_failed_overwrite_keeps_the_previous_run(trained_run, tmp_path, monkeypa
     """--output.overwrite with a run that dies before its first checkpoint: the old run is back, byte for byte."""
     from transformers import Trainer
 
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     run_dir, cfg = trained_run
     before = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -282,7 +283,7 @@ def test_failed_overwrite_keeps_the_previous_run(trained_run, tmp_path, monkeypa
 
 def test_bad_data_never_touches_an_existing_run(trained_run, tmp_path):
     from lorakit.errors import DataError
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     run_dir, cfg = trained_run
     listing = sorted(p.name for p in run_dir.rglob("*"))
@@ -300,7 +301,7 @@ def test_auto_hyperparameters_resolve_from_the_guides_table(tmp_path, tiny_model
     import yaml
 
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
     cfg = tiny_config(tmp_path, tiny_model_dir, data, "--lora.r=auto", "--lora.alpha=auto", "--lora.dropout=auto",

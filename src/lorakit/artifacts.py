@@ -113,3 +113,57 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------- claiming a run folder
+
+
+def has_work(run_dir: Path) -> bool:
+    """A trained adapter or a checkpoint: something a new run must not silently destroy."""
+    return (run_dir / ADAPTER_DIR).exists() or any((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def check_free(run_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a finished or resumable run unless told to."""
+    if run_dir.exists() and has_work(run_dir) and not overwrite:
+        raise LorakitError(
+            f"run folder {run_dir} already exists and holds a trained adapter or checkpoints",
+            hint="continue it with `lorakit train CONFIG --resume`, choose another name (--output.name NEW), "
+            "or replace it with --output.overwrite true",
+        )
+
+
+def claim(run_dir: Path) -> Path | None:
+    """Create the run folder once everything before training has succeeded; returns the backup.
+
+    A folder left by a run that failed before its first checkpoint holds nothing worth
+    keeping and is cleared. A finished run being overwritten is moved aside, not deleted,
+    and only removed once the new adapter is published (`release`), so a failed or killed
+    replacement never costs the old run (`restore`).
+    """
+    backup = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if has_work(run_dir):
+            backup = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+            os.replace(run_dir, backup)
+        else:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return backup
+
+
+def restore(run_dir: Path, backup: Path | None, log) -> None:
+    """The replacement failed: put the previous run back, unless the new one left checkpoints to resume."""
+    if backup is None or not backup.exists():
+        return
+    if has_work(run_dir):
+        log(f"the previous run in {run_dir} was kept at {backup}")
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(backup, run_dir)
+
+
+def release(backup: Path | None) -> None:
+    """The replacement succeeded: the previous run can go."""
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

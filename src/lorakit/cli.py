@@ -49,7 +49,7 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     run_dir = train(_load_config(args), resume=args.resume)
     print(f"done: {run_dir}\nnext: lorakit generate {run_dir} --instruction \"...\"")

@@ -26,7 +26,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GUIDE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 AUTO = "auto"
-"""Value of lora.r / alpha / dropout and train.lr / epochs / batch_size that `lorakit.plan.resolve_auto`
+"""Value of lora.r / alpha / dropout and train.lr / epochs / batch_size that `lorakit.resolve.resolve`
 replaces with the guide's hyper-parameter table row for the dataset size, before training."""
 _BY_SIZE = " 'auto': the guide's table by dataset size (<1k / 1k-10k / >10k rows; see `lorakit plan`)."
 
@@ -349,7 +349,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def _set(value: Any) -> bool:
-    """False for 'auto', which is range-checked once `lorakit.plan.resolve_auto` has chosen a number."""
+    """False for 'auto', which is range-checked once `lorakit.resolve.resolve` has chosen a number."""
     return value != AUTO
 
 

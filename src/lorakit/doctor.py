@@ -60,7 +60,7 @@ def check_libraries() -> list[Check]:
 def check_accelerator() -> list[Check]:
     import torch
 
-    from lorakit.train.trainer import cpu_has_native_bf16
+    from lorakit.resolve import cpu_has_native_bf16
 
     out = []
     if torch.cuda.is_available():

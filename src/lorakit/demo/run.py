@@ -30,7 +30,7 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
     from lorakit.evaluate import answer, perplexity, split_reference
     from lorakit.infer import load_session
     from lorakit.metrics import aggregate, exact_match
-    from lorakit.train.trainer import train
+    from lorakit.train.run import train
 
     t0 = time.perf_counter()
     cfg = config_mod.load(DEMO_CONFIG, [f"--output.dir={output_dir}", *(overrides or [])])

@@ -25,6 +25,7 @@ import transformers
 from lorakit.config import DEFAULT_MODEL, ModelConfig
 from lorakit.errors import MissingExtraError, ModelError
 from lorakit.model import embedded
+from lorakit.resolve import Machine, checkpoints_every_pass, weight_dtype
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -62,33 +63,19 @@ def _from_pretrained(auto_cls, mcfg: ModelConfig, src: "_Source", **kwargs):
 # --------------------------------------------------------------------------- public API
 
 
-def resolve_dtype(mcfg: ModelConfig) -> torch.dtype:
-    """The weight / compute dtype for this config on this machine.
+def resolve_dtype(mcfg: ModelConfig, machine: Machine | None = None) -> torch.dtype:
+    """The torch dtype `lorakit.resolve.weight_dtype` picks for this config on `machine` (default: this one)."""
+    return _DTYPES[weight_dtype(mcfg, machine or Machine.detect())]
 
-    'auto': bf16 on GPUs that support it natively, fp16 on older GPUs, fp32 on CPU, where
-    fp32 is the safe choice (CPU bf16 speed varies by kernel; measure before switching).
-    With 4/8-bit quantization the result is the compute dtype of the quantized layers, so
-    'auto' means bf16 on CPU too (bitsandbytes computes in bf16/fp16, never fp32 there).
-    """
-    cuda = torch.cuda.is_available()
-    bf16_ok = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-    if mcfg.dtype == "auto":
-        if cuda:
-            return torch.bfloat16 if bf16_ok else torch.float16
-        return torch.bfloat16 if mcfg.quantization != "none" else torch.float32
-    if mcfg.dtype == "fp16" and not cuda:
-        raise ModelError(
-            "fp16 is not supported on CPU (slow kernels, and training it needs a CUDA grad scaler)",
-            hint="set model.dtype to 'auto', 'fp32' or 'bf16'",
-            where="config model.dtype",
-        )
-    if mcfg.dtype == "bf16" and cuda and not bf16_ok:
-        raise ModelError(
-            f"this GPU ({torch.cuda.get_device_name()}) has no native bf16 support",
-            hint="set model.dtype to 'fp16' or 'auto'",
-            where="config model.dtype",
-        )
-    return _DTYPES[mcfg.dtype]
+
+def load_config(mcfg: ModelConfig):
+    """The base model's transformers config (no weights read), with lorakit's errors for a
+    missing folder or an unreachable hub id."""
+    src = _resolve_source(mcfg)
+    kwargs = {"trust_remote_code": mcfg.trust_remote_code}
+    if src.hub and src.revision:
+        kwargs["revision"] = src.revision
+    return _from_pretrained(transformers.AutoConfig, mcfg, src, **kwargs)
 
 
 def load_tokenizer(mcfg: ModelConfig):
@@ -110,18 +97,19 @@ def load_tokenizer(mcfg: ModelConfig):
     return tok
 
 
-def load_model(mcfg: ModelConfig, *, training: bool = True, tokenizer=None):
+def load_model(mcfg: ModelConfig, *, training: bool = True, tokenizer=None, machine: Machine | None = None):
     """Load the base causal LM; returns `(model, ModelInfo)`.
 
     With `training`: `use_cache` off (the KV cache is useless in a training forward and
-    conflicts with gradient checkpointing), gradient checkpointing per config ('auto' = on only
-    on CUDA, where memory is the usual limit; on CPU it only costs time), and for 4/8-bit bases
+    conflicts with gradient checkpointing), gradient checkpointing on every layer when
+    `lorakit.resolve.checkpoints_every_pass` says so, and for 4/8-bit bases
     PEFT's `prepare_model_for_kbit_training`.  Without it: eval mode.  Device placement is
     left to the caller, except for quantized bases, which bitsandbytes quantizes on the GPU
     of this process (`LOCAL_RANK`).  Passing `tokenizer` sets `generation_config.pad_token_id`
     from it, which silences generate()'s pad warning and pads with the same id as training.
     """
-    dtype = resolve_dtype(mcfg)
+    machine = machine or Machine.detect()
+    dtype = resolve_dtype(mcfg, machine)
     src = _resolve_source(mcfg)
     kwargs: dict = {
         "dtype": dtype,
@@ -136,12 +124,12 @@ def load_model(mcfg: ModelConfig, *, training: bool = True, tokenizer=None):
         _check_local_weights(Path(src.path), mcfg.allow_pickle)
     if mcfg.quantization != "none":
         kwargs["quantization_config"] = _bnb_config(mcfg.quantization, dtype)
-        if torch.cuda.is_available():
+        if machine.device == "cuda":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = _from_pretrained(transformers.AutoModelForCausalLM, mcfg, src, **kwargs)
     _set_pad_id(model, tokenizer)
     if training:
-        _prepare_for_training(model, mcfg)
+        _prepare_for_training(model, mcfg, checkpoints_every_pass(mcfg, machine))
     else:
         model.eval()
     info = ModelInfo(
@@ -351,11 +339,8 @@ NON_REENTRANT = {"use_reentrant": False}
 grad, which with a frozen base means no LoRA gradients."""
 
 
-def _prepare_for_training(model, mcfg: ModelConfig) -> None:
+def _prepare_for_training(model, mcfg: ModelConfig, checkpointing: bool) -> None:
     model.config.use_cache = False
-    checkpointing = mcfg.gradient_checkpointing == "on" or (
-        mcfg.gradient_checkpointing == "auto" and torch.cuda.is_available()
-    )
     if mcfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
 

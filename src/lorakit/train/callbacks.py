@@ -27,11 +27,19 @@ class TokenCounter:
     real: int = 0
     padded: int = 0
     started: float = field(default_factory=time.perf_counter)
+    largest_pass: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(positions, labelled, rows, seq) of the longest forward/backward pass so far: what sets the
+    memory peak (`lorakit plan` compares its estimate for it with the measured peak)."""
 
     def add(self, trained: int, real: int, padded: int) -> None:
         self.trained += trained
         self.real += real
         self.padded += padded
+
+    def saw_pass(self, labels) -> None:
+        rows, seq = labels.shape
+        if rows * seq > self.largest_pass[0]:
+            self.largest_pass = (rows * seq, int((labels[:, 1:] != -100).sum()), rows, seq)
 
     def rates(self) -> tuple[float, float]:
         dt = max(time.perf_counter() - self.started, 1e-9)

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from lorakit.config import Config
 from lorakit.errors import LorakitError
+from lorakit.resolve import Resolved
 
 LR_HIGH = 1e-3
 GRAD_HIGH = 10.0
@@ -138,14 +139,13 @@ def nonfinite_error(health: Health, checkpoints: list) -> LorakitError:
     )
 
 
-def oom_error(cfg: Config, p99_tokens: int | None) -> LorakitError:
-    """What to change, computed from the config, after an out-of-memory error."""
+def oom_error(resolved: Resolved, p99_tokens: int | None) -> LorakitError:
+    """What to change, computed from the resolved config, after an out-of-memory error."""
+    cfg = resolved.cfg
     t, d, m = cfg.train, cfg.data, cfg.model
     changes = []
+    budget = resolved.tokens_per_pass
     if d.packing:
-        from lorakit.train.trainer import resolve_tokens_per_pass
-
-        budget = resolve_tokens_per_pass(cfg)
         if budget and budget >= 128:
             changes.append(f"--train.tokens_per_pass {budget // 2} (same steps, half the activations per pass)")
     elif t.batch_size > 1:

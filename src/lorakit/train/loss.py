@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.speed import segment_kwargs
+from lorakit.data.collate import segment_kwargs
 
 # Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping or
 # scaling in between (Gemma 2/3 soft-cap, Cohere scales), which this shortcut would skip.

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SEGMENTS = "lorakit_segments"
-"""Keyword that carries a packed row's example boundaries from `labelled_loss` to the attention."""
+from lorakit.data.collate import SEGMENTS
 
-ATTENTION = "lorakit_segments"
-"""Name of the attention implementation registered with transformers."""
+ATTENTION = SEGMENTS
+"""Name of the attention implementation registered with transformers; the packing code
+(`lorakit.data.collate.segment_kwargs`) passes example bounds under the same name."""
 
 # --------------------------------------------------------------------------- dropout
 
@@ -291,24 +291,6 @@ def use_segment_attention(model: nn.Module) -> bool:
         if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
             c._attn_implementation = ATTENTION
     return True
-
-
-def segment_bounds(position_ids: torch.Tensor) -> list[int]:
-    """Example boundaries [0, s1, …, T] of one packed row, from where its positions restart at 0."""
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    return [*starts, position_ids.shape[1]]
-
-
-def segment_kwargs(body: nn.Module, inputs: dict) -> dict:
-    """Extra keyword for `body(...)`: a packed row's example bounds when `body` attends per example."""
-    positions = inputs.get("position_ids")
-    if positions is None or inputs.get("attention_mask") is not None:
-        return {}
-    if getattr(getattr(body, "config", None), "_attn_implementation", None) != ATTENTION:
-        return {}
-    return {SEGMENTS: segment_bounds(positions)}
 
 
 def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict[str, int | bool]:

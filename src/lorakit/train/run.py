@@ -1,0 +1,295 @@
+"""`lorakit train`: from a config to a run folder with a published adapter.
+
+The order is the contract: everything that can fail on bad input (config decisions, data, model,
+LoRA targets, the run folder's state) runs before the run folder is touched; then the folder is
+claimed, the Trainer runs, and the adapter is published in one rename. `fit` is the loop proper
+and is shared with `lorakit plan`'s calibration, so the plan times the code that trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
+
+from lorakit import artifacts
+from lorakit import config as config_mod
+from lorakit.artifacts import ADAPTER_DIR, atomic_dir, library_versions, write_meta
+from lorakit.config import Config
+from lorakit.data.collate import Collator, PackedCollator
+from lorakit.data.dataset import Prepared, prepare
+from lorakit.model.load import load_model, load_tokenizer
+from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
+from lorakit.resolve import Machine, Resolved, resolve
+from lorakit.train import trainer as trainer_mod
+from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
+from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
+from lorakit.train.diagnostics import Diagnostics, Health, nonfinite_error, oom_error, preflight
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
+          machine: Machine | None = None) -> Path:
+    """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage.
+
+    With `resume`, continue the run in `cfg.run_dir` from its newest complete checkpoint:
+    adapter, optimizer, scheduler, RNG states and data position are restored by the Trainer,
+    so the result equals an uninterrupted run's.
+    """
+    machine = machine or Machine.detect()
+    resolve(cfg, machine)  # a config this machine cannot run fails before any data is read
+    if not resume:
+        artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
+    set_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare(cfg, tokenizer)
+    log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
+        f"template '{prepared.template.name}'")
+    resolved = resolve(cfg, machine, len(prepared.train))
+    for note in resolved.notes:  # written into the run's config.yaml
+        log(note)
+    cfg = resolved.cfg
+    checkpoint = check_resumable(cfg, cfg.run_dir) if resume else None
+
+    model, info = build_model(resolved, tokenizer, prepared, log)
+    backup = None
+    if resume:
+        trim_metrics(cfg.run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        log(f"resuming from {checkpoint}")
+    else:
+        backup = artifacts.claim(cfg.run_dir)
+    try:
+        fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
+            progress=progress)
+    except BaseException:
+        artifacts.restore(cfg.run_dir, backup, log)
+        raise
+    artifacts.release(backup)
+    return cfg.run_dir
+
+
+def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable[[str], None]):
+    """The base with LoRA attached, checked before training (`preflight`); returns (model, ModelInfo)."""
+    cfg = resolved.cfg
+    model, info = load_model(cfg.model, training=True, tokenizer=tokenizer, machine=resolved.machine)
+    model = apply_lora(model, cfg.lora)
+    trainable, _ = count_parameters(model)
+    log(describe_parameters(model))
+    preflight(cfg, prepared, tokenizer, trainable, log)
+    return model, info
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """What `fit` hands the Trainer, derived from the resolved config alone (tests compare it with
+    `lorakit plan`'s setup for the same config and machine)."""
+
+    args: dict[str, Any]  # TrainingArguments keywords
+    tokens_per_pass: int | None
+    checkpoint_oversize: bool  # checkpointing only for passes longer than tokens_per_pass
+    fast_half: torch.dtype | None  # the fast path's 16-bit dtype for frozen LoRA bases
+
+
+def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bool) -> TrainSetup:
+    """Map lorakit's schema onto TrainingArguments (names changed in transformers 5.x).
+
+    With packing the Trainer gets a whole optimizer step's examples as one batch
+    (batch_size × grad_accum rows, the same rows it would have accumulated) and
+    `LorakitTrainer` runs it as the passes the collator grouped, by tokens instead of by rows.
+    """
+    cfg = resolved.cfg
+    t = cfg.train
+    mp = resolved.mixed_precision
+    total = total_steps(cfg, n_train)
+    eval_every = t.eval_steps if t.eval_steps > 0 else total
+    rows, accum = (t.batch_size * t.grad_accum, 1) if cfg.data.packing else (t.batch_size, t.grad_accum)
+    args = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=rows,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler),
+        warmup_steps=_warmup_steps(cfg, total),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every if has_eval else None,
+        eval_on_start=has_eval,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        bf16=mp == "bf16",
+        fp16=mp == "fp16",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=t.num_workers,
+        use_cpu=resolved.machine.device == "cpu",
+        # Our collator already sets the right padding; the model needs no cache while training.
+        use_cache=False,
+    )
+    return TrainSetup(args, resolved.tokens_per_pass, resolved.checkpointing == "oversize",
+                      _DTYPES.get(resolved.fast_half) if resolved.fast_half else None)
+
+
+def _warmup_steps(cfg: Config, total: int) -> int:
+    w = cfg.train.warmup
+    return int(math.ceil(w * total)) if w < 1 else int(w)
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or the epochs' worth."""
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = max(1, math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared, info, *,
+        checkpoint: Path | None = None, log: Callable[[str], None] = print, progress: bool = True,
+        counter: TokenCounter | None = None, callbacks: list[TrainerCallback] = ()) -> dict[str, Any]:
+    """The training loop proper, into a claimed run folder; ends with the published adapter.
+    Returns the run's final metrics."""
+    from transformers import TrainingArguments
+
+    cfg = resolved.cfg
+    config_mod.save(cfg, run_dir / "config.yaml")
+    counter, health = counter or TokenCounter(), Health()
+    diagnostics = Diagnostics(cfg, health, log)
+    setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
+    (run_dir / "logs").mkdir(exist_ok=True)
+    all_callbacks = [
+        MetricsLogger(run_dir / "metrics.jsonl", counter),
+        Progress(counter, enabled=progress),
+        diagnostics,
+        _tensorboard(run_dir / "logs"),
+        *callbacks,
+    ]
+    for note in apply_fast_path(resolved, model):
+        log(note)
+    # Looked up at call time: benchmarks/compare.py substitutes a counting subclass.
+    trainer = trainer_mod.LorakitTrainer(
+        model=model,
+        args=TrainingArguments(**setup.args),
+        data_collator=PackedCollator(tokens_per_pass=setup.tokens_per_pass) if cfg.data.packing
+        else Collator(tokenizer.pad_token_id),
+        tokens_per_pass=setup.tokens_per_pass,
+        fast_path=cfg.train.fast_path,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation or None,
+        processing_class=tokenizer,
+        callbacks=[c for c in all_callbacks if c is not None],
+        token_counter=counter,
+        health=health,
+    )
+    trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
+    if setup.checkpoint_oversize and trainer.checkpoint_oversize_passes():
+        log(f"gradient checkpointing: only for passes over {trainer.tokens_per_pass:,} tokens (one long example)")
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise oom_error(resolved, prepared.stats.length_percentiles.get("p99")) from e
+    seconds = time.perf_counter() - start
+    if diagnostics.stopped == "nonfinite":
+        raise nonfinite_error(health, checkpoints(run_dir / "checkpoints"))
+    metrics = _final_metrics(trainer, counter, seconds)
+    save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
+    log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+    return metrics
+
+
+def apply_fast_path(resolved: Resolved, model) -> list[str]:
+    """Switch on lorakit's training kernels (train.fast_path); returns what was done, for the log."""
+    if not resolved.cfg.train.fast_path:
+        return []
+    from lorakit.train import speed
+
+    half = _DTYPES.get(resolved.fast_half) if resolved.fast_half else None
+    done = speed.apply(model, half, resolved.cfg.data.packing)
+    notes = []
+    if done["saved"] or done["fused"]:
+        notes.append(f"fast path: frozen weights stored in {resolved.mixed_precision} "
+                     f"({done['saved'] / 2**20:,.0f} MiB saved), {done['fused']} LoRA linears fused")
+    if done["dropouts"]:
+        notes.append(f"fast path: {done['dropouts']} LoRA dropouts draw 16-bit masks")
+    if done["segments"]:
+        notes.append("fast path: attention per packed example")
+    return notes
+
+
+def _final_metrics(trainer, counter: TokenCounter, seconds: float) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    trained_tps, real_tps = counter.rates()
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_start": eval_losses[0] if eval_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "trained_tokens": counter.trained,
+        "trained_tokens_per_s": round(trained_tps, 1),
+        "real_tokens_per_s": round(real_tps, 1),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
+        return None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
+
+
+def save_adapter(model, tokenizer, target: Path, *, cfg: Config, prepared: Prepared, info, metrics: dict) -> None:
+    """Write PEFT files + tokenizer + lorakit.json into `target` atomically."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_meta(tmp, {
+            "format": 1,
+            "base_model": {
+                "name": cfg.model.name,
+                "path": str(info.path),
+                "sha256": info.sha256,
+                "dtype": info.dtype,
+                "quantization": info.quantization,
+                "gguf_file": cfg.model.gguf_file,
+                "revision": cfg.model.revision,
+            },
+            "template": prepared.template.to_dict(),
+            "max_length": cfg.data.max_length,
+            "data": {
+                "train": cfg.data.train,
+                "validation": cfg.data.validation,
+                "fingerprint": prepared.fingerprint,
+                "train_examples": len(prepared.train),
+                "validation_examples": len(prepared.validation),
+            },
+            "lora": cfg.to_dict()["lora"],
+            "train": cfg.to_dict()["train"],
+            "versions": library_versions(),
+            "metrics": metrics,
+        })
