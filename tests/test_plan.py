@@ -316,3 +316,28 @@ def test_an_example_longer_than_a_pass_is_planned_with_checkpointing(tiny):
     assert auto.batch.tokens == never.batch.tokens == 2000
     assert auto.parts["activations"] < 0.75 * never.parts["activations"]  # 2 layers: inputs kept + 1 recomputed
     assert "checkpointed" in auto.notes["activations"]
+
+
+def test_a_wrong_model_name_is_a_model_problem(tmp_path, alpaca_file):
+    """Not 'data not readable': the plan names model.name and says how to fix it."""
+    from lorakit.errors import ModelError
+
+    cfg = config.load(None, [f"--model.name={tmp_path / 'no-such-model'}", f"--data.train={alpaca_file}"])
+    with pytest.raises(ModelError) as e:
+        plan.make_plan(cfg, calibrate_steps=0)
+    assert e.value.where == "config model.name" and "no-such-model" in e.value.message
+
+
+def test_an_unreachable_hub_id_is_a_clear_error_not_a_traceback(tmp_path, alpaca_file):
+    """Offline, a hub id that is not in the cache: exit 2 with the fix, no traceback."""
+    import os
+
+    cfg = tmp_path / "hub.yaml"
+    cfg.write_text(f"model:\n  name: someorg/not-a-cached-model\ndata:\n  train: {alpaca_file}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-m", "lorakit.cli", "plan", str(cfg), "--no-calibrate"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "config model.name" in out.stderr and "someorg/not-a-cached-model" in out.stderr
+    assert "fix:" in out.stderr

@@ -122,3 +122,19 @@ def test_resume_without_checkpoints_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = config.load(write_config(tmp_path, tiny_model_dir, data, "never"))
     with pytest.raises(LorakitError, match="nothing to resume"):
         train(cfg, resume=True, log=lambda s: None, progress=False)
+
+
+def test_resume_of_a_run_with_auto_values(tmp_path, tiny_model_dir):
+    """'auto' hyper-parameters are resolved the same way on resume, so the saved (resolved) config
+    matches: the run continues instead of being refused as changed."""
+    from lorakit.train.run import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    path = write_config(tmp_path, tiny_model_dir, data, "auto")
+    auto = ["--lora.r=auto", "--lora.alpha=auto", "--train.lr=auto", "--train.max_steps=2"]
+    run = train(config.load(path, auto), log=lambda s: None, progress=False)
+    saved = config.load(run / "config.yaml")
+    assert (saved.lora.r, saved.lora.alpha, saved.train.lr) == (8, 16, 1e-4), "the guide's small-data row"
+    said: list[str] = []
+    train(config.load(path, [*auto[:-1], "--train.max_steps=3"]), resume=True, log=said.append, progress=False)
+    assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in said), said

@@ -1,4 +1,8 @@
-"""Pad a batch of encoded examples into tensors.
+"""Batches of encoded examples: padded rows, or packed padding-free rows cut into passes.
+
+This module owns the packing rules: which examples share a pass (`pack_bins`), where a packed
+row's examples start (`segment_bounds`), and how those bounds reach the attention
+(`segment_kwargs`). The trainer, the loss and `lorakit plan` call them; none keeps its own copy.
 
 Labels are padded with -100 by position, never recovered from `input_ids == pad_token_id`:
 when pad and EOS are the same token (SmolLM2) that comparison would erase every EOS from
