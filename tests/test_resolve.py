@@ -166,3 +166,7 @@ def test_diagnostics_and_doctor_read_the_resolver():
         assert f"--train.tokens_per_pass {per_pass // 2} " in oom_error(resolve(cfg, m), 40).hint
     cpu = next(c for c in doctor.check_accelerator() if c.name == "cpu bf16")
     assert cpu.detail.startswith("native") == cpu_has_native_bf16()
+    here = resolve(config.Config(), Machine.detect())
+    auto = doctor.check_auto().detail
+    assert f"model.dtype {here.dtype}," in auto and f"train.mixed_precision {here.mixed_precision}," in auto
+    assert f"tokens_per_pass {here.tokens_per_pass}" in auto and f"checkpointing {here.checkpointing} " in auto

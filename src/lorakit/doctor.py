@@ -68,14 +68,24 @@ def check_accelerator() -> list[Check]:
             props = torch.cuda.get_device_properties(i)
             bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
             out.append(Check(OK, f"gpu {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
-                             f"bf16 {'yes' if bf16 else 'no (fp16 autocast is used)'}"))
+                             f"native bf16 {'yes' if bf16 else 'no'}"))
     else:
         out.append(Check(WARN, "gpu", "none: training runs on the CPU (fine for small models, slow for 1B+)",
                          "on a CUDA machine install the CUDA build of torch matching the pinned version"))
     native = cpu_has_native_bf16()
-    out.append(Check(OK, "cpu bf16", "native (AVX512-BF16/AMX): bf16 autocast is used on CPU" if native
-                     else "emulated: CPU training stays in fp32"))
+    out.append(Check(OK, "cpu bf16", "native (AVX512-BF16/AMX)" if native else "emulated (no AVX512-BF16/AMX)"))
+    out.append(check_auto())
     return out
+
+
+def check_auto() -> Check:
+    """What the config's 'auto' values mean on this machine, as `lorakit train` will decide them."""
+    from lorakit.config import Config
+    from lorakit.resolve import Machine, resolve
+
+    r = resolve(Config(), Machine.detect())
+    return Check(OK, "auto here", f"model.dtype {r.dtype}, train.mixed_precision {r.mixed_precision}, "
+                 f"gradient checkpointing {r.checkpointing} passes, train.tokens_per_pass {r.tokens_per_pass}")
 
 
 def check_bitsandbytes() -> Check:
