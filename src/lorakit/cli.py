@@ -128,6 +128,16 @@ def cmd_doctor(args) -> int:
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 
+def cmd_config(args) -> int:
+    from lorakit import config
+
+    if args.config or args.overrides:
+        print(config.to_yaml(_load_config(args)), end="")
+    else:
+        print(config.to_yaml() if args.yaml else config.describe(), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -178,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="Check versions, GPU/bf16, bitsandbytes, llama.cpp and disk; print fixes.") \
         .set_defaults(func=cmd_doctor)
+
+    c = sub.add_parser("config", help="Show every config key with its type, default and help.",
+                       description="Without arguments: every key with its type, default and help. --yaml: a "
+                       "complete commented default config. With CONFIG (and --section.key overrides): that "
+                       "config's values as commented YAML.")
+    c.add_argument("config", nargs="?", help="YAML config file whose values to show")
+    c.add_argument("--yaml", action="store_true", help="print a commented default config to start from")
+    c.set_defaults(func=cmd_config)
 
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,10 +32,14 @@ replaces with the guide's hyper-parameter table row for the dataset size, before
 _BY_SIZE = " 'auto': the guide's table by dataset size (<1k / 1k-10k / >10k rows; see `lorakit plan`)."
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
+          example: Any = None):
+    """A field with its help text; `example` marks a key without a usable default (the value
+    `lorakit config --yaml` writes in its place; `_check` reports the key when it is unset)."""
+    metadata = {"help": text} if example is None else {"help": text, "example": example}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class DataConfig:
         "Training data: one or more files (.json, .jsonl, .csv, .parquet), `datasets` folders, "
         "or hub dataset ids. A single string is accepted.",
         factory=list,
+        example="train.jsonl",
     )
     validation: list[str] = _help(
         "Validation data in the same forms as `train`. Empty: split `val_fraction` off train.",
@@ -494,3 +500,110 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 
 def save(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- documentation
+# The schema documents itself: `lorakit config` and the README's config block are rendered
+# here from the fields' types, defaults and help, so they cannot drift from the code.
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One config key as `lorakit config` shows it."""
+
+    key: str  # "section.key"
+    type: str  # e.g. "int | 'auto'", "str | null", "list[str]"
+    default: Any  # the schema default (an empty list for a required key)
+    help: str
+    example: Any = None  # set for a required key: a value shown in its place
+
+
+def _type_label(tp: Any) -> str:
+    """A type as a config author reads it: YAML words (null) and quoted literal choices."""
+    origin = get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_label(a) for a in get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"list[{_type_label(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_docs() -> list[FieldDoc]:
+    """Every key of the schema, section by section, in declaration order."""
+    docs = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            docs.append(FieldDoc(
+                key=f"{section.name}.{f.name}",
+                type=_type_label(hints[f.name]),
+                default=getattr(getattr(defaults, section.name), f.name),
+                help=f.metadata["help"],
+                example=f.metadata.get("example"),
+            ))
+    return docs
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as it is written after `key: ` in a config (flow style, YAML quoting)."""
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+    return text.removesuffix("\n...\n").rstrip("\n")
+
+
+def describe(width: int = 88) -> str:
+    """The reference of every key: `section.key  (default: …)`, its type, its help wrapped."""
+    out: list[str] = []
+    section = None
+    for doc in field_docs():
+        if doc.key.split(".")[0] != section:
+            section = doc.key.split(".")[0]
+            out += ["", f"[{section}]"] if out else [f"[{section}]"]
+        out.append("")
+        if doc.example is not None:
+            out.append(f"{doc.key}  (required, no default; e.g. {_yaml_value(doc.example)})")
+        else:
+            out.append(f"{doc.key}  (default: {_yaml_value(doc.default)})")
+        out.append(textwrap.fill(f"type: {doc.type}", width, initial_indent="    ", subsequent_indent="      "))
+        out.append(textwrap.fill(doc.help, width, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(out) + "\n"
+
+
+def to_yaml(cfg: Config | None = None, width: int = 88) -> str:
+    """A complete config as commented YAML: every section and key, its help and type as comments.
+
+    Without `cfg`: the defaults, with the example value in place of a required key, so the text
+    loads (`load`) to the default config plus that one value.  With `cfg`: its values.
+    """
+    if cfg is None:
+        lines = ["# Every lorakit config key at its default (`lorakit config --yaml`). A key left out",
+                 "# of a config keeps its default here; data.train has none and must be set."]
+    else:
+        lines = ["# The config's values after its file and overrides are applied ('auto' is decided",
+                 "# when training or planning starts)."]
+    section = None
+    for doc in field_docs():
+        name, key = doc.key.split(".")
+        if name != section:
+            section = name
+            lines += ["", f"{name}:"]
+        else:
+            lines.append("")
+        comment = textwrap.wrap(doc.help, width - 4) + [f"type: {doc.type}"]
+        lines += [f"  # {c}" for c in comment]
+        if cfg is not None:
+            value = getattr(getattr(cfg, name), key)
+        else:
+            value = doc.default if doc.example is None else doc.example
+        text = _yaml_value(value)
+        if "\n" in text:  # a multi-line string (a custom Jinja template): let YAML lay it out
+            text = yaml.safe_dump({key: value}, allow_unicode=True, width=10**9).rstrip("\n")
+            lines += [f"  {line}" for line in text.split("\n")]
+        else:
+            lines.append(f"  {key}: {text}")
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,9 @@
-"""Write the demo dataset: `python -m lorakit.demo.generate OUT_DIR`.
+"""Write the demo dataset: `python scripts/make_demo_data.py OUT_DIR`.
+
+A build-time generator, kept out of the package: lorakit reads the committed output
+(`src/lorakit/demo/data/`), never this script.  Regenerate the committed copy with
+`python scripts/make_demo_data.py src/lorakit/demo/data`; tests/test_demo_data.py checks that
+the two agree byte for byte.
 
 Rows are Alpaca dicts (instruction / input / output) in the guide's customer-support style,
 for the fictional shop Northwind Outfitters, whose fixed facts are `FACTS` below; every
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 SEED = 1234
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "src" / "lorakit" / "demo" / "data"
 """The committed copy of the dataset (shipped as package data)."""
 
 SHOP = "Northwind Outfitters"
@@ -623,7 +628,7 @@ def write(out_dir: Path, seed: int = SEED) -> dict[str, Counter]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lorakit.demo.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python scripts/make_demo_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="folder for train.jsonl, val.jsonl and test.jsonl")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED}, the committed data)")
     args = parser.parse_args(argv)

