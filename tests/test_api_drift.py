@@ -81,3 +81,157 @@ def test_installed_versions_satisfy_lorakits_ranges(name):
 
     reqs = {Requirement(r).name: Requirement(r) for r in metadata.requires("lorakit") or []}
     assert metadata.version(name) in reqs[name].specifier
+
+
+# --------------------------------------------------------------------------- the fast path (lorakit.train.speed)
+# It replaces PEFT's LoRA forward and transformers' attention for training, so it depends on
+# names neither library calls public. Each is pinned here by what the fast path reads or sets.
+
+
+def _lora_net(**lora):
+    """A PEFT LoRA model around one nn.Linear, and that layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False,
+                                             **lora))
+    return model, model.base_model.model.proj
+
+
+def test_peft_lora_linear_is_what_the_fast_path_recomputes():
+    """`speed._fused_forward` replaces `peft.tuners.lora.layer.Linear.forward` with
+    base_layer(x) + lora_B(lora_A(dropout(x)))·scaling, reading these attributes."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    model, layer = _lora_net(lora_dropout=0.0)
+    assert type(layer) is Linear, "speed.fuse_lora_linears finds LoRA linears by this exact class"
+    assert {"x"} <= params(Linear.forward)
+    kinds = {p.kind for p in inspect.signature(Linear.forward).parameters.values()}
+    assert {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD} <= kinds
+    assert isinstance(layer.base_layer, torch.nn.Linear)
+    assert isinstance(layer.lora_A, torch.nn.ModuleDict) and isinstance(layer.lora_B, torch.nn.ModuleDict)
+    assert layer.lora_A["default"].bias is None and layer.lora_B["default"].bias is None
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Identity), "PEFT's stand-in for lora_dropout 0"
+    assert layer.scaling == {"default": 2.0}  # lora_alpha / r
+    assert layer.active_adapters == ["default"]
+    assert layer.merged is False and layer.disable_adapters is False
+    assert layer.lora_variant == {} and layer.use_dora == {"default": False} and layer.lora_bias == {"default": False}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+        assert torch.allclose(layer(x), want, atol=1e-6), "PEFT's vanilla LoRA forward computes something else"
+    assert model.get_base_model().proj is layer and model.base_model.model.proj is layer
+
+
+def test_peft_states_the_fast_path_steps_aside_for():
+    """Each state `speed.fusable` checks, made the way PEFT makes it, shows in the attribute it reads."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    _, layer = _lora_net(lora_dropout=0.1)
+    assert type(layer.lora_dropout["default"]) is torch.nn.Dropout and layer.lora_dropout["default"].p == 0.1
+    _, dora = _lora_net(use_dora=True)
+    assert isinstance(dora.lora_variant["default"], DoraLinearVariant) and dora.use_dora["default"] is True
+    _, biased = _lora_net(lora_bias=True)
+    assert biased.lora_bias["default"] is True and biased.lora_B["default"].bias is not None
+    model, layer = _lora_net()
+    with model.disable_adapter():
+        assert layer.disable_adapters is True
+    assert layer.disable_adapters is False
+    model.merge_adapter()
+    assert layer.merged is True
+    model.unmerge_adapter()
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["proj"]))
+    model.base_model.set_adapter(["default", "b"])
+    assert layer.active_adapters == ["default", "b"]
+
+
+def test_torch_autocast_queries_the_fast_path_reads():
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)  # grouped-query heads, as segment_attention passes
+    assert F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).shape == q.shape
+
+
+def _tiny_llama(**cfg):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **cfg)
+    return LlamaForCausalLM(config)
+
+
+def test_attention_registry_and_the_config_switch():
+    """`speed.use_segment_attention` registers with AttentionInterface and ALL_MASK_ATTENTION_FUNCTIONS, sets
+    config._attn_implementation, and receives the `lorakit_segments` keyword passed to the model's forward."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lorakit.train import speed
+
+    assert callable(AttentionInterface.register) and callable(ALL_MASK_ATTENTION_FUNCTIONS.register)
+    assert {"module", "query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal"} <= params(
+        sdpa_attention_forward)
+    model = _tiny_llama(attn_implementation="sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    assert speed.use_segment_attention(model)
+    assert model.config._attn_implementation == speed.ATTENTION
+    assert ALL_ATTENTION_FUNCTIONS.get_interface(speed.ATTENTION, None) is speed.segment_attention
+    assert ALL_MASK_ATTENTION_FUNCTIONS[speed.ATTENTION] is sdpa_mask
+    seen = []
+    real = speed.segment_attention
+    AttentionInterface.register(speed.ATTENTION, lambda *a, **k: seen.append(k.get(speed.SEGMENTS)) or real(*a, **k))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5, 6, 7]]), position_ids=torch.tensor([[0, 1, 2, 0, 1]]),
+                  **{speed.SEGMENTS: [0, 3, 5]})
+    finally:
+        AttentionInterface.register(speed.ATTENTION, real)
+    assert seen == [[0, 3, 5]] * 2, "the model's keyword arguments no longer reach every layer's attention"
+
+
+def test_gradient_checkpointing_is_switched_per_layer():
+    """The trainer checkpoints only over-long passes by flipping `gradient_checkpointing` on each
+    transformers.modeling_layers.GradientCheckpointingLayer between passes."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lorakit.model.load import enable_checkpointing
+
+    assert GradientCheckpointingLayer.gradient_checkpointing is False
+    model = _tiny_llama()
+    enable_checkpointing(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == 2
+    calls = []
+    for layer in layers:
+        real = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, real=real, **k: calls.append(1) or real(*a, **k)
+    model.train()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    for on in (False, True):
+        calls.clear()
+        for layer in layers:
+            layer.gradient_checkpointing = on
+        model(input_ids=ids).logits.sum().backward()
+        assert len(calls) == (len(layers) if on else 0), f"gradient_checkpointing={on} is not read per layer"

@@ -80,8 +80,36 @@ def test_console_script_help_runs():
         assert cmd in out.stdout
 
 
-def test_doctor_command(capsys):
+def test_doctor_command(capsys, monkeypatch):
+    """Every check is printed with its status and fix; the exit code is 1 exactly when one fails."""
+    from importlib import metadata
+
+    from lorakit import doctor
+
+    expected = doctor.run_checks()
     rc = main(["doctor"])
     out = capsys.readouterr().out
-    assert "transformers" in out and "checks:" in out
-    assert rc == (1 if " FAIL " in out else 0)
+    mark = {doctor.OK: "ok", doctor.WARN: "warn", doctor.FAIL: "FAIL"}
+    for c in expected:
+        # free disk space moves between the two runs (other processes write): its figure is checked in test_doctor
+        detail = "GiB free" if c.name.startswith("disk ") else c.detail
+        assert any(line.split()[0] == mark[c.status] and c.name in line and detail in line
+                   for line in out.splitlines() if line.strip()), f"{c.name}: {c.status} {c.detail!r} not shown"
+        assert not c.fix or f"fix: {c.fix}" in out
+    fails = sum(c.status == doctor.FAIL for c in expected)
+    warns = sum(c.status == doctor.WARN for c in expected)
+    assert f"{len(expected)} checks: {fails} failed, {warns} warnings" in out
+    assert rc == (1 if fails else 0)
+
+    real = metadata.version  # one dependency below its range: that check fails, and so does the command
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "peft" else real(name))
+    rc = main(["doctor"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    (line,) = [x for x in out.splitlines() if x.split()[:2] == ["FAIL", "peft"]]
+    assert "0.0.1 is outside the supported range" in line and "fix: pip install 'peft" in out
+    assert f"{fails + 1} failed" in out
+
+    passing = [c for c in expected if c.status != doctor.FAIL]  # nothing failing: exit 0
+    monkeypatch.setattr(doctor, "run_checks", lambda: passing)
+    assert main(["doctor"]) == 0 and "0 failed" in capsys.readouterr().out

@@ -112,12 +112,36 @@ def test_rising_validation_loss_warns_and_early_stops(tmp_path, tiny_model_dir):
     assert control.should_training_stop and d.stopped == "early_stopping"
 
 
-def test_early_stopping_in_a_real_run(tmp_path, tiny_model_dir):
-    """Patience 1 with an lr that makes validation worse: the run ends before max_steps."""
+def test_early_stopping_in_a_real_run(tmp_path, tiny_model_dir, monkeypatch):
+    """Patience 1 with an lr that makes validation worse: the run ends before max_steps, at the first
+    evaluation (one every 2 steps, the first at step 0) whose loss is not below the best before it,
+    and says so."""
+    made: list[Diagnostics] = []
+    real_init = Diagnostics.__init__
+    monkeypatch.setattr(Diagnostics, "__init__", lambda self, *a, **k: made.append(self) or real_init(self, *a, **k))
     run_dir, said = run(tiny(tmp_path, tiny_model_dir, "--train.lr=0.5", "--train.max_steps=30",
                              "--train.eval_steps=2", "--train.early_stopping_patience=1"))
     meta = json.loads((run_dir / "adapter" / "lorakit.json").read_text())
     assert meta["metrics"]["steps"] < 30
+    (diagnostics,) = made
+    assert diagnostics.stopped == "early_stopping"
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert [s for s, _ in evals] == list(range(0, 2 * len(evals), 2)), evals
+    best, stop = evals[0][1], None
+    for step, loss in evals[1:]:
+        if loss >= best:
+            stop = (step, loss)
+            break
+        best = loss
+    assert stop is not None and stop == evals[-1], f"training went on after the eval that should stop it: {evals}"
+    step, loss = stop
+    assert meta["metrics"]["steps"] == step
+    assert max(r["step"] for r in records) == step, "a step was logged after the stop"
+    warning = [s for s in said if "overfitting" in s]
+    assert warning == [f"warning: validation loss {loss:.4f} at step {step} is above its best {best:.4f} for 1 "
+                       "evaluations: overfitting. Use fewer epochs, more lora.dropout or more data"], said
 
 
 def test_oom_message_is_computed_from_the_config(tmp_path, tiny_model_dir, monkeypatch):

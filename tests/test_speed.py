@@ -1,13 +1,17 @@
 """The fast path (lorakit.train.speed) computes what the stock PEFT/transformers path computes."""
 
 import json
+import logging
+from contextlib import nullcontext
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import ALPACA_ROWS, write_jsonl
 from lorakit import config
 from lorakit.config import LoraConfig, ModelConfig
+from lorakit.errors import LorakitError
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
@@ -161,6 +165,230 @@ def test_fused_path_steps_aside_in_eval_and_fp32(tiny_model_dir):
     m.eval()
     with torch.no_grad():
         assert torch.allclose(m(**batch).logits, ref.eval()(**batch).logits, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- when the fused node steps aside
+# One test per condition of `speed.fusable`: each situation is made as a user (or PEFT) would make
+# it, on layer 0's q_proj, and the call must run PEFT's own forward and log why.
+
+
+def _ready(m):
+    """What `speed.apply` does to a bf16 run's LoRA linears."""
+    speed.freeze_in_half(m, torch.bfloat16)
+    speed.fuse_lora_linears(m)
+    return m
+
+
+def _peft_model(model_dir, **lora):
+    """The tiny model under PEFT's own LoraConfig, for settings lorakit's schema does not offer (lora_bias)."""
+    import peft
+
+    torch.manual_seed(0)
+    m, _ = load_model(ModelConfig(name=str(model_dir), dtype="fp32"), training=True)
+    m = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                               init_lora_weights=False, **lora))  # B random, not 0
+    m.train()
+    return m
+
+
+def _layer(m, proj="q_proj"):
+    return getattr(m.get_base_model().model.layers[0].self_attn, proj)
+
+
+def _count_fused(monkeypatch) -> list:
+    calls: list = []
+    real = speed._LoraLinear.apply
+    monkeypatch.setattr(speed._LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _falls_back(monkeypatch, caplog, m, reason: str, *, level=logging.INFO, autocast=True, ctx=nullcontext,
+                **kwargs):
+    """q_proj then k_proj, twice each: PEFT's forward every time (same output, no fused node), and one
+    log record, at `level`, naming the first module and `reason`."""
+    calls = _count_fused(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="lorakit")
+    for proj in ("q_proj", "k_proj", "q_proj"):
+        layer = _layer(m, proj)
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        with ctx(), torch.autocast(**BF16, enabled=autocast), torch.no_grad():
+            got = layer(x, **kwargs)
+            want = type(layer).forward(layer, x, **kwargs)  # PEFT's forward, past the instance's fused one
+        assert torch.equal(got, want), f"{proj}: the fallback is not PEFT's own forward"
+    assert not calls, "the fused node ran"
+    said = [r for r in caplog.records if r.name == speed.log.name]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    msg = said[0].getMessage()
+    assert said[0].levelno == level and reason in msg, msg
+    assert "layers.0.self_attn.q_proj (Linear)" in msg, msg
+    return msg
+
+
+def test_fused_node_runs_for_plain_lora_in_training_under_autocast(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir, dropout=0.1))
+    speed.fast_lora_dropout(m)
+    calls = _count_fused(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="lorakit")
+    layer = _layer(m)
+    assert speed.fusable(layer, torch.zeros(1), (), {}) == speed.NO_AUTOCAST
+    with torch.autocast(**BF16):
+        assert speed.fusable(layer, torch.zeros(1), (), {}) is None
+        layer(torch.randn(2, 5, layer.in_features))
+        _layer(m, "o_proj")(torch.randn(2, 5, _layer(m, "o_proj").in_features))
+    assert len(calls) == 2
+    assert not [r for r in caplog.records if r.name == speed.log.name]
+
+
+def test_eval_mode_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
+    _falls_back(monkeypatch, caplog, _ready(_model(tiny_model_dir)).eval(), speed.EVAL, level=logging.DEBUG)
+
+
+def test_no_autocast_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
+    m = _model(tiny_model_dir)
+    speed.fuse_lora_linears(m)  # fp32 weights: PEFT's forward needs no autocast (a 16-bit base would)
+    _falls_back(monkeypatch, caplog, m, speed.NO_AUTOCAST, level=logging.DEBUG, autocast=False)
+
+
+def test_extra_arguments_fall_back(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir))
+    _falls_back(monkeypatch, caplog, m, "called with extra arguments (adapter_names)", adapter_names=["default"] * 2)
+
+
+def test_disabled_adapters_fall_back(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir))
+    _falls_back(monkeypatch, caplog, m, "adapters are disabled", ctx=m.disable_adapter)
+
+
+def test_merged_adapter_falls_back(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir))
+    m.merge_adapter()
+    _falls_back(monkeypatch, caplog, m, "the adapter is merged into the base weight")
+
+
+def test_two_active_adapters_fall_back(tiny_model_dir, monkeypatch, caplog):
+    import peft
+
+    m = _ready(_model(tiny_model_dir))
+    m.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]))
+    m.base_model.set_adapter(["default", "b"])
+    _falls_back(monkeypatch, caplog, m, "2 active adapters")
+
+
+def test_an_adapter_without_weights_here_falls_back(tiny_model_dir, monkeypatch, caplog):
+    import peft
+
+    m = _ready(_model(tiny_model_dir))
+    m.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+    m.set_adapter("b")
+    _falls_back(monkeypatch, caplog, m, "the active adapter 'b' has no weights in this module")
+
+
+def test_dora_falls_back(tiny_model_dir, monkeypatch, caplog):
+    torch.manual_seed(0)
+    m, _ = load_model(ModelConfig(name=str(tiny_model_dir), dtype="fp32"), training=True)
+    m = _ready(apply_lora(m, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True)).train())
+    _falls_back(monkeypatch, caplog, m, "LoRA variant DoraLinearVariant (DoRA, use_dora)")
+
+
+def test_lora_bias_falls_back(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_peft_model(tiny_model_dir, lora_bias=True))
+    _falls_back(monkeypatch, caplog, m, "the adapter has a bias (lora_bias)")
+
+
+def test_fp32_base_weight_under_bf16_autocast_falls_back(tiny_model_dir, monkeypatch, caplog):
+    m = _model(tiny_model_dir)
+    speed.fuse_lora_linears(m)  # without freeze_in_half
+    _falls_back(monkeypatch, caplog, m, "the base weight is torch.float32, autocast computes in torch.bfloat16")
+
+
+def test_trainable_base_weight_falls_back(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir))
+    for proj in ("q_proj", "k_proj"):
+        _layer(m, proj).base_layer.weight.requires_grad_(True)
+    _falls_back(monkeypatch, caplog, m, "the base weight is trainable")
+
+
+def test_a_base_layer_with_its_own_forward_falls_back(tiny_model_dir, monkeypatch, caplog):
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    m = _ready(_model(tiny_model_dir))
+    for proj in ("q_proj", "k_proj"):
+        layer = _layer(m, proj)
+        old = layer.base_layer
+        new = Doubled(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype).requires_grad_(False)
+        new.weight.copy_(old.weight)
+        layer.base_layer = new
+    _falls_back(monkeypatch, caplog, m, "the base layer is Doubled, not a plain nn.Linear")
+
+
+def test_a_custom_dropout_falls_back(tiny_model_dir, monkeypatch, caplog):
+    class Halving(nn.Dropout):  # an nn.Dropout by type, not by what it computes
+        def forward(self, x):
+            return x / 2
+
+    m = _ready(_model(tiny_model_dir))
+    for proj in ("q_proj", "k_proj"):
+        _layer(m, proj).lora_dropout["default"] = Halving(0.1)
+    _falls_back(monkeypatch, caplog, m, "LoRA dropout Halving")
+
+
+def test_apply_reports_the_linears_that_never_fuse(tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="lorakit")
+    plain = speed.apply(_model(tiny_model_dir), torch.bfloat16, packing=False)
+    assert plain["fused"] == 7 * 2 and plain["unfused"] == {}
+    assert not [r for r in caplog.records if r.name == speed.log.name]
+    m = _peft_model(tiny_model_dir, lora_bias=True)
+    done = speed.apply(m, torch.bfloat16, packing=False)
+    assert done["fused"] == 3 * 2
+    assert done["unfused"] == {"the adapter has a bias (lora_bias)": 6}
+    (record,) = [r for r in caplog.records if r.name == speed.log.name]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == "fast path: 6 of 6 LoRA linears keep PEFT's forward: the adapter has a bias (lora_bias)"
+    assert speed.apply(_model(tiny_model_dir), None, packing=False)["unfused"] == {}
+
+
+# --------------------------------------------------------------------------- training-only models are marked
+
+
+def test_a_model_after_the_fast_path_is_refused_by_later_stages(tiny_model_dir):
+    fresh = _model(tiny_model_dir)
+    speed.require_fresh(fresh, "merge")
+    speed.require_fresh(fresh.get_base_model(), "merge")
+    assert speed.training_changes(fresh) == []
+    m = _model(tiny_model_dir, dropout=0.1)
+    speed.apply(m, torch.bfloat16, packing=True)
+    for obj in (m, m.base_model, m.get_base_model()):
+        with pytest.raises(LorakitError) as e:
+            speed.require_fresh(obj, "export")
+        assert "changed for training by lorakit's fast path" in e.value.message
+        assert "export reloads the base from disk" in e.value.message
+        assert "LoRA base weights stored in bfloat16" in e.value.message and e.value.hint
+
+
+@pytest.mark.parametrize("change, mark", [
+    (lambda m: speed.freeze_in_half(m, torch.bfloat16), "LoRA base weights stored in bfloat16"),
+    (speed.fuse_lora_linears, "LoRA forwards fused"),
+    (speed.fast_lora_dropout, "LoRA dropouts replaced by FastDropout"),
+    (speed.use_segment_attention, "attention per packed example"),
+])
+def test_each_in_place_change_marks_the_model(tiny_model_dir, change, mark):
+    m = _model(tiny_model_dir, dropout=0.1)
+    assert change(m)
+    assert speed.training_changes(m) == [mark]
+    assert speed.training_changes(m.get_base_model()) == [mark]
+    with pytest.raises(LorakitError, match=mark):
+        speed.require_fresh(m, "serve")
+
+
+def test_changes_that_change_nothing_leave_no_mark(tiny_model_dir):
+    m = _model(tiny_model_dir)  # dropout 0: nothing to replace
+    speed.freeze_in_half(m, torch.bfloat16)
+    assert speed.freeze_in_half(m, torch.bfloat16) == 0 and speed.fast_lora_dropout(m) == 0
+    assert speed.training_changes(m) == ["LoRA base weights stored in bfloat16"]
+    untouched = _model(tiny_model_dir)
+    assert speed.fast_lora_dropout(untouched) == 0 and speed.training_changes(untouched) == []
 
 
 def test_freeze_in_half_touches_only_frozen_lora_bases(tiny_model_dir):

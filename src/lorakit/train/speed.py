@@ -14,10 +14,14 @@ each was kept because it measured faster on the benchmark (BENCHMARKS.md):
   example. transformers turns restarting position ids into a dense block-diagonal mask over the
   whole row, so attention cost grows with the square of the packed length instead of the sum of
   squares of the examples, and CPU SDPA falls back to its masked kernel.
+
+All of them change the model object in place, for training only (16-bit base weights stay
+16-bit). Each marks the model; `require_fresh` is how later stages refuse such an object.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -25,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.collate import SEGMENTS
+from lorakit.errors import LorakitError
+
+log = logging.getLogger(__name__)
 
 ATTENTION = SEGMENTS
 """Name of the attention implementation registered with transformers; the packing code
@@ -98,6 +105,8 @@ def fast_lora_dropout(model: nn.Module) -> int:
             if type(drop) is nn.Dropout and drop.p > 0:
                 drops[name] = FastDropout(drop.p)
                 replaced += 1
+    if replaced:
+        _mark(model, "LoRA dropouts replaced by FastDropout")
     return replaced
 
 
@@ -160,48 +169,120 @@ def _half_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cached
 
 
-def _fused_forward(module, stock_forward, x: torch.Tensor, *args, **kwargs):
-    fusable = (module.training and not args and not kwargs and not module.merged and not module.disable_adapters
-               and torch.is_autocast_enabled(x.device.type)
-               and len(module.active_adapters) == 1)
-    if fusable:
-        name = module.active_adapters[0]
-        base = module.base_layer
-        dtype = torch.get_autocast_dtype(x.device.type)
-        fusable = (name in module.lora_A and name not in module.lora_variant and base.weight.dtype == dtype
-                   and not base.weight.requires_grad and module.lora_A[name].bias is None
-                   and module.lora_B[name].bias is None)
-    if not fusable:
-        return stock_forward(x, *args, **kwargs)
+EVAL = "the module is in eval mode"
+NO_AUTOCAST = "autocast is off"
+EXPECTED = frozenset({EVAL, NO_AUTOCAST})
+"""Fallbacks that are the normal state outside a training step (evaluation, generation, a run
+without mixed precision): logged at DEBUG. Every other reason is logged at INFO, once per model
+and reason, naming the first module it was seen on: it means a training step runs slower than
+the fast path promised, and says why."""
+
+
+def fusable(module, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> str | None:
+    """None when this call of a PEFT `lora.Linear` can run as one `_LoraLinear` node; else why not.
+
+    The node computes PEFT's vanilla LoRA forward (peft/tuners/lora/layer.py, `Linear.forward`)
+        y = base_layer(x) + lora_B(lora_A(dropout(x))) · scaling
+    for one adapter, under autocast, over a frozen base `nn.Linear` stored in the autocast dtype.
+    Anything else PEFT's forward does differently is a reason here; the order puts the
+    per-call state first, then the module's set-up (`fusable_setup`).
+    """
+    if not module.training:
+        return EVAL
+    if not torch.is_autocast_enabled(x.device.type):
+        return NO_AUTOCAST
+    if args or kwargs:  # e.g. adapter_names (mixed-adapter batches), or a variant's keywords
+        named = ([f"{len(args)} positional"] if args else []) + sorted(kwargs or ())
+        return f"called with extra arguments ({', '.join(named)})"
+    if module.disable_adapters:
+        return "adapters are disabled"
+    if module.merged:
+        return "the adapter is merged into the base weight"
+    return fusable_setup(module, torch.get_autocast_dtype(x.device.type))
+
+
+def fusable_setup(module, dtype: torch.dtype) -> str | None:
+    """The part of `fusable` that holds for every call until the model is changed: the active
+    adapter, its kind, its dropout and the base layer, against the autocast `dtype`."""
+    active = module.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} active adapters (the fused node computes one)"
+    name = active[0]
+    if name not in module.lora_A:
+        return f"the active adapter {name!r} has no weights in this module"
+    variant = module.lora_variant.get(name)
+    if variant is not None:
+        return f"LoRA variant {type(variant).__name__}" + (" (DoRA, use_dora)" if module.use_dora.get(name) else "")
+    if module.lora_bias.get(name) or module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+        return "the adapter has a bias (lora_bias)"
+    base = module.base_layer
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"the base layer is {type(base).__name__}, not a plain nn.Linear"
+    if base.weight.dtype != dtype:
+        return f"the base weight is {base.weight.dtype}, autocast computes in {dtype}"
+    if base.weight.requires_grad:
+        return "the base weight is trainable"
     drop = module.lora_dropout[name]
-    if isinstance(drop, nn.Identity):  # PEFT's stand-in for lora_dropout 0
-        p = 0.0
-    else:
-        p = drop.p if isinstance(drop, (nn.Dropout, FastDropout)) else None
-    if p is None:  # some other dropout module: keep PEFT's path
+    if type(drop) not in (nn.Dropout, FastDropout, nn.Identity):
+        return f"LoRA dropout {type(drop).__name__} (the fused node draws nn.Dropout's mask)"
+    return None
+
+
+def _fused_forward(module, stock_forward, where: str, logged: set, x: torch.Tensor, *args, **kwargs):
+    reason = fusable(module, x, args, kwargs)
+    if reason is not None:
+        if reason not in logged:
+            logged.add(reason)
+            log.log(logging.DEBUG if reason in EXPECTED else logging.INFO,
+                    "fast path: %s (%s) runs PEFT's forward: %s (not repeated for other modules)",
+                    where, type(module).__qualname__, reason)
         return stock_forward(x, *args, **kwargs)
+    name = module.active_adapters[0]
+    base = module.base_layer
+    dtype = torch.get_autocast_dtype(x.device.type)
+    drop = module.lora_dropout[name]
+    p = drop.p if drop.training and not isinstance(drop, nn.Identity) else 0.0  # Identity: PEFT's lora_dropout 0
     keep = keep_mask(x.shape, p, x.device) if p > 0 else None
     drop_scale = 1.0 / kept_fraction(p) if p > 0 else 1.0
     return _LoraLinear.apply(x, _half_input(x, dtype), base.weight, base.bias, module.lora_A[name].weight,
                              module.lora_B[name].weight, keep, drop_scale, module.scaling[name])
 
 
+def _lora_linears(model: nn.Module):
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return [(name, m) for name, m in model.named_modules() if type(m) is LoraLinear]
+
+
 def fuse_lora_linears(model: nn.Module) -> int:
     """Route plain LoRA linears through `_LoraLinear` while training under autocast; returns the count.
 
-    Each module keeps PEFT's forward for everything else (eval, several adapters, DoRA, merged
-    weights, fp32 training), so saving, loading and generation are untouched.
+    Each call that `fusable` turns down runs PEFT's own forward (eval, several adapters, DoRA,
+    merged weights, fp32 training, ...) and is logged with its reason, so saving, loading and
+    generation are untouched and a slow step says why.
     """
     from functools import partial
 
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
+    logged: set[str] = set()  # reasons already logged for this model
     count = 0
-    for module in model.modules():
-        if type(module) is LoraLinear and "forward" not in vars(module):
-            module.forward = partial(_fused_forward, module, module.forward)
+    for where, module in _lora_linears(model):
+        if "forward" not in vars(module):
+            module.forward = partial(_fused_forward, module, module.forward, where, logged)
             count += 1
+    if count:
+        _mark(model, "LoRA forwards fused")
     return count
+
+
+def unfusable(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """How many LoRA linears `fusable_setup` turns down under autocast `dtype`, by reason: these
+    never run fused while the model stays as it is (DoRA, a LoRA bias, a base weight in another dtype)."""
+    out: dict[str, int] = {}
+    for _, module in _lora_linears(model):
+        reason = fusable_setup(module, dtype)
+        if reason is not None:
+            out[reason] = out.get(reason, 0) + 1
+    return out
 
 
 # --------------------------------------------------------------------------- frozen weights
@@ -233,6 +314,7 @@ def freeze_in_half(model: nn.Module, dtype: torch.dtype) -> int:
         for p in model.parameters():
             if id(p) not in cast and not p.requires_grad:
                 p.data = p.data.clone()
+        _mark(model, f"LoRA base weights stored in {str(dtype).removeprefix('torch.')}")
     return saved
 
 
@@ -290,14 +372,66 @@ def use_segment_attention(model: nn.Module) -> bool:
         c = getattr(sub, "config", None)
         if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
             c._attn_implementation = ATTENTION
+    _mark(model, "attention per packed example")
     return True
 
 
-def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict[str, int | bool]:
+def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict:
     """Everything above, on a PEFT model about to train: `half` is the autocast dtype (None without
     autocast or over quantized weights), `packing` whether rows are packed. Returns what changed:
-    bytes saved by 16-bit weights, fused linears, replaced dropouts, per-example attention."""
+    bytes saved by 16-bit weights, fused linears, replaced dropouts, per-example attention, and
+    `unfused`: LoRA linears that will never run fused, by reason (also logged at INFO)."""
     saved = freeze_in_half(model, half) if half is not None else 0
     fused = fuse_lora_linears(model) if half is not None else 0
-    return {"saved": saved, "fused": fused, "dropouts": fast_lora_dropout(model),
+    done = {"saved": saved, "fused": fused, "dropouts": fast_lora_dropout(model),
             "segments": packing and use_segment_attention(model)}
+    done["unfused"] = unfusable(model, half) if fused else {}
+    for reason, n in done["unfused"].items():
+        log.info("fast path: %d of %d LoRA linears keep PEFT's forward: %s", n, fused, reason)
+    return done
+
+
+# --------------------------------------------------------------------------- training-only mark
+
+MARK = "lorakit_training_only"
+"""Attribute on a model object changed in place by this module: the list of what was changed."""
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    """The objects a later stage may be handed: the PeftModel, its tuner and the transformers model."""
+    out = [model]
+    if hasattr(model, "get_base_model"):
+        out += [model.base_model, model.get_base_model()]
+    return out
+
+
+def _mark(model: nn.Module, change: str) -> None:
+    for holder in _holders(model):
+        changes = vars(holder).setdefault(MARK, [])  # vars: PeftModel forwards unknown names to its base
+        if change not in changes:
+            changes.append(change)
+
+
+def training_changes(model: nn.Module) -> list[str]:
+    """What the fast path changed in place on this model object; [] for a freshly loaded one."""
+    out: list[str] = []
+    for holder in _holders(model):
+        out += [c for c in vars(holder).get(MARK, ()) if c not in out]
+    return out
+
+
+def require_fresh(model: nn.Module, stage: str) -> None:
+    """Refuse a model object that trained through the fast path; merge, export and serve call it.
+
+    Such an object keeps bf16 base weights for good (`freeze_in_half`) and forwards and attention
+    meant for training, so a merge or export from it would silently lose precision. Those stages
+    reload the base from disk instead (DESIGN.md: later stages never reuse a trained model object).
+    """
+    changes = training_changes(model)
+    if changes:
+        raise LorakitError(
+            f"this model object was changed for training by lorakit's fast path ({'; '.join(changes)}); "
+            f"{stage} reloads the base from disk",
+            hint=f"give {stage} the run or adapter folder (or a model loaded from disk), not the model object "
+                 "that was trained",
+        )
