@@ -40,7 +40,17 @@ def test_generate_reads_messages_file(cfg_file, tmp_path, capsys):
     msgs = tmp_path / "m.json"
     msgs.write_text(json.dumps([{"role": "user", "content": "Hello"}]))
     run = tmp_path / "runs" / "tiny"
+    capsys.readouterr()
     assert main(["generate", str(run), "--messages", str(msgs), "--greedy", "--max-new-tokens", "3", "--no-stream"]) == 0
+    printed = capsys.readouterr().out
+    from lorakit.infer import Sampling, generate, load_session
+
+    want = generate(load_session(run), [{"role": "user", "content": "Hello"}], Sampling(max_new_tokens=3, greedy=True))
+    assert printed == want.text + "\n", "the CLI prints the API's greedy answer to the file's messages"
+    msgs.write_text(json.dumps([{"role": "bot", "content": "Hello"}]))
+    assert main(["generate", str(run), "--messages", str(msgs)]) == 2
+    err = capsys.readouterr().err
+    assert f"{msgs} message 0" in err and "'role' is 'bot'" in err and "Traceback" not in err
 
 
 def test_data_report(cfg_file, capsys):

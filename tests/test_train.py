@@ -120,10 +120,10 @@ def test_generate_uses_stored_template_and_streams(trained_run):
     session = load_session(run_dir)
     pieces = []
     msgs = messages_from_instruction("Say hello.")
-    text = generate(session, msgs, Sampling(max_new_tokens=8, greedy=True), stream=pieces.append)
-    assert "".join(pieces).strip() == text
+    done = generate(session, msgs, Sampling(max_new_tokens=8, greedy=True), stream=pieces.append)
+    assert "".join(pieces).strip() == done.text
     again = generate(session, msgs, Sampling(max_new_tokens=8, greedy=True))
-    assert again == text, "greedy decoding is deterministic"
+    assert again == done, "greedy decoding is deterministic (text, ids, counts, finish reason)"
     prompt_ids = session.template.encode_prompt(session.tokenizer, msgs)
     assert session.tokenizer.decode(prompt_ids).endswith("### Response:\n")
 

@@ -77,21 +77,10 @@ def cmd_plan(args) -> int:
 
 
 def _read_messages(args) -> list[dict]:
-    from lorakit.infer import messages_from_instruction
+    from lorakit.infer import messages_from_instruction, read_messages_file
 
     if args.messages:
-        path = Path(args.messages)
-        try:
-            msgs = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LorakitError(f"cannot read messages: {e}", where=str(path),
-                               hint='write a JSON list like [{"role": "user", "content": "..."}]') from None
-        if isinstance(msgs, dict) and "messages" in msgs:
-            msgs = msgs["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise LorakitError("expected a JSON list of {\"role\", \"content\"} objects", where=str(path),
-                               hint='e.g. [{"role": "user", "content": "Where is my order?"}]')
-        return msgs
+        return read_messages_file(args.messages)
     instruction = args.instruction
     if instruction is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -115,8 +104,8 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    text = generate(session, messages, sampling, stream=None if args.no_stream else emit, use_adapter=not args.base)
-    print() if not args.no_stream else print(text)
+    done = generate(session, messages, sampling, stream=None if args.no_stream else emit, use_adapter=not args.base)
+    print() if not args.no_stream else print(done.text)
     return 0
 
 

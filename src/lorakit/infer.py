@@ -1,35 +1,194 @@
-"""Generation with a trained adapter, through the template stored with it.
+"""Generation: one base model, any number of named adapters, each with the template it was trained on.
 
-The prompt is built by the same `Template.encode_prompt` that produced the training
-tokens, and generation stops on the template's stop tokens, so the model sees at inference
-exactly the format it learned (the guide's most common failure is a mismatch here).
+The prompt is built by the same `Template.encode_prompt` that produced the training tokens, and
+generation stops on the template's stop tokens, so the model sees at inference exactly the format
+it learned (the guide's most common failure is a mismatch here).
+
+A `Session` loads the base once. Adapters are added by name (PEFT `load_adapter`); which one
+answers is chosen per call with PEFT's `adapter_names` (one name per row, "__base__" for the base
+model), never by switching global model state, so rows for different adapters can share a batch
+and the base is selected, not reloaded. DoRA adapters cannot be mixed that way in PEFT; a session
+falls back to `set_adapter` for them (one adapter per call).
+
+Message validation lives here too: the CLI's message files and the server's requests go through
+`validate_messages`, so both say the same thing about the same mistake.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from lorakit.artifacts import find_adapter_dir, read_meta
+from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
 from lorakit.config import ModelConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
+BASE = "__base__"
+"""PEFT's name for "no adapter" in `adapter_names`; also how callers ask for the base model."""
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def validate_messages(obj: Any, where: str) -> list[dict]:
+    """`obj` as a list of chat messages, or a LorakitError naming `where` (a file or a request
+    field), the message index and key, what is wrong and the fix."""
+    example = 'e.g. [{"role": "user", "content": "Where is my order?"}]'
+    if isinstance(obj, dict) and "messages" in obj:
+        obj = obj["messages"]
+    if not isinstance(obj, list):
+        raise LorakitError(f"expected a list of messages, got {type(obj).__name__}", where=where, hint=example)
+    if not obj:
+        raise LorakitError("the list of messages is empty", where=where, hint=example)
+    out = []
+    for i, m in enumerate(obj):
+        at = f"{where} message {i}"
+        if not isinstance(m, dict):
+            raise LorakitError(f"expected an object with 'role' and 'content', got {type(m).__name__}", where=at,
+                               hint=example)
+        for key in ("role", "content"):
+            if key not in m:
+                raise LorakitError(f"missing key '{key}'", where=at, hint=example)
+        if m["role"] not in ROLES:
+            raise LorakitError(f"'role' is {m['role']!r}, not one of {', '.join(ROLES)}", where=at,
+                               hint="use 'user' for the person asking, 'assistant' for the model")
+        if not isinstance(m["content"], str):
+            raise LorakitError(f"'content' must be a string, got {type(m['content']).__name__}", where=at,
+                               hint="put the message text in 'content' as one string")
+        out.append(dict(m))
+    if out[-1]["role"] not in ("user", "tool"):
+        raise LorakitError(f"the last message is from '{out[-1]['role']}': there is nothing to answer",
+                           where=f"{where} message {len(out) - 1}", hint="end the conversation with a user message")
+    return out
+
+
+def read_messages_file(path: str | Path) -> list[dict]:
+    """A JSON file holding a list of messages (or {"messages": [...]})."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorakitError(f"cannot read messages: {e}", where=str(path),
+                           hint='write a JSON list like [{"role": "user", "content": "..."}]') from None
+    return validate_messages(obj, str(path))
+
+
+def messages_from_instruction(instruction: str, input_text: str = "", system: str | None = None) -> list[dict]:
+    msgs: list[dict] = [{"role": "system", "content": system}] if system else []
+    msgs.append({"role": "user", "content": instruction, "input": input_text or ""})
+    return msgs
+
+
+# --------------------------------------------------------------------------- the session
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    path: Path
+    meta: AdapterMeta
+    template: Template
+
 
 @dataclass
 class Session:
-    """A loaded base + adapter, its tokenizer and template."""
+    """A loaded base, its tokenizer, and the adapters attached to it by name."""
 
     model: Any
     tokenizer: Any
-    template: Template
-    meta: dict[str, Any] = field(default_factory=dict)
-    adapter_dir: Path | None = None
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    base_sha256: str | None = None
+
+    @property
+    def default(self) -> Adapter:
+        return next(iter(self.adapters.values()))
+
+    @property
+    def meta(self) -> AdapterMeta:  # the first adapter's: the single-adapter case
+        return self.default.meta
+
+    @property
+    def template(self) -> Template:
+        return self.default.template
+
+    def adapter(self, name: str | None) -> Adapter:
+        if name is None or name == BASE:
+            return self.default
+        if name not in self.adapters:
+            raise LorakitError(f"no adapter named {name!r} in this session; loaded: {', '.join(self.adapters)}",
+                               hint=f"use one of them, or {BASE!r} for the base model")
+        return self.adapters[name]
+
+    def add_adapter(self, path: str | Path, name: str | None = None) -> str:
+        """Attach another adapter trained on the same base; returns its name."""
+        adapter_dir = find_adapter_dir(path)
+        meta = read_meta(adapter_dir)
+        name = name or adapter_name(adapter_dir)
+        if name in self.adapters or name == BASE:
+            raise LorakitError(f"an adapter named {name!r} is already loaded", where=str(path),
+                               hint="give it another name")
+        first = self.default.meta.base
+        if (meta.base.sha256 and first.sha256 and meta.base.sha256 != first.sha256) or \
+                (not (meta.base.sha256 and first.sha256) and meta.base.name != first.name):
+            raise LorakitError(
+                f"adapter {name!r} was trained on another base ({meta.base.name}, weights "
+                f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(first.sha256 or '?')[:12]})",
+                where=str(adapter_dir / "lorakit.json"), hint="serve it over its own base in another session")
+        self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        self.adapters[name] = Adapter(name, adapter_dir, meta, meta.template_object())
+        self.model.eval()
+        return name
+
+
+def adapter_name(adapter_dir: Path) -> str:
+    """runs/<name>/adapter -> <name>; any other adapter folder -> its own name."""
+    return adapter_dir.parent.name if adapter_dir.name == ADAPTER_DIR else adapter_dir.name
+
+
+def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:
+    mcfg = ModelConfig(name=meta.base.name or meta.base.path, gguf_file=meta.base.gguf_file,
+                       revision=meta.base.revision)
+    for k, v in overrides.items():
+        setattr(mcfg, k, v)
+    return mcfg
+
+
+def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto",
+                 trust_remote_code: bool = False, log: Callable[[str], None] = print) -> Session:
+    """Load the base named in the (first) adapter's lorakit.json once and attach every adapter."""
+    from peft import PeftModel
+
+    from lorakit.model.load import load_model, load_tokenizer
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise LorakitError("no adapter given", hint="pass a run folder (runs/<name>) or an adapter folder")
+    first_dir = find_adapter_dir(paths[0])
+    meta = read_meta(first_dir)
+    mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
+    tokenizer = load_tokenizer(mcfg)
+    model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
+    if meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256:
+        log(f"warning: base model weights differ from the ones this adapter was trained on "
+            f"({info.sha256[:12]} != {meta.base.sha256[:12]}); outputs may be off")
+    name = adapter_name(first_dir)
+    model = PeftModel.from_pretrained(model, str(first_dir), adapter_name=name, is_trainable=False)
+    model.eval()
+    session = Session(model, tokenizer, {name: Adapter(name, first_dir, meta, meta.template_object())}, info.sha256)
+    for p in paths[1:]:
+        session.add_adapter(p)
+    return session
+
+
+# --------------------------------------------------------------------------- generation
 
 
 @dataclass
@@ -43,51 +202,40 @@ class Sampling:
     seed: int | None = None
 
 
-def base_model_config(meta: dict[str, Any], **overrides: Any) -> ModelConfig:
-    base = meta.get("base_model", {})
-    mcfg = ModelConfig(name=base.get("name") or base.get("path"), gguf_file=base.get("gguf_file"),
-                       revision=base.get("revision"))
-    for k, v in overrides.items():
-        setattr(mcfg, k, v)
-    return mcfg
+@dataclass(frozen=True)
+class Completion:
+    """One answer: the text, its token ids (without the stop token), the token counts, and why it
+    ended: 'stop' (a stop token came) or 'length' (max_new_tokens was reached)."""
 
-
-def load_session(path: str | Path, *, dtype: str = "auto", trust_remote_code: bool = False) -> Session:
-    """Load the base model named in the adapter's lorakit.json and attach the adapter."""
-    from peft import PeftModel
-
-    from lorakit.model.load import load_model, load_tokenizer
-
-    adapter_dir = find_adapter_dir(path)
-    meta = read_meta(adapter_dir)
-    mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
-    tokenizer = load_tokenizer(mcfg)
-    model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
-    expected = meta.get("base_model", {}).get("sha256")
-    if expected and info.sha256 and expected != info.sha256:
-        print(f"warning: base model weights differ from the ones this adapter was trained on "
-              f"({info.sha256[:12]} != {expected[:12]}); outputs may be off")
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    model.eval()
-    return Session(model, tokenizer, Template.from_dict(meta["template"]), meta, adapter_dir)
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, the stop token included
+    finish_reason: str
 
 
 class _CallbackStreamer(BaseStreamer):
     """Decode new tokens incrementally and hand each new piece of text to `emit`."""
 
-    def __init__(self, tokenizer, prompt_len: int, emit: Callable[[str], None]):
+    def __init__(self, tokenizer, prompt_len: int, emit: Callable[[str], None], stop_ids: set[int]):
         self.tokenizer = tokenizer
         self.emit = emit
         self.skip = prompt_len
+        self.stop_ids = stop_ids
         self.ids: list[int] = []
         self.sent = 0
+        self.stopped = False
 
     def put(self, value: torch.Tensor) -> None:
         ids = value.reshape(-1).tolist()
         if self.skip:  # the first call carries the prompt
             n = min(self.skip, len(ids))
             ids, self.skip = ids[n:], self.skip - n
-        self.ids.extend(ids)
+        for i in ids:
+            if self.stopped or i in self.stop_ids:
+                self.stopped = True
+                break
+            self.ids.append(i)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         # Hold back a trailing replacement char: a multi-byte character may be half decoded.
         if text.endswith("\ufffd"):
@@ -103,20 +251,13 @@ class _CallbackStreamer(BaseStreamer):
             self.sent = len(text)
 
 
-def messages_from_instruction(instruction: str, input_text: str = "", system: str | None = None) -> list[dict]:
-    msgs: list[dict] = [{"role": "system", "content": system}] if system else []
-    msgs.append({"role": "user", "content": instruction, "input": input_text or ""})
-    return msgs
-
-
-def _generation_kwargs(session: Session, s: Sampling) -> dict[str, Any]:
-    tok = session.tokenizer
+def _generation_kwargs(tokenizer, template: Template, s: Sampling) -> dict[str, Any]:
     if s.seed is not None:
         torch.manual_seed(s.seed)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=s.max_new_tokens,
-        eos_token_id=session.template.stop_token_ids(tok),
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        eos_token_id=template.stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         repetition_penalty=s.repetition_penalty,
     )
     if s.greedy or s.temperature <= 0:
@@ -126,42 +267,61 @@ def _generation_kwargs(session: Session, s: Sampling) -> dict[str, Any]:
     return kwargs
 
 
-def adapter_enabled(model, use_adapter: bool):
-    """Context in which `model` answers as the tuned model, or as its base when `use_adapter` is False."""
-    if use_adapter or not hasattr(model, "disable_adapter"):
-        return contextlib.nullcontext()
-    return model.disable_adapter()
+def _completion(tokenizer, generated: list[int], prompt_len: int, stop_ids: list[int]) -> Completion:
+    stop_at = next((i for i, t in enumerate(generated) if t in stop_ids), None)
+    ids = generated if stop_at is None else generated[:stop_at]
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    if stop_at is None:
+        return Completion(text, ids, prompt_len, len(ids), "length")
+    return Completion(text, ids, prompt_len, len(ids) + 1, "stop")
 
-
-@torch.no_grad()
-def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
-             stream: Callable[[str], None] | None = None, use_adapter: bool = True) -> str:
-    """Generate the assistant reply to `messages`; `use_adapter=False` answers with the base."""
-    if not messages or messages[-1].get("role") not in ("user", "tool"):
-        raise LorakitError("the conversation must end with a user message", hint="add a final {'role': 'user', ...}")
-    tok = session.tokenizer
-    ids = session.template.encode_prompt(tok, messages)
-    input_ids = torch.tensor([ids], device=session.model.device)
-    kwargs = _generation_kwargs(session, sampling or Sampling())
-    if stream is not None:
-        kwargs["streamer"] = _CallbackStreamer(tok, len(ids), stream)
-    with adapter_enabled(session.model, use_adapter):
-        out = session.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 @torch.no_grad()
 def generate_batch(session: Session, conversations: list[list[dict]], sampling: Sampling | None = None, *,
-                   use_adapter: bool = True) -> list[str]:
-    """Answer several conversations in one left-padded batch (eval and the demo)."""
-    tok = session.tokenizer
-    kwargs = _generation_kwargs(session, sampling or Sampling())
-    prompts = [session.template.encode_prompt(tok, msgs) for msgs in conversations]
+                   adapter: str | None = None, use_adapter: bool = True,
+                   stream: Callable[[str], None] | None = None) -> list[Completion]:
+    """Answer several conversations in one left-padded batch with `adapter` (default: the session's
+    first; `BASE` or `use_adapter=False`: the base model, prompted with that adapter's template)."""
+    chosen = session.adapter(adapter)
+    name = BASE if (adapter == BASE or not use_adapter) else chosen.name
+    tok, template = session.tokenizer, chosen.template
+    for i, msgs in enumerate(conversations):
+        if not msgs or msgs[-1].get("role") not in ("user", "tool"):
+            raise LorakitError(f"conversation {i} must end with a user message",
+                               hint="add a final {'role': 'user', ...}")
+    kwargs = _generation_kwargs(tok, template, sampling or Sampling())
+    prompts = [template.encode_prompt(tok, msgs) for msgs in conversations]
     width = max(len(p) for p in prompts)
     pad = kwargs["pad_token_id"]
     device = session.model.device
     # Left padding: every prompt ends at the same column, where generation starts.
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    with adapter_enabled(session.model, use_adapter):
-        out = session.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    if stream is not None:
+        kwargs["streamer"] = _CallbackStreamer(tok, width, stream, set(kwargs["eos_token_id"]))
+    out = _run_generate(session, name, input_ids, attention_mask, kwargs)
+    return [_completion(tok, row[width:].tolist(), len(p), kwargs["eos_token_id"]) for row, p in zip(out, prompts)]
+
+
+def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
+             stream: Callable[[str], None] | None = None, adapter: str | None = None,
+             use_adapter: bool = True) -> Completion:
+    """The assistant reply to `messages` (see `generate_batch`); `stream` receives text as it comes."""
+    return generate_batch(session, [messages], sampling, adapter=adapter, use_adapter=use_adapter, stream=stream)[0]
+
+
+def _mixable(session: Session) -> bool:
+    """PEFT mixes adapters per row for plain LoRA only, not DoRA."""
+    return not any(a.meta.lora.get("use_dora") for a in session.adapters.values())
+
+
+def _run_generate(session: Session, name: str, input_ids, attention_mask, kwargs: dict):
+    model = session.model
+    if _mixable(session):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              adapter_names=[name] * input_ids.shape[0], **kwargs)
+    if name == BASE:
+        with model.disable_adapter():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    model.set_adapter(name)  # DoRA: one adapter at a time (see the module docstring)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -121,6 +121,33 @@ class Template:
                 "fix the row, or choose data.template: chatml or alpaca",
             ) from None
 
+    def hf_chat_template(self, tokenizer: Any) -> str:
+        """A Hugging Face chat template that renders what this template trains on, for outside
+        engines: `apply_chat_template(messages, add_generation_prompt=True)` gives the token ids of
+        `encode_prompt` (tests/test_artifacts.py checks every template kind).
+
+        It adds, in Jinja, what `_normalize` and `_bos` add in Python: the default system message,
+        alpaca's `input` folded into the user turn for templates without an Input block, and the
+        BOS token when the tokenizer adds one that the template does not render."""
+        pre = []
+        if self.name != "alpaca":
+            pre.append(
+                "{%- set ns = namespace(msgs=[]) -%}{%- for m in messages -%}"
+                "{%- if m.get('input') -%}{%- set ns.msgs = ns.msgs + [{'role': m['role'], "
+                "'content': m['content'] + '\\n\\n' + m['input']}] -%}"
+                "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}"
+                "{%- set messages = ns.msgs -%}")
+        if self.system_prompt:
+            pre.append("{%- if not (messages | selectattr('role', 'equalto', 'system') | list) -%}"
+                       "{%- set messages = [{'role': 'system', 'content': " + json.dumps(self.system_prompt)
+                       + "}] + messages -%}{%- endif -%}")
+        body = self.source
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+            body = ("{%- set lorakit_body -%}" + body + "{%- endset -%}"
+                    "{%- if not lorakit_body.startswith(bos_token) -%}{{- bos_token -}}{%- endif -%}"
+                    "{{- lorakit_body -}}")
+        return "".join(pre) + body
+
     # ----------------------------------------------------------------------- tokenizing
 
     def encode(self, tokenizer: Any, example: dict, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:

@@ -27,9 +27,8 @@ def load_test_examples() -> list[dict]:
 
 
 def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, test_limit: int | None = None) -> int:
-    from lorakit.evaluate import answer, perplexity, split_reference
+    from lorakit.evaluate import compare, perplexity
     from lorakit.infer import load_session
-    from lorakit.metrics import aggregate, exact_match
     from lorakit.train.run import train
 
     t0 = time.perf_counter()
@@ -38,13 +37,11 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
     t_train = time.perf_counter() - t0
 
     session = load_session(run_dir)
-    metrics = session.meta["metrics"]
+    metrics = session.meta.metrics
     examples = load_test_examples()[:test_limit]
-    refs = [split_reference(ex)[1] for ex in examples]
     print(f"\nanswering {len(examples)} held-out test prompts with the base model and the tuned model ...")
-    base = answer(session, examples, use_adapter=False, max_new_tokens=20)
-    tuned = answer(session, examples, use_adapter=True, max_new_tokens=20)
-    b, t = aggregate(base, refs), aggregate(tuned, refs)
+    c = compare(session, examples, max_new_tokens=20)
+    b, t = c.base_scores, c.tuned_scores
 
     print("\n=== lorakit demo: SmolLM2-135M-Instruct, base vs LoRA-tuned ===")
     print(f"{'':28}{'base':>10}{'tuned':>10}")
@@ -54,12 +51,11 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
         print(f"{'validation perplexity':28}{perplexity(ls):>10.2f}{perplexity(le):>10.2f}")
     print(f"{'test exact match':28}{b['exact_match']:>10.1%}{t['exact_match']:>10.1%}")
     print(f"{'test ROUGE-L':28}{b['rouge_l']:>10.3f}{t['rouge_l']:>10.3f}")
-    shown = [i for i in range(len(examples)) if exact_match(tuned[i], refs[i]) and not exact_match(base[i], refs[i])][:2]
-    shown = shown or list(range(min(2, len(examples))))
-    for i in shown:
-        prompt = split_reference(examples[i])[0][-1]
+    for i in c.wins(2):
+        prompt = c.prompts[i][-1]
         text = prompt["content"] + (f"\n{prompt['input']}" if prompt.get("input") else "")
-        print(f"\n--- prompt ---\n{text}\n--- expected: {refs[i]}\n--- base:  {base[i][:200]}\n--- tuned: {tuned[i][:200]}")
+        print(f"\n--- prompt ---\n{text}\n--- expected: {c.references[i]}\n--- base:  {c.base[i][:200]}"
+              f"\n--- tuned: {c.tuned[i][:200]}")
     total = time.perf_counter() - t0
     print(f"\ntrained in {t_train:.0f} s ({metrics.get('trained_tokens_per_s')} trained tokens/s); demo total {total:.0f} s")
     print(f"adapter: {run_dir / 'adapter'}\ntry: lorakit generate {run_dir} --instruction \"Explain the return policy.\"")

@@ -20,7 +20,7 @@ from transformers.integrations import TensorBoardCallback
 
 from lorakit import artifacts
 from lorakit import config as config_mod
-from lorakit.artifacts import ADAPTER_DIR, atomic_dir, library_versions, write_meta
+from lorakit.artifacts import ADAPTER_DIR, AdapterMeta
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
@@ -213,7 +213,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     if diagnostics.stopped == "nonfinite":
         raise nonfinite_error(health, checkpoints(run_dir / "checkpoints"))
     metrics = _final_metrics(trainer, counter, seconds)
-    save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, cfg=cfg, prepared=prepared, info=info, metrics=metrics)
+    artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, AdapterMeta.build(cfg, prepared, info, metrics))
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
     return metrics
 
@@ -261,35 +261,3 @@ def _tensorboard(folder: Path):
     except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
         return None
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
-
-
-def save_adapter(model, tokenizer, target: Path, *, cfg: Config, prepared: Prepared, info, metrics: dict) -> None:
-    """Write PEFT files + tokenizer + lorakit.json into `target` atomically."""
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_meta(tmp, {
-            "format": 1,
-            "base_model": {
-                "name": cfg.model.name,
-                "path": str(info.path),
-                "sha256": info.sha256,
-                "dtype": info.dtype,
-                "quantization": info.quantization,
-                "gguf_file": cfg.model.gguf_file,
-                "revision": cfg.model.revision,
-            },
-            "template": prepared.template.to_dict(),
-            "max_length": cfg.data.max_length,
-            "data": {
-                "train": cfg.data.train,
-                "validation": cfg.data.validation,
-                "fingerprint": prepared.fingerprint,
-                "train_examples": len(prepared.train),
-                "validation_examples": len(prepared.validation),
-            },
-            "lora": cfg.to_dict()["lora"],
-            "train": cfg.to_dict()["train"],
-            "versions": library_versions(),
-            "metrics": metrics,
-        })
