@@ -105,7 +105,7 @@ class Session:
     model: Any
     tokenizer: Any
     adapters: dict[str, Adapter] = field(default_factory=dict)
-    base_sha256: str | None = None
+    base_sha256: str | None = None  # of the base weights loaded (lorakit.model.load)
 
     @property
     def default(self) -> Adapter:
@@ -136,11 +136,13 @@ class Session:
             raise LorakitError(f"an adapter named {name!r} is already loaded", where=str(path),
                                hint="give it another name")
         first = self.default.meta.base
-        if (meta.base.sha256 and first.sha256 and meta.base.sha256 != first.sha256) or \
-                (not (meta.base.sha256 and first.sha256) and meta.base.name != first.name):
+        loaded = self.base_sha256  # the weights actually in memory, else what the first adapter recorded
+        ours = loaded or first.sha256
+        if (meta.base.sha256 and ours and meta.base.sha256 != ours) or \
+                (not (meta.base.sha256 and ours) and meta.base.name != first.name):
             raise LorakitError(
                 f"adapter {name!r} was trained on another base ({meta.base.name}, weights "
-                f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(first.sha256 or '?')[:12]})",
+                f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(ours or '?')[:12]})",
                 where=str(adapter_dir / "lorakit.json"), hint="serve it over its own base in another session")
         self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self.adapters[name] = Adapter(name, adapter_dir, meta, meta.template_object())

@@ -29,7 +29,7 @@ from lorakit.resolve import Machine, checkpoints_every_pass, weight_dtype
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _from_pretrained(auto_cls, mcfg: ModelConfig, src: "_Source", **kwargs):
 
 def resolve_dtype(mcfg: ModelConfig, machine: Machine | None = None) -> torch.dtype:
     """The torch dtype `lorakit.resolve.weight_dtype` picks for this config on `machine` (default: this one)."""
-    return _DTYPES[weight_dtype(mcfg, machine or Machine.detect())]
+    return TORCH_DTYPES[weight_dtype(mcfg, machine or Machine.detect())]
 
 
 def load_config(mcfg: ModelConfig):

@@ -24,16 +24,13 @@ from lorakit.artifacts import ADAPTER_DIR, AdapterMeta
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
-from lorakit.model.load import load_model, load_tokenizer
+from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
 from lorakit.train.diagnostics import Diagnostics, Health, nonfinite_error, oom_error, preflight
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           machine: Machine | None = None) -> Path:
@@ -147,7 +144,7 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
         use_cache=False,
     )
     return TrainSetup(args, resolved.tokens_per_pass, resolved.checkpointing == "oversize",
-                      _DTYPES.get(resolved.fast_half) if resolved.fast_half else None)
+                      TORCH_DTYPES.get(resolved.fast_half))
 
 
 def _warmup_steps(cfg: Config, total: int) -> int:
@@ -184,7 +181,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
         _tensorboard(run_dir / "logs"),
         *callbacks,
     ]
-    for note in apply_fast_path(resolved, model):
+    for note in apply_fast_path(resolved, model, setup.fast_half):
         log(note)
     # Looked up at call time: benchmarks/compare.py substitutes a counting subclass.
     trainer = trainer_mod.LorakitTrainer(
@@ -218,13 +215,13 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     return metrics
 
 
-def apply_fast_path(resolved: Resolved, model) -> list[str]:
-    """Switch on lorakit's training kernels (train.fast_path); returns what was done, for the log."""
+def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list[str]:
+    """Switch on lorakit's training kernels (train.fast_path); `half` is `TrainSetup.fast_half`.
+    Returns what was done, for the log."""
     if not resolved.cfg.train.fast_path:
         return []
     from lorakit.train import speed
 
-    half = _DTYPES.get(resolved.fast_half) if resolved.fast_half else None
     done = speed.apply(model, half, resolved.cfg.data.packing)
     notes = []
     if done["saved"] or done["fused"]:
