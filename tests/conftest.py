@@ -99,3 +99,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "alpaca.jsonl", ALPACA_ROWS)
+
+
+def make_adapter(base_dir: Path, tokenizer, folder: Path, seed: int, *, lora=None, template: str = "alpaca",
+                 sha: str | None = None, name: str | None = None, scale: float = 0.5,
+                 quantization: str = "none") -> Path:
+    """A LoRA adapter over `base_dir` with random (non-zero) LoRA weights, saved as `lorakit train`
+    saves one (PEFT files + tokenizer + lorakit.json) into `folder/adapter`; returns `folder`.
+
+    B = 0 at PEFT's init would make adapter and base identical, so every lora_* parameter (and
+    DoRA magnitude, modules_to_save copy) gets seeded noise of std `scale` instead."""
+    import torch
+
+    from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, save_adapter
+    from lorakit.config import LoraConfig, ModelConfig
+    from lorakit.data.templates import resolve_template
+    from lorakit.model.load import load_model
+    from lorakit.model.lora import apply_lora
+
+    lora = lora or LoraConfig(r=4, alpha=8, dropout=0.0)
+    model, info = load_model(ModelConfig(name=str(base_dir)), training=False)
+    model = apply_lora(model, lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale) if "magnitude" in n or "modules_to_save" in n \
+                    else p.copy_(torch.randn(p.shape, generator=g) * scale)
+    tmpl = resolve_template(template, tokenizer)
+    meta = AdapterMeta(BaseModelRef(name or str(base_dir), str(base_dir), sha or info.sha256, info.dtype, quantization),
+                       tmpl.to_dict(), DataRef([], [], "", 0, 0), 96,
+                       {k: v for k, v in vars(lora).items()}, {}, {}, {})
+    save_adapter(model, tokenizer, folder / "adapter", meta)
+    return folder

@@ -42,12 +42,12 @@ def _prepared(labels_list):
 
 def test_no_trainable_parameters_stops_before_training(tmp_path, tiny_model_dir):
     with pytest.raises(LorakitError, match="no trainable parameters"):
-        preflight(tiny(tmp_path, tiny_model_dir), _prepared([[5, 2]]), _Tok(), trainable=0, warn=print)
+        preflight(tiny(tmp_path, tiny_model_dir), _prepared([[5, 2]]), _Tok(), trainable=0, warn=lambda m, **_: print(m))
 
 
 def test_all_zero_loss_mask_stops_before_training(tmp_path, tiny_model_dir):
     with pytest.raises(LorakitError, match="loss mask is all zero"):
-        preflight(tiny(tmp_path, tiny_model_dir), _prepared([[-100, -100]]), _Tok(), trainable=10, warn=print)
+        preflight(tiny(tmp_path, tiny_model_dir), _prepared([[-100, -100]]), _Tok(), trainable=10, warn=lambda m, **_: print(m))
 
 
 def test_eos_missing_from_labels_stops_before_training(tmp_path, tiny_model_dir):
@@ -89,7 +89,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir)
 
 def _diag(cfg, logs_seq):
     said: list[str] = []
-    d = Diagnostics(cfg, Health(), said.append)
+    d = Diagnostics(cfg, Health(), lambda m, **_: said.append(m))
     state, control = TrainerState(), TrainerControl()
     for i, logs in enumerate(logs_seq, 1):
         state.global_step = i

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_adapter
 
 from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, save_adapter
 from lorakit.config import LoraConfig, ModelConfig
@@ -21,22 +22,7 @@ PROMPTS = [messages_from_instruction("Say hello."),
 
 
 def _adapter(tiny_model_dir, tokenizer, folder, seed: int, *, sha: str | None = None, name: str | None = None):
-    """A LoRA adapter with random (non-zero) B over the tiny base, saved as `lorakit train` saves one."""
-    from lorakit.model.load import load_model
-    from lorakit.model.lora import apply_lora
-
-    model, info = load_model(ModelConfig(name=str(tiny_model_dir)), training=False)
-    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    template = resolve_template("alpaca", tokenizer)
-    meta = AdapterMeta(BaseModelRef(name or str(tiny_model_dir), str(tiny_model_dir), sha or info.sha256, info.dtype,
-                                    "none"), template.to_dict(), DataRef([], [], "", 0, 0), 96, {"r": 4}, {}, {}, {})
-    save_adapter(model, tokenizer, folder / "adapter", meta)
-    return folder
+    return make_adapter(tiny_model_dir, tokenizer, folder, seed, sha=sha, name=name)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,12 @@
 """The run directory: how stages hand work to each other.
 
-`runs/<name>/` holds `config.yaml` (resolved), `adapter/` (PEFT files plus
-`lorakit.json`), `checkpoints/`, `logs/` (TensorBoard) and `metrics.jsonl`. Every later
-stage needs only the run or adapter folder, so `lorakit.json` carries everything needed to
-use the adapter again: template, base model and its hash, data fingerprint, versions.
+`runs/<name>/` holds `config.yaml` (resolved), `adapter/` (PEFT files plus `lorakit.json`),
+`checkpoints/`, `logs/` (TensorBoard), `metrics.jsonl` (every train/eval log record),
+`diagnostics.jsonl` (every warning raised), `data.json` (what the data looked like),
+`eval/` (per-example results and summaries of `lorakit eval`), `merge.json` (the last merge's
+parity check) and `report.html`. `RunPaths` is the one place these names are spelled. Every
+later stage needs only the run or adapter folder, so `lorakit.json` carries everything needed
+to use the adapter again: template, base model and its hash, data fingerprint, versions.
 """
 
 from __future__ import annotations
@@ -23,6 +26,79 @@ from lorakit.errors import LorakitError
 
 META_FILE = "lorakit.json"
 ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run folder, by what they hold."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, path: str | Path) -> "RunPaths":
+        """A run folder, or its adapter folder (runs/<name>/adapter -> runs/<name>)."""
+        p = Path(path)
+        if p.name == ADAPTER_DIR and (p / META_FILE).exists():
+            p = p.parent
+        return cls(p)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / ADAPTER_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def metrics(self) -> Path:
+        """metrics.jsonl: one JSON object per Trainer log record (see train.callbacks.MetricsLogger)."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def diagnostics(self) -> Path:
+        """diagnostics.jsonl: one `Diagnostic` per line, in the order raised."""
+        return self.root / "diagnostics.jsonl"
+
+    @property
+    def data(self) -> Path:
+        """data.json: `lorakit.data.dataset.DataStats.to_dict()` plus the template name."""
+        return self.root / "data.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def eval_records(self, name: str) -> Path:
+        """eval/<name>.jsonl: one `EvalRecord` per example."""
+        return self.eval_dir / f"{name}.jsonl"
+
+    def eval_summary(self, name: str) -> Path:
+        return self.eval_dir / f"{name}.summary.json"
+
+    def eval_summaries(self) -> list["EvalSummary"]:
+        """Every summary in eval/, oldest first."""
+        if not self.eval_dir.is_dir():
+            return []
+        out = [EvalSummary.read(p) for p in self.eval_dir.glob("*.summary.json")]
+        return sorted(out, key=lambda s: s.created)
+
+    @property
+    def merge(self) -> Path:
+        """merge.json: the last `lorakit merge`'s parity check (also written into the merged folder)."""
+        return self.root / "merge.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
 
 
 def fsync_tree(folder: Path) -> None:
@@ -240,6 +316,124 @@ def save_adapter(model, tokenizer, target: Path, meta: AdapterMeta) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file lorakit wrote; a torn last line (a killed run) is skipped."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def now_iso() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- diagnostics and eval records
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A problem raised during a run (lorakit.train.diagnostics): its key ('lr_high', 'flat', 'nan', ...),
+    the optimizer step (None before training), the message shown to the user, and when."""
+
+    kind: str
+    message: str
+    step: int | None = None
+    time: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Diagnostic":
+        return cls(str(d.get("kind", "")), str(d.get("message", "")), d.get("step"), str(d.get("time", "")))
+
+
+def read_diagnostics(paths: RunPaths) -> list[Diagnostic]:
+    return [Diagnostic.from_dict(d) for d in read_jsonl(paths.diagnostics)]
+
+
+EVAL_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """eval/<data>.summary.json: what `lorakit eval` measured on one dataset.
+
+    `models` are the columns of the table: "tuned" always, "base" with --base (the base prompted
+    with the adapter's template). `loss` / `perplexity` map a model to its token-weighted held-out
+    loss (None without labelled tokens); `scores` map a model to its generation metrics
+    (lorakit.metrics.SCORES, plus json_valid / json_field_accuracy when every reference is JSON)."""
+
+    data: str  # 'validation', 'test', or the file stem
+    sources: list[str]
+    count: int
+    adapter: str
+    models: list[str]
+    loss: dict[str, float | None]
+    perplexity: dict[str, float | None]
+    scores: dict[str, dict[str, float]]
+    generation: dict[str, Any]  # max_new_tokens, batch_size, seconds, answers_per_s
+    created: str = ""
+    schema: int = EVAL_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, path: Path) -> "EvalSummary":
+        where = str(path)
+        try:
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LorakitError(f"cannot read the eval summary: {e}", where=where,
+                               hint="re-run `lorakit eval RUN` to write it again") from None
+        if not isinstance(raw, dict) or raw.get("schema", 0) > EVAL_SCHEMA:
+            raise LorakitError("not an eval summary this lorakit can read", where=where,
+                               hint="re-run `lorakit eval RUN`, or upgrade lorakit")
+        try:
+            return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+        except TypeError as e:
+            raise LorakitError(f"malformed eval summary: {e}", where=where,
+                               hint="re-run `lorakit eval RUN` to write it again") from None
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """One line of eval/<data>.jsonl: the prompt (messages), the reference, each model's answer and
+    its per-example scores ({model: {metric: value}})."""
+
+    index: int
+    prompt: list[dict[str, Any]]
+    reference: str
+    answers: dict[str, str]
+    scores: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalRecord":
+        return cls(int(d["index"]), list(d["prompt"]), str(d["reference"]), dict(d["answers"]), dict(d["scores"]))
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # --------------------------------------------------------------------------- claiming a run folder

@@ -16,6 +16,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
+from lorakit.artifacts import Diagnostic, append_jsonl, now_iso
 from lorakit.config import Config
 from lorakit.errors import LorakitError
 from lorakit.resolve import Resolved
@@ -35,7 +36,37 @@ class Health:
     nonfinite_value: float | None = None
 
 
-def preflight(cfg: Config, prepared, tokenizer, trainable: int, warn: Callable[[str], None]) -> None:
+class DiagnosticLog:
+    """Every warning of a run, shown to the user as it is raised and kept in diagnostics.jsonl (the
+    report lists them). Warnings raised before the run folder exists are held until `attach`.
+
+    Called as `warn(message, kind=..., step=...)`; a plain `print` works as a `warn` too."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.raised: list[Diagnostic] = []
+        self.path = None
+
+    def __call__(self, message: str, kind: str = "warning", step: int | None = None) -> None:
+        self.log(message)
+        self.record(message, kind, step)
+
+    def record(self, message: str, kind: str = "warning", step: int | None = None) -> None:
+        """Keep without showing (an error the CLI prints itself)."""
+        d = Diagnostic(kind, message, step, now_iso())
+        self.raised.append(d)
+        if self.path is not None:
+            append_jsonl(self.path, d.__dict__)
+
+    def attach(self, path) -> None:
+        """Write what was raised so far to `path` (replacing an older run's file) and append from now on."""
+        self.path = path
+        path.write_text("", encoding="utf-8")
+        for d in self.raised:
+            append_jsonl(path, d.__dict__)
+
+
+def preflight(cfg: Config, prepared, tokenizer, trainable: int, warn: Callable[..., None]) -> None:
     """Checks that need no training step; errors stop before any compute is spent."""
     if trainable == 0:
         raise LorakitError("the model has no trainable parameters after applying LoRA",
@@ -55,16 +86,17 @@ def preflight(cfg: Config, prepared, tokenizer, trainable: int, warn: Callable[[
             )
         if share < 0.5:
             warn(f"warning: only {share:.0%} of training examples keep their EOS in the loss (truncated at "
-                 f"data.max_length {cfg.data.max_length}); raise data.max_length or set data.overlong: drop")
+                 f"data.max_length {cfg.data.max_length}); raise data.max_length or set data.overlong: drop",
+                 kind="eos_truncated")
     if cfg.train.lr > LR_HIGH:
         warn(f"warning: train.lr {cfg.train.lr:g} is above {LR_HIGH:g}, high for LoRA (the guide uses 1e-4 to "
-             "3e-4); expect unstable loss")
+             "3e-4); expect unstable loss", kind="lr_high")
 
 
 class Diagnostics(TrainerCallback):
     """Watch the logs and the per-step loss; warn once per problem, stop on NaN or overfitting."""
 
-    def __init__(self, cfg: Config, health: Health, warn: Callable[[str], None]):
+    def __init__(self, cfg: Config, health: Health, warn: Callable[..., None]):
         self.cfg = cfg
         self.health = health
         self.warn = warn
@@ -74,10 +106,10 @@ class Diagnostics(TrainerCallback):
         self.evals_worse = 0
         self.stopped: str | None = None  # why training was stopped early, if it was
 
-    def _once(self, key: str, message: str) -> None:
+    def _once(self, key: str, message: str, step: int | None = None) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            self.warn(message)
+            self.warn(message, kind=key, step=step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.health.nonfinite_step is not None and self.stopped is None:
@@ -94,11 +126,12 @@ class Diagnostics(TrainerCallback):
         if grad is not None and math.isfinite(grad):
             if grad > GRAD_HIGH:
                 self._once("grad_high", f"warning: gradient norm {grad:.3g} at step {state.global_step} is above "
-                           f"{GRAD_HIGH:g} (exploding); lower train.lr or keep train.max_grad_norm clipping on")
+                           f"{GRAD_HIGH:g} (exploding); lower train.lr or keep train.max_grad_norm clipping on",
+                           state.global_step)
             elif grad < GRAD_LOW:
                 self._once("grad_low", f"warning: gradient norm {grad:.3g} at step {state.global_step} is below "
                            f"{GRAD_LOW:g} (vanishing); check that the loss mask covers the responses "
-                           "(`lorakit data CONFIG`) and that train.lr is not tiny")
+                           "(`lorakit data CONFIG`) and that train.lr is not tiny", state.global_step)
         if "loss" in logs and math.isfinite(logs["loss"]):
             self.losses.append(logs["loss"])
             if len(self.losses) == 2 * FLAT_WINDOW:  # judged once, early: later plateaus are convergence
@@ -108,7 +141,7 @@ class Diagnostics(TrainerCallback):
                     self._once("flat", f"warning: the training loss has not fallen in its first {len(self.losses)} "
                                f"logs ({first:.4f} -> {later:.4f}): nothing is being learned. Check the prompt "
                                "template and the loss mask with `lorakit data CONFIG`, and that train.lr is not "
-                               "too small")
+                               "too small", state.global_step)
         if "eval_loss" in logs:
             self._watch_eval(logs["eval_loss"], state, control)
 
@@ -122,7 +155,8 @@ class Diagnostics(TrainerCallback):
             self._once("overfit", f"warning: validation loss {loss:.4f} at step {state.global_step} is above its best "
                        f"{self.best_eval:.4f} for {self.evals_worse} evaluations: overfitting. Use fewer epochs, "
                        "more lora.dropout or more data" + ("" if patience else
-                                                           "; train.early_stopping_patience stops such runs"))
+                                                           "; train.early_stopping_patience stops such runs"),
+                       state.global_step)
         if patience and self.evals_worse >= patience:
             self.stopped = "early_stopping"
             control.should_training_stop = True

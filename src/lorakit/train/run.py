@@ -20,7 +20,7 @@ from transformers.integrations import TensorBoardCallback
 
 from lorakit import artifacts
 from lorakit import config as config_mod
-from lorakit.artifacts import ADAPTER_DIR, AdapterMeta
+from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, RunPaths
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
@@ -30,7 +30,7 @@ from lorakit.resolve import Machine, Resolved, resolve
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
-from lorakit.train.diagnostics import Diagnostics, Health, nonfinite_error, oom_error, preflight
+from lorakit.train.diagnostics import DiagnosticLog, Diagnostics, Health, nonfinite_error, oom_error, preflight
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           machine: Machine | None = None) -> Path:
@@ -41,6 +41,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     so the result equals an uninterrupted run's.
     """
     machine = machine or Machine.detect()
+    warn = DiagnosticLog(log)
     resolve(cfg, machine)  # a config this machine cannot run fails before any data is read
     if not resume:
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
@@ -56,7 +57,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     cfg = resolved.cfg
     checkpoint = check_resumable(cfg, cfg.run_dir) if resume else None
 
-    model, info = build_model(resolved, tokenizer, prepared, log)
+    model, info = build_model(resolved, tokenizer, prepared, log, warn)
     backup = None
     if resume:
         trim_metrics(cfg.run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
@@ -65,7 +66,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         backup = artifacts.claim(cfg.run_dir)
     try:
         fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
-            progress=progress)
+            progress=progress, warn=warn)
     except BaseException:
         artifacts.restore(cfg.run_dir, backup, log)
         raise
@@ -73,14 +74,15 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     return cfg.run_dir
 
 
-def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable[[str], None]):
+def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable[[str], None],
+                warn: Callable[..., None] | None = None):
     """The base with LoRA attached, checked before training (`preflight`); returns (model, ModelInfo)."""
     cfg = resolved.cfg
     model, info = load_model(cfg.model, training=True, tokenizer=tokenizer, machine=resolved.machine)
     model = apply_lora(model, cfg.lora)
     trainable, _ = count_parameters(model)
     log(describe_parameters(model))
-    preflight(cfg, prepared, tokenizer, trainable, log)
+    preflight(cfg, prepared, tokenizer, trainable, warn or log)
     return model, info
 
 
@@ -163,15 +165,20 @@ def total_steps(cfg: Config, n_train: int) -> int:
 
 def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared, info, *,
         checkpoint: Path | None = None, log: Callable[[str], None] = print, progress: bool = True,
-        counter: TokenCounter | None = None, callbacks: list[TrainerCallback] = ()) -> dict[str, Any]:
+        counter: TokenCounter | None = None, callbacks: list[TrainerCallback] = (),
+        warn: DiagnosticLog | None = None) -> dict[str, Any]:
     """The training loop proper, into a claimed run folder; ends with the published adapter.
     Returns the run's final metrics."""
     from transformers import TrainingArguments
 
     cfg = resolved.cfg
-    config_mod.save(cfg, run_dir / "config.yaml")
+    paths = RunPaths(run_dir)
+    config_mod.save(cfg, paths.config)
+    artifacts.atomic_write_json(paths.data, {"template": prepared.template.name, **prepared.stats.to_dict()})
+    warn = warn or DiagnosticLog(log)
+    warn.attach(paths.diagnostics)
     counter, health = counter or TokenCounter(), Health()
-    diagnostics = Diagnostics(cfg, health, log)
+    diagnostics = Diagnostics(cfg, health, warn)
     setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
     (run_dir / "logs").mkdir(exist_ok=True)
     all_callbacks = [
@@ -205,11 +212,15 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        raise oom_error(resolved, prepared.stats.length_percentiles.get("p99")) from e
+        error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
+        warn.record(error.render(), kind="oom")
+        raise error from e
     seconds = time.perf_counter() - start
     if diagnostics.stopped == "nonfinite":
-        raise nonfinite_error(health, checkpoints(run_dir / "checkpoints"))
-    metrics = _final_metrics(trainer, counter, seconds)
+        error = nonfinite_error(health, checkpoints(paths.checkpoints))
+        warn.record(error.render(), kind="nonfinite", step=health.nonfinite_step)
+        raise error
+    metrics = _final_metrics(trainer, counter, seconds, resolved.machine.device)
     artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, AdapterMeta.build(cfg, prepared, info, metrics))
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
     return metrics
@@ -234,7 +245,17 @@ def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list
     return notes
 
 
-def _final_metrics(trainer, counter: TokenCounter, seconds: float) -> dict[str, Any]:
+def peak_memory(device: str) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA allocator's peak on a GPU, the process's peak resident
+    set on CPU (weights, activations and the Python process together: what the machine must have)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+
+
+def _final_metrics(trainer, counter: TokenCounter, seconds: float, device: str = "cpu") -> dict[str, Any]:
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -249,6 +270,7 @@ def _final_metrics(trainer, counter: TokenCounter, seconds: float) -> dict[str, 
         "trained_tokens_per_s": round(trained_tps, 1),
         "real_tokens_per_s": round(real_tps, 1),
         "train_seconds": round(seconds, 1),
+        **dict(zip(("peak_memory_bytes", "peak_memory_kind"), peak_memory(device))),
     }
 
 
