@@ -109,6 +109,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from lorakit.evaluate import evaluate_run, format_summary
+
+    summaries = evaluate_run(args.run, data=args.data, split=args.split, base=args.base,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    for s in summaries:
+        print(format_summary(s))
+    from lorakit.artifacts import RunPaths, find_adapter_dir
+
+    paths = RunPaths.of(find_adapter_dir(args.run))
+    print(f"per-example results: {paths.eval_dir}/")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from lorakit.runs import format_runs, list_runs
+
+    print(format_runs(list_runs(args.dir)))
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from lorakit.doctor import FAIL, format_checks, run_checks
 
@@ -175,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true")
     g.set_defaults(func=cmd_generate, overrides=[])
 
+    e = sub.add_parser("eval", help="Score a trained adapter on held-out data: loss, perplexity, exact match, "
+                       "ROUGE-L, BLEU (and JSON field accuracy); --base puts the base model beside it.")
+    e.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    e.add_argument("--data", nargs="+", metavar="FILE", help="eval files (any training format); default: --split")
+    e.add_argument("--split", default="validation", choices=["validation", "test"],
+                   help="the run's validation split (as training made it) or its data.test files")
+    e.add_argument("--base", action="store_true", help="also score the base model (prompted with the same template)")
+    e.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + 16)")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts answered per batch")
+    e.add_argument("--limit", type=int, help="score only the first N examples")
+    e.set_defaults(func=cmd_eval, overrides=[])
+
+    r = sub.add_parser("runs", help="List the runs in a folder, newest first: base, template, steps, losses, "
+                       "exact match, date.")
+    r.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    r.set_defaults(func=cmd_runs, overrides=[])
+
     sub.add_parser("doctor", help="Check versions, GPU/bf16, bitsandbytes, llama.cpp and disk; print fixes.") \
         .set_defaults(func=cmd_doctor)
 
@@ -196,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate",):
+    if extra and args.command in ("generate", "eval", "runs"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()

@@ -90,6 +90,11 @@ class DataConfig:
         factory=list,
     )
     val_fraction: float = _help("Fraction of train held out for validation when no file is given.", 0.1)
+    test: list[str] = _help(
+        "Held-out test data (same forms as `train`), never trained on or used for early stopping: "
+        "what `lorakit eval RUN --split test` scores.",
+        factory=list,
+    )
     format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"] = _help(
         "Row format. 'auto' detects it from the keys of each file's first row.", "auto"
     )
@@ -190,6 +195,17 @@ class TrainConfig:
         "same as one big batch's. Bounds activation memory. 'auto': 512 on CPU (the fastest size "
         "measured there), 8192 on a GPU (not yet measured there: no GPU was available).",
         "auto",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = _help(
+        "Experiment trackers, through the Trainer's own integrations: TensorBoard writes to "
+        "runs/<name>/logs; wandb, mlflow and trackio need their package installed and read their usual "
+        "environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI=file:..., ...). [] logs to metrics.jsonl only.",
+        factory=lambda: ["tensorboard"],
+    )
+    eval_generate_rows: int = _help(
+        "At every evaluation also answer this many validation rows greedily and log exact match, "
+        "ROUGE-L and BLEU (eval_exact_match, ...) beside eval_loss. 0: loss only (generation is slow).",
+        0,
     )
     fast_path: bool = _help(
         "lorakit's training kernels: fused LoRA linear with a cheaper dropout draw, frozen weights "
@@ -457,6 +473,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, base_dir: Path | N
     if base_dir is not None:
         cfg.data.train = [_resolve(p, base_dir) for p in cfg.data.train]
         cfg.data.validation = [_resolve(p, base_dir) for p in cfg.data.validation]
+        cfg.data.test = [_resolve(p, base_dir) for p in cfg.data.test]
         cfg.model.name = _resolve(cfg.model.name, base_dir)
     return cfg
 

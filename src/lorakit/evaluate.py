@@ -1,21 +1,36 @@
-"""Held-out evaluation: answers from the base and the tuned model, scored with `lorakit.metrics`.
+"""`lorakit eval`: held-out loss and greedy answers of the tuned model (and the base), scored.
 
-Answers are greedy, so base and tuned are compared without sampling noise, and are scored
-against the last assistant turn of each example. The base is prompted with the adapter's own
-template (what training used), so the comparison measures the adapter, not a template change.
+Loss is token-weighted over every labelled position of the set, computed by the training loss
+(`train.loss.summed_loss`) on the set encoded exactly as training encoded its data, so
+"eval loss" here and in training measure the same thing. Answers are greedy, so base and tuned
+are compared without sampling noise, and scored against the last assistant turn of each
+example. The base is prompted with the adapter's own template (what training used), so the
+comparison measures the adapter, not a template change.
+
+Results go to the run folder (`RunPaths.eval_records` / `eval_summary`): one record per
+example and one summary per set, both written atomically; the report and `lorakit runs` read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+from lorakit import metrics as M
+from lorakit.artifacts import EvalRecord, EvalSummary, RunPaths, now_iso, write_jsonl_atomic
+from lorakit.errors import LorakitError
 from lorakit.infer import BASE, Sampling, Session, generate_batch
-from lorakit.metrics import aggregate, exact_match
+
+TUNED, BASE_MODEL = "tuned", "base"
 
 
-def perplexity(loss: float) -> float:
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
     return math.exp(loss) if loss < 50 else float("inf")
 
 
@@ -26,45 +41,224 @@ def split_reference(example: dict[str, Any]) -> tuple[list[dict], str]:
     return msgs[:last], msgs[last]["content"]
 
 
-def answer(session: Session, examples: list[dict], *, adapter: str | None = None, use_adapter: bool = True,
-           max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy answers for each example's prompt (deterministic, so base and tuned compare fairly)."""
+def has_reference(example: dict[str, Any]) -> bool:
+    msgs = example.get("messages") or []
+    return any(m["role"] == "assistant" for m in msgs) and any(m["role"] in ("user", "tool") for m in msgs)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def held_out_loss(session: Session, items: list[dict], *, use_adapter: bool = True, batch_size: int = 8) -> float | None:
+    """Mean cross-entropy per labelled token over `items` (encoded examples); None if none is labelled."""
+    import torch
+
+    from lorakit.data.collate import Collator
+    from lorakit.train.loss import summed_loss
+
+    model = session.model
+    collate = Collator(session.tokenizer.pad_token_id)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))  # less padding per batch
+    total, count = 0.0, 0
+    ctx = model.disable_adapter() if not use_adapter else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            batch = collate([items[j] for j in order[i:i + batch_size]])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            s, n = summed_loss(model, batch)
+            total, count = total + s, count + n
+    return total / count if count else None
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def answer(session: Session, prompts: list[list[dict]], *, use_adapter: bool = True, max_new_tokens: int = 64,
+           batch_size: int = 16, adapter: str | None = None) -> list[str]:
+    """Greedy answers to `prompts`, batched by prompt length (less left padding), in input order."""
     sampling = Sampling(max_new_tokens=max_new_tokens, greedy=True)
-    prompts = [split_reference(ex)[0] for ex in examples]
-    outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        outs += [c.text for c in generate_batch(session, prompts[i:i + batch_size], sampling, adapter=adapter,
-                                                use_adapter=use_adapter)]
-    return outs
+    tok, template = session.tokenizer, session.adapter(adapter).template
+    lengths = [len(template.encode_prompt(tok, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[str] = [""] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        done = generate_batch(session, [prompts[j] for j in idx], sampling, adapter=adapter, use_adapter=use_adapter)
+        for j, c in zip(idx, done):
+            out[j] = c.text
+    return out
+
+
+def auto_max_new_tokens(session: Session, references: list[str], cap: int = 512) -> int:
+    """Room for the longest reference plus a margin (16 tokens): long enough never to cut a right
+    answer, short enough that a rambling base model does not dominate the run time."""
+    if not references:
+        return 64
+    longest = max(len(session.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    return min(cap, longest + 16)
+
+
+def wins(tuned: list[str], base: list[str], references: list[str], limit: int = 2) -> list[int]:
+    """Indices where the tuned answer is exactly right and the base's is not (else the first ones)."""
+    won = [i for i, ref in enumerate(references)
+           if M.exact_match(tuned[i], ref) and not M.exact_match(base[i], ref)]
+    return (won or list(range(len(references))))[:limit]
+
+
+# --------------------------------------------------------------------------- a run's eval sets
 
 
 @dataclass
-class Comparison:
-    """Base and tuned answers to the same held-out prompts, with their scores."""
-
-    prompts: list[list[dict]]
-    references: list[str]
-    base: list[str]
-    tuned: list[str]
-    base_scores: dict[str, float | int]
-    tuned_scores: dict[str, float | int]
-
-    def wins(self, limit: int = 2) -> list[int]:
-        """Indices where the tuned answer is exactly right and the base's is not (else the first ones)."""
-        won = [i for i, ref in enumerate(self.references)
-               if exact_match(self.tuned[i], ref) and not exact_match(self.base[i], ref)]
-        return (won or list(range(len(self.references))))[:limit]
+class EvalSet:
+    name: str  # 'validation', 'test' or a file stem: the eval/<name>.* files
+    sources: list[str]
+    items: list[dict]  # encoded as training encodes
+    examples: list[dict]
 
 
-def compare(session: Session, examples: list[dict], *, adapter: str | None = None, max_new_tokens: int = 64,
-            batch_size: int = 16) -> Comparison:
-    """Base vs tuned on `examples` (Examples with a final assistant turn as the reference)."""
-    refs = [split_reference(ex)[1] for ex in examples]
-    base = answer(session, examples, adapter=adapter, use_adapter=False, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size)
-    tuned = answer(session, examples, adapter=adapter, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return Comparison([split_reference(ex)[0] for ex in examples], refs, base, tuned, aggregate(base, refs),
-                      aggregate(tuned, refs))
+def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = None, split: str = "validation",
+              log: Callable[[str], None] = print) -> list[EvalSet]:
+    """The sets to score: each --data file, else the run's validation split (re-made from its
+    config, checked against the training fingerprint) or its data.test files."""
+    from lorakit import config as config_mod
+    from lorakit.data.dataset import encode_sources, prepare
+
+    if not paths.config.is_file():
+        raise LorakitError(f"no config.yaml in {paths.root}: the run's data rules are unknown",
+                           hint="point at a run folder made by `lorakit train` (runs/<name>)")
+    cfg = config_mod.load(paths.config)
+    template, tok = session.template, session.tokenizer
+
+    def encoded(name: str, specs: list[str], which: str) -> EvalSet:
+        e = encode_sources(specs, template, tok, cfg.data, which)
+        return EvalSet(name, list(specs), e.items, e.examples)
+
+    if data:
+        sets = []
+        for spec in data:
+            name = Path(spec).stem if Path(spec).suffix else Path(spec).name
+            if any(s.name == name for s in sets):
+                raise LorakitError(f"two --data sets are named {name!r} (eval/{name}.jsonl would be written twice)",
+                                   where=spec, hint="rename one of the files")
+            sets.append(encoded(name, [spec], "test"))
+        return sets
+    if split == "test":
+        if not cfg.data.test:
+            raise LorakitError("the run's config has no data.test", where=str(paths.config),
+                               hint="pass --data FILE, or add data.test to the training config for later runs")
+        return [encoded("test", cfg.data.test, "test")]
+    if split != "validation":
+        raise LorakitError(f"--split {split!r} is not 'validation' or 'test'", hint="use --split validation|test")
+    if cfg.data.validation:
+        return [encoded("validation", cfg.data.validation, "validation")]
+    prepared = prepare(cfg, tok)  # the seeded split of train, as training made it
+    if prepared.fingerprint != session.meta.data.fingerprint:
+        log("warning: the training data changed since this run (fingerprint differs): the validation split "
+            "re-made from it may overlap what was trained")
+    return [EvalSet("validation", [f"{s} (validation split)" for s in cfg.data.train], prepared.validation,
+                    prepared.validation_examples)]
 
 
-__all__ = ["BASE", "Comparison", "answer", "compare", "perplexity", "split_reference"]
+def evaluate_set(session: Session, s: EvalSet, *, base: bool = False, max_new_tokens: int | None = None,
+                 batch_size: int = 16, loss_batch_size: int = 8, limit: int | None = None,
+                 log: Callable[[str], None] = print) -> tuple[EvalSummary, list[EvalRecord]]:
+    """Loss and scored greedy answers of the tuned model (and the base) on one set."""
+    items, examples = s.items[:limit], s.examples[:limit]
+    if not items:
+        raise LorakitError(f"eval set {s.name!r} has no usable example", where=", ".join(s.sources),
+                           hint="check the file's format with `lorakit data` (rows dropped as too long or empty?)")
+    models = [TUNED, BASE_MODEL] if base else [TUNED]
+    loss = {m: held_out_loss(session, items, use_adapter=m == TUNED, batch_size=loss_batch_size) for m in models}
+    gen = [ex for ex in examples if has_reference(ex)]
+    prompts, refs = (list(t) for t in zip(*map(split_reference, gen))) if gen else ([], [])
+    as_json = M.json_references(refs)
+    new_tokens = max_new_tokens or auto_max_new_tokens(session, refs)
+    answers: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    for m in models:
+        if not prompts:
+            break
+        log(f"{s.name}: answering {len(prompts)} prompts with the {m} model ...")
+        t0 = time.perf_counter()
+        answers[m] = answer(session, prompts, use_adapter=m == TUNED, max_new_tokens=new_tokens, batch_size=batch_size)
+        seconds[m] = time.perf_counter() - t0
+    scores = {m: {k: v for k, v in M.aggregate(answers[m], refs).items() if k != "count"} for m in answers}
+    records = [EvalRecord(i, p, r, {m: answers[m][i] for m in answers},
+                          {m: M.score(answers[m][i], r, as_json=as_json) for m in answers})
+               for i, (p, r) in enumerate(zip(prompts, refs))]
+    total_s = sum(seconds.values())
+    summary = EvalSummary(
+        data=s.name, sources=s.sources, count=len(items), adapter=session.default.name, models=models,
+        loss=loss, perplexity={m: perplexity(v) for m, v in loss.items()}, scores=scores,
+        generation={"answered": len(prompts), "max_new_tokens": new_tokens, "batch_size": batch_size,
+                    "greedy": True, "seconds": {m: round(v, 2) for m, v in seconds.items()},
+                    "answers_per_s": round(len(prompts) * len(seconds) / total_s, 2) if total_s else None,
+                    "bleu": "sacrebleu corpus BLEU, 13a tokens, case-sensitive"},
+        created=now_iso())
+    return summary, records
+
+
+def write_results(paths: RunPaths, summary: EvalSummary, records: list[EvalRecord]) -> None:
+    write_jsonl_atomic(paths.eval_records(summary.data), [r.to_dict() for r in records])
+    summary.write(paths.eval_summary(summary.data))
+
+
+def evaluate_run(run: str | Path, *, data: list[str] | None = None, split: str = "validation", base: bool = False,
+                 max_new_tokens: int | None = None, batch_size: int = 16, limit: int | None = None,
+                 session: Session | None = None, log: Callable[[str], None] = print) -> list[EvalSummary]:
+    """`lorakit eval`: score each set, write eval/<set>.jsonl and .summary.json into the run folder."""
+    from lorakit.artifacts import find_adapter_dir
+    from lorakit.infer import load_session
+
+    adapter_dir = find_adapter_dir(run)
+    paths = RunPaths.of(adapter_dir)
+    session = session or load_session(adapter_dir, log=log)
+    out = []
+    for s in eval_sets(paths, session, data=data, split=split, log=log):
+        summary, records = evaluate_set(session, s, base=base, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        limit=limit, log=log)
+        write_results(paths, summary, records)
+        out.append(summary)
+    return out
+
+
+# --------------------------------------------------------------------------- the table
+
+
+LABELS = {"loss": "loss", "perplexity": "perplexity", "exact_match": "exact match",
+          "exact_match_strict": "exact match (strict)", "rouge_l": "ROUGE-L", "bleu": "BLEU",
+          "json_valid": "JSON valid", "json_field_accuracy": "JSON field accuracy"}
+PERCENT = {"exact_match", "exact_match_strict", "json_valid", "json_field_accuracy"}
+
+
+def table_rows(summary: EvalSummary) -> list[tuple[str, dict[str, float | None]]]:
+    """(label, {model: value}) in display order: loss, perplexity, then the generation scores."""
+    rows = [("loss", summary.loss), ("perplexity", summary.perplexity)]
+    keys = [k for k in (*M.SCORES, *M.JSON_SCORES) if any(k in summary.scores.get(m, {}) for m in summary.models)]
+    rows += [(k, {m: summary.scores.get(m, {}).get(k) for m in summary.models}) for k in keys]
+    return rows
+
+
+def fmt_value(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if key in PERCENT:
+        return f"{v:.1%}"
+    return f"{v:.3f}" if key != "perplexity" else f"{v:.2f}"
+
+
+def format_summary(summary: EvalSummary) -> str:
+    cols = [m for m in (BASE_MODEL, TUNED) if m in summary.models]
+    head = f"eval '{summary.data}' ({summary.count} examples, adapter {summary.adapter})"
+    lines = [head, f"{'':24}" + "".join(f"{c:>12}" for c in cols)]
+    for key, vals in table_rows(summary):
+        lines.append(f"{LABELS[key]:24}" + "".join(f"{fmt_value(key, vals.get(c)):>12}" for c in cols))
+    g = summary.generation
+    if g.get("answers_per_s"):
+        lines.append(f"{g['answered']} greedy answers per model (max {g['max_new_tokens']} new tokens, batches of "
+                     f"{g['batch_size']}): {g['answers_per_s']} answers/s")
+    return "\n".join(lines)
+
+
+__all__ = ["BASE", "EvalSet", "answer", "wins", "eval_sets", "evaluate_run", "evaluate_set",
+           "format_summary", "held_out_loss", "perplexity", "split_reference", "write_results"]

@@ -1,13 +1,27 @@
-"""Text metrics for `lorakit eval` and the demo: exact match, ROUGE-L and sentence BLEU.
+"""Text metrics for `lorakit eval`, the demo and generation checks during training.
 
-Pure Python, no dependencies.  Every metric compares `normalize`d strings and, where it needs
-tokens, splits them on whitespace, so "Shipping." and " shipping" are the same answer.
+Everything runs offline: exact match and ROUGE-L are a few lines of Python here (the
+`rouge-score` package is sdist-only and its `rougeLsum` needs an nltk download), BLEU is
+sacrebleu's (the reference implementation; it needs no download, unlike the `evaluate` package,
+which fetches its metric scripts from the hub at load time). All scores are in [0, 1].
+
+- `exact_match_strict`: the answer equals the reference after stripping outer whitespace.
+- `exact_match`: equal after `normalize` (whitespace collapsed, trailing periods dropped,
+  casefolded), so "Shipping." and " shipping" are the same answer.
+- `rouge_l`: LCS F1 on whitespace tokens of the normalized strings.
+- `bleu`: sacrebleu BLEU with its defaults (13a tokenizer, case-sensitive): per example the
+  sentence BLEU with effective order, over a set the corpus BLEU (not a mean of sentence scores).
+- when every reference is a JSON object or array: `json_valid` (the answer parses as JSON) and
+  `json_field_accuracy` (share of the reference's leaf fields the answer has with the same value).
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
+import json
+from typing import Any, Iterator
+
+SCORES = ("exact_match", "exact_match_strict", "rouge_l", "bleu")
+JSON_SCORES = ("json_valid", "json_field_accuracy")
 
 
 def normalize(text: str) -> str:
@@ -25,6 +39,10 @@ def _tokens(text: str) -> list[str]:
 def exact_match(pred: str, ref: str) -> bool:
     """normalize(pred) == normalize(ref)."""
     return normalize(pred) == normalize(ref)
+
+
+def exact_match_strict(pred: str, ref: str) -> bool:
+    return pred.strip() == ref.strip()
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:
@@ -52,53 +70,103 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * _lcs_length(p, r) / (len(p) + len(r))
 
 
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+def _bleu(effective_order: bool):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(effective_order=effective_order)
 
 
-def bleu(pred: str, ref: str, max_n: int = 4) -> float:
-    """Sentence BLEU of `pred` against one reference, on whitespace tokens of normalized strings.
+def bleu(pred: str, ref: str) -> float:
+    """sacrebleu sentence BLEU / 100 (effective order, so a short answer is not zeroed by a missing
+    4-gram). Two empty strings score 1.0; one empty string scores 0.0 (as in `rouge_l`)."""
+    if not pred.strip() or not ref.strip():
+        return 1.0 if not pred.strip() and not ref.strip() else 0.0
+    return _bleu(True).sentence_score(pred, [ref]).score / 100
 
-    p_n = clipped n-gram matches / n-grams in pred, with add-one smoothing for n > 1
-    (p_n = (m_n + 1) / (c_n + 1), Lin & Och 2004) so one missing 4-gram does not zero the score;
-    p_1 is unsmoothed, so a prediction sharing no word with the reference scores 0.
-    BP = 1 if c > r else exp(1 - r / c), with c = |pred|, r = |ref|.
-    BLEU = BP · exp( (1 / max_n) · Σ_{n=1..max_n} log p_n ).
-    Two empty strings score 1.0; one empty string scores 0.0 (as in `rouge_l`).
-    """
-    p, r = _tokens(pred), _tokens(ref)
-    if not p or not r:
-        return 1.0 if not p and not r else 0.0
-    log_sum = 0.0
-    for n in range(1, max_n + 1):
-        pred_ngrams, ref_ngrams = _ngrams(p, n), _ngrams(r, n)
-        matches = sum(min(count, ref_ngrams[g]) for g, count in pred_ngrams.items())
-        total = sum(pred_ngrams.values())
-        if n == 1:
-            if matches == 0:
-                return 0.0
-            log_sum += math.log(matches / total)
-        else:
-            log_sum += math.log((matches + 1) / (total + 1))
-    bp = 1.0 if len(p) > len(r) else math.exp(1 - len(r) / len(p))
-    return bp * math.exp(log_sum / max_n)
+
+def corpus_bleu(preds: list[str], refs: list[str]) -> float:
+    """sacrebleu corpus BLEU / 100 over all pairs (n-gram counts pooled, one brevity penalty)."""
+    if not preds:
+        return 0.0
+    return _bleu(False).corpus_score(preds, [refs]).score / 100
+
+
+# --------------------------------------------------------------------------- JSON answers
+
+
+def parse_json(text: str) -> tuple[bool, Any]:
+    """(parsed, value); a ```json fence around the answer is allowed (models often add one)."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.strip("`")
+        t = t[4:] if t.lower().startswith("json") else t
+    try:
+        return True, json.loads(t)
+    except (json.JSONDecodeError, ValueError):
+        return False, None
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def json_references(refs: list[str]) -> bool:
+    """True when every reference is a JSON object or array (a bare "42" or "true" does not count:
+    short answers would otherwise switch the JSON metrics on)."""
+    return bool(refs) and all(ok and isinstance(v, (dict, list)) for ok, v in map(parse_json, refs))
+
+
+def json_fields(pred: str, ref: str) -> tuple[int, int]:
+    """(fields of the reference the answer matches, fields of the reference), leaves by path."""
+    want = dict(_leaves(parse_json(ref)[1]))
+    ok, got = parse_json(pred)
+    have = dict(_leaves(got)) if ok else {}
+    return sum(1 for k, v in want.items() if k in have and have[k] == v), len(want)
+
+
+# --------------------------------------------------------------------------- per example and per set
+
+
+def score(pred: str, ref: str, *, as_json: bool = False) -> dict[str, float]:
+    """Every metric for one answer (JSON ones when `as_json`)."""
+    out = {"exact_match": float(exact_match(pred, ref)), "exact_match_strict": float(exact_match_strict(pred, ref)),
+           "rouge_l": rouge_l(pred, ref), "bleu": bleu(pred, ref)}
+    if as_json:
+        hit, total = json_fields(pred, ref)
+        out["json_valid"] = float(parse_json(pred)[0])
+        out["json_field_accuracy"] = hit / total if total else 1.0
+    return out
 
 
 def aggregate(preds: list[str], refs: list[str]) -> dict[str, float | int]:
-    """Means over pairs: {"exact_match", "rouge_l", "bleu"} in [0, 1], plus "count".
+    """Means over pairs (BLEU: corpus BLEU), plus "count"; JSON metrics when every reference is JSON
+    (`json_field_accuracy` pooled over all fields of all references).
 
-    An empty list gives count 0 and means 0.0.  Lists of different lengths are a caller bug
-    and raise ValueError.
-    """
+    An empty list gives count 0 and 0.0 scores. Lists of different lengths are a caller bug and
+    raise ValueError."""
     if len(preds) != len(refs):
         raise ValueError(f"aggregate: {len(preds)} predictions but {len(refs)} references; pass one of each per row")
     n = len(preds)
     if n == 0:
-        return {"exact_match": 0.0, "rouge_l": 0.0, "bleu": 0.0, "count": 0}
+        return {**{k: 0.0 for k in SCORES}, "count": 0}
     pairs = list(zip(preds, refs))
-    return {
+    out: dict[str, float | int] = {
         "exact_match": sum(exact_match(p, r) for p, r in pairs) / n,
+        "exact_match_strict": sum(exact_match_strict(p, r) for p, r in pairs) / n,
         "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n,
-        "bleu": sum(bleu(p, r) for p, r in pairs) / n,
-        "count": n,
+        "bleu": corpus_bleu(preds, refs),
     }
+    if json_references(refs):
+        fields = [json_fields(p, r) for p, r in pairs]
+        total = sum(t for _, t in fields)
+        out["json_valid"] = sum(parse_json(p)[0] for p in preds) / n
+        out["json_field_accuracy"] = sum(h for h, _ in fields) / total if total else 1.0
+    out["count"] = n
+    return out

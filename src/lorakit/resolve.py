@@ -249,12 +249,30 @@ class Resolved:
         return self.mixed_precision
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+"""train.report_to name -> the package its Trainer integration imports (and `pip install` installs)."""
+
+
+def check_trackers(cfg: Config) -> None:
+    """Every tracker in train.report_to is importable, or one error naming each install command:
+    found before training, not when the Trainer's integration first logs."""
+    import importlib.util
+
+    from lorakit.errors import ConfigError
+
+    missing = [name for name in cfg.train.report_to if importlib.util.find_spec(TRACKERS[name]) is None]
+    if missing:
+        raise ConfigError([f"train.report_to: {name!r} is not installed; install it with `pip install "
+                           f"{TRACKERS[name]}`, or remove it from train.report_to" for name in missing])
+
+
 def resolve(cfg: Config, machine: Machine | None = None, n_train: int | None = None) -> Resolved:
     """Decide everything `auto` and machine-dependent in `cfg` (which is not modified).
 
     Raises LorakitError for a config this machine cannot run (fp16 on a CPU, bf16 on a GPU
     without it), before any work is spent."""
     machine = machine or Machine.detect()
+    check_trackers(cfg)
     out, notes = _hyperparameters(cfg, n_train)
     return Resolved(
         cfg=out,

@@ -95,6 +95,28 @@ def prepare(cfg: Config, tokenizer: Any) -> Prepared:
     )
 
 
+@dataclass
+class Encoded:
+    """One held-out set encoded like training data: token items, the Examples they came from, where."""
+
+    items: list[dict]
+    examples: list[dict]
+    wheres: list[str]
+    stats: DataStats
+
+
+def encode_sources(specs: list[str], template: Template, tokenizer: Any, d: DataConfig, split: str = "test") -> Encoded:
+    """Read and encode `specs` with a run's template and data rules (format, max_length, overlong,
+    train_on_inputs), so an eval set is tokenized exactly as training tokenized its data."""
+    stats = DataStats(max_length=d.max_length, overlong=d.overlong)
+    formats: Counter[str] = Counter()
+    rows = list(_examples(_as_list(specs), d.format, split, formats))
+    lengths: list[int] = []
+    items, examples, wheres = _encode_split(split, rows, template, tokenizer, d, stats, lengths)
+    stats.formats, stats.length_percentiles = dict(formats), percentiles(lengths)
+    return Encoded(items, examples, wheres, stats)
+
+
 def _as_list(specs: str | list[str]) -> list[str]:
     return [specs] if isinstance(specs, str) else list(specs)
 

@@ -56,3 +56,22 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
         logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / num_items
+
+
+@torch.no_grad()
+def summed_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """(sum of token cross-entropies, labelled positions) of a batch: held-out loss for `lorakit eval`.
+
+    The same labelled-positions loss as training where the shortcut is exact (`split_head`), else
+    the model's own logits; summing lets a caller weight every token equally across batches
+    (perplexity = exp(total / count)), which a mean of batch means would not."""
+    labels = inputs["labels"][:, 1:]
+    count = int((labels != -100).sum())
+    if count == 0:
+        return 0.0, 0
+    parts = split_head(model)
+    if parts is not None:
+        return float(labelled_loss(*parts, inputs, 1)), count
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1]
+    keep = labels != -100
+    return float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")), count

@@ -137,7 +137,8 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
         save_total_limit=t.save_total_limit,
         bf16=mp == "bf16",
         fp16=mp == "fp16",
-        report_to="none",
+        report_to=[name for name in t.report_to if name != "tensorboard"] or "none",  # see fit: TensorBoard
+        run_name=cfg.output.name,
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=t.num_workers,
@@ -185,7 +186,8 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
         MetricsLogger(run_dir / "metrics.jsonl", counter),
         Progress(counter, enabled=progress),
         diagnostics,
-        _tensorboard(run_dir / "logs"),
+        # Our own TensorBoard callback, so events land in runs/<name>/logs whatever the Trainer's default.
+        _tensorboard(run_dir / "logs") if "tensorboard" in cfg.train.report_to else None,
         *callbacks,
     ]
     for note in apply_fast_path(resolved, model, setup.fast_half):
