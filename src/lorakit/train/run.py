@@ -213,6 +213,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _finish_trackers(cfg)
     except (torch.OutOfMemoryError, MemoryError) as e:
         error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
         warn.record(error.render(), kind="oom")
@@ -274,6 +275,17 @@ def _final_metrics(trainer, counter: TokenCounter, seconds: float, device: str =
         "train_seconds": round(seconds, 1),
         **dict(zip(("peak_memory_bytes", "peak_memory_kind"), peak_memory(device))),
     }
+
+
+def _finish_trackers(cfg: Config) -> None:
+    """Close the wandb run when training ends (its Trainer callback leaves it open until the process
+    exits, so an offline run file would stay empty for a notebook or a later stage in the same process).
+    The mlflow and trackio callbacks close their runs themselves."""
+    if "wandb" in cfg.train.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def _tensorboard(folder: Path):
