@@ -115,3 +115,26 @@ def test_messages_file(tmp_path):
     with pytest.raises(LorakitError, match="cannot read messages") as e:
         read_messages_file(bad)
     assert e.value.where == str(bad)
+
+
+def test_stop_cancels_after_the_next_token(two):
+    """`stop` ends generation between tokens: the ids are a prefix of the uncancelled answer and the
+    finish reason says so; an Event already set stops after the first token."""
+    import threading
+
+    full = generate(two, PROMPTS[0], GREEDY, adapter="alpha")
+    assert len(full.token_ids) > 3  # so that a cut after 3 is a real cut
+    calls = []
+
+    def third_token() -> bool:  # transformers asks after each new token
+        calls.append(1)
+        return len(calls) >= 3
+
+    cut = generate(two, PROMPTS[0], GREEDY, adapter="alpha", stop=third_token)
+    assert cut.finish_reason == "cancelled" and cut.token_ids == full.token_ids[:3]
+    event = threading.Event()
+    event.set()
+    rows = generate_batch(two, PROMPTS, GREEDY, adapter="alpha", stop=event)
+    assert [c.finish_reason for c in rows] == ["cancelled"] * 2 and [len(c.token_ids) for c in rows] == [1, 1]
+    # not set: nothing changes
+    assert generate(two, PROMPTS[0], GREEDY, adapter="alpha", stop=threading.Event()) == full

@@ -130,6 +130,20 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from lorakit.artifacts import find_adapter_dir
+
+    find_adapter_dir(args.run)  # a wrong path fails before the slow model import
+    from lorakit.chat import chat
+    from lorakit.infer import Sampling, load_session
+
+    session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
+                        seed=args.seed)
+    return chat(session, sampling, system=args.system, max_context=args.max_context, title=args.run)
+
+
 def cmd_doctor(args) -> int:
     from lorakit.doctor import FAIL, format_checks, run_checks
 
@@ -224,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--yaml", action="store_true", help="print a commented default config to start from")
     c.set_defaults(func=cmd_config)
 
+    ch = sub.add_parser("chat", help="Talk with a trained adapter in the terminal: multi-turn, streamed, "
+                        "with the trained template; /help inside lists the commands.")
+    ch.add_argument("run", help="run folder (runs/<name>) or adapter folder")
+    ch.add_argument("--system", help="system message the conversation starts with (/system changes it)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    ch.add_argument("--max-context", type=int,
+                    help="treat the context window as N tokens (at most the model's): for long chats on a model "
+                    "that degrades before its configured length, and for testing the history trimming")
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--greedy", action="store_true", help="deterministic decoding")
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ch.add_argument("--trust-remote-code", action="store_true")
+    ch.set_defaults(func=cmd_chat, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -234,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs"):
+    if extra and args.command in ("generate", "eval", "runs", "chat"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()

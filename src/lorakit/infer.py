@@ -10,6 +10,10 @@ model), never by switching global model state, so rows for different adapters ca
 and the base is selected, not reloaded. DoRA adapters cannot be mixed that way in PEFT; a session
 falls back to `set_adapter` for them (one adapter per call).
 
+Generation can be cancelled from outside (`stop`: a `threading.Event` or a callable, checked after
+every token by a transformers `StoppingCriteria`): `lorakit chat` sets it from Ctrl-C, and a server can
+set it when a client goes away. The rows then end with finish reason 'cancelled'.
+
 Message validation lives here too: the CLI's message files and the server's requests go through
 `validate_messages`, so both say the same thing about the same mistake.
 """
@@ -17,11 +21,13 @@ Message validation lives here too: the CLI's message files and the server's requ
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
@@ -207,7 +213,8 @@ class Sampling:
 @dataclass(frozen=True)
 class Completion:
     """One answer: the text, its token ids (without the stop token), the token counts, and why it
-    ended: 'stop' (a stop token came) or 'length' (max_new_tokens was reached)."""
+    ended: 'stop' (a stop token came), 'length' (max_new_tokens was reached) or 'cancelled' (the
+    caller's `stop` was set before either)."""
 
     text: str
     token_ids: list[int]
@@ -253,6 +260,18 @@ class _CallbackStreamer(BaseStreamer):
             self.sent = len(text)
 
 
+class _StopWhen(StoppingCriteria):
+    """Ends every row once `is_set()` is true; transformers checks it after each new token."""
+
+    def __init__(self, is_set: Callable[[], bool]):
+        self.is_set = is_set
+        self.fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.fired = self.fired or bool(self.is_set())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
 def _generation_kwargs(tokenizer, template: Template, s: Sampling) -> dict[str, Any]:
     if s.seed is not None:
         torch.manual_seed(s.seed)
@@ -269,21 +288,26 @@ def _generation_kwargs(tokenizer, template: Template, s: Sampling) -> dict[str, 
     return kwargs
 
 
-def _completion(tokenizer, generated: list[int], prompt_len: int, stop_ids: list[int]) -> Completion:
+def _completion(tokenizer, generated: list[int], prompt_len: int, stop_ids: list[int],
+                cancelled: bool = False) -> Completion:
     stop_at = next((i for i, t in enumerate(generated) if t in stop_ids), None)
     ids = generated if stop_at is None else generated[:stop_at]
     text = tokenizer.decode(ids, skip_special_tokens=True).strip()
     if stop_at is None:
-        return Completion(text, ids, prompt_len, len(ids), "length")
+        return Completion(text, ids, prompt_len, len(ids), "cancelled" if cancelled else "length")
     return Completion(text, ids, prompt_len, len(ids) + 1, "stop")
 
 
 @torch.no_grad()
 def generate_batch(session: Session, conversations: list[list[dict]], sampling: Sampling | None = None, *,
                    adapter: str | None = None, use_adapter: bool = True,
-                   stream: Callable[[str], None] | None = None) -> list[Completion]:
+                   stream: Callable[[str], None] | None = None,
+                   stop: threading.Event | Callable[[], bool] | None = None) -> list[Completion]:
     """Answer several conversations in one left-padded batch with `adapter` (default: the session's
-    first; `BASE` or `use_adapter=False`: the base model, prompted with that adapter's template)."""
+    first; `BASE` or `use_adapter=False`: the base model, prompted with that adapter's template).
+
+    `stop` (an Event, or a callable returning True to stop) ends generation after the next token;
+    rows that had not ended by then are 'cancelled', with the text generated so far."""
     chosen = session.adapter(adapter)
     name = BASE if (adapter == BASE or not use_adapter) else chosen.name
     tok, template = session.tokenizer, chosen.template
@@ -301,15 +325,22 @@ def generate_batch(session: Session, conversations: list[list[dict]], sampling: 
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     if stream is not None:
         kwargs["streamer"] = _CallbackStreamer(tok, width, stream, set(kwargs["eos_token_id"]))
+    stopper = None
+    if stop is not None:
+        stopper = _StopWhen(stop.is_set if isinstance(stop, threading.Event) else stop)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stopper])
     out = _run_generate(session, name, input_ids, attention_mask, kwargs)
-    return [_completion(tok, row[width:].tolist(), len(p), kwargs["eos_token_id"]) for row, p in zip(out, prompts)]
+    cancelled = stopper is not None and stopper.fired
+    return [_completion(tok, row[width:].tolist(), len(p), kwargs["eos_token_id"], cancelled)
+            for row, p in zip(out, prompts)]
 
 
 def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
              stream: Callable[[str], None] | None = None, adapter: str | None = None,
-             use_adapter: bool = True) -> Completion:
+             use_adapter: bool = True, stop: threading.Event | Callable[[], bool] | None = None) -> Completion:
     """The assistant reply to `messages` (see `generate_batch`); `stream` receives text as it comes."""
-    return generate_batch(session, [messages], sampling, adapter=adapter, use_adapter=use_adapter, stream=stream)[0]
+    return generate_batch(session, [messages], sampling, adapter=adapter, use_adapter=use_adapter, stream=stream,
+                          stop=stop)[0]
 
 
 def _mixable(session: Session) -> bool:
