@@ -28,7 +28,8 @@ def run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("eval")
     data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
     test = write_jsonl(tmp / "held.jsonl", ALPACA_ROWS[:3])
-    cfg = tiny_config(tmp, tiny_model_dir, data, f"--data.test={test}", "--train.eval_batch_size=16")
+    cfg = tiny_config(tmp, tiny_model_dir, data, f"--data.test={test}", "--train.eval_batch_size=16",
+                      "--train.eval_generate_rows=2")
     return train(cfg, log=lambda s: None, progress=False), tmp
 
 
@@ -143,3 +144,46 @@ def test_runs_lists_done_and_unfinished_runs_newest_first(run, tmp_path):
     assert rows[0].status == "no adapter" and rows[0].steps == meta.metrics["steps"]
     text = format_runs(rows)
     assert text.splitlines()[1].startswith("killed [no adapter]") and "alpaca" in text
+
+
+def test_generation_probe_answers_with_the_training_model_as_eval_does(tiny_model_dir, tiny_tokenizer, tmp_path):
+    # The model being trained (PEFT 'default' adapter, fast path on: per-example attention, fast
+    # dropouts) must answer exactly as the saved adapter does in a fresh session (fp32 both sides),
+    # and must be back in training mode afterwards.
+    from conftest import make_adapter
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lorakit.config import LoraConfig, ModelConfig
+    from lorakit.evaluate import GenerationProbe
+    from lorakit.model.load import load_model
+    from lorakit.model.lora import apply_lora
+    from lorakit.train import speed
+
+    saved = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / "a", 5)
+    reference = load_session(saved, log=lambda s: None)
+    examples = [{"messages": [{"role": "user", "content": r["instruction"], "input": r["input"]},
+                              {"role": "assistant", "content": r["output"]}]} for r in ALPACA_ROWS[:3]]
+    expected = answer(reference, [split_reference(ex)[0] for ex in examples], max_new_tokens=32)
+
+    model, _ = load_model(ModelConfig(name=str(tiny_model_dir)), training=True)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    set_peft_model_state_dict(model, load_file(saved / "adapter" / "adapter_model.safetensors"))
+    assert speed.apply(model, None, packing=True)["segments"]
+    model.train()
+    probe = GenerationProbe(tiny_tokenizer, reference.template, examples, max_new_tokens=32)
+    scores = probe(model)
+    assert model.training
+    assert probe.last_answers == expected and all(expected)
+    assert scores["eval_exact_match"] == M.aggregate(expected, [r["output"] for r in ALPACA_ROWS[:3]])["exact_match"]
+
+
+def test_generation_scores_are_logged_with_every_evaluation(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    evals = [r for r in read_jsonl(run[0] / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) >= 2 and all({"eval_exact_match", "eval_rouge_l", "eval_bleu"} <= set(r) for r in evals)
+    (events,) = (run[0] / "logs").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert {"eval/exact_match", "eval/rouge_l", "eval/bleu"} <= set(acc.Tags()["scalars"])

@@ -98,6 +98,43 @@ def auto_max_new_tokens(session: Session, references: list[str], cap: int = 512)
     return min(cap, longest + 16)
 
 
+class GenerationProbe:
+    """train.eval_generate_rows: greedy answers to a few validation rows at every evaluation during
+    training, scored like `lorakit eval` (eval_exact_match, eval_rouge_l, ... beside eval_loss in
+    metrics.jsonl and TensorBoard). Loss can fall while answers stay wrong; this shows it early.
+
+    It answers with the model being trained (its active adapter, not mixed per row: the fast path's
+    fused LoRA layers take no `adapter_names`) and puts it back in training mode afterwards."""
+
+    def __init__(self, tokenizer, template, examples: list[dict], batch_size: int = 16,
+                 max_new_tokens: int | None = None):
+        gen = [ex for ex in examples if has_reference(ex)]
+        self.prompts = [split_reference(ex)[0] for ex in gen]
+        self.references = [split_reference(ex)[1] for ex in gen]
+        self.tokenizer, self.template, self.batch_size = tokenizer, template, batch_size
+        self.max_new_tokens = max_new_tokens  # None: room for the longest reference (auto_max_new_tokens)
+        self.last_answers: list[str] = []
+
+    def __call__(self, model) -> dict[str, float]:
+        from lorakit.infer import Adapter
+
+        if not self.prompts:
+            return {}
+        name = getattr(model, "active_adapter", "default")
+        session = Session(model, self.tokenizer, {name: Adapter(name, Path("."), None, self.template, mixable=False)})
+        was_training = model.training
+        model.eval()
+        try:
+            answers = answer(session, self.prompts,
+                             max_new_tokens=self.max_new_tokens or auto_max_new_tokens(session, self.references),
+                             batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        self.last_answers = answers
+        scores = M.aggregate(answers, self.references)
+        return {f"eval_{k}": round(float(scores[k]), 4) for k in M.SCORES}
+
+
 def wins(tuned: list[str], base: list[str], references: list[str], limit: int = 2) -> list[int]:
     """Indices where the tuned answer is exactly right and the base's is not (else the first ones)."""
     won = [i for i, ref in enumerate(references)

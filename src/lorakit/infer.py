@@ -100,8 +100,15 @@ def messages_from_instruction(instruction: str, input_text: str = "", system: st
 class Adapter:
     name: str
     path: Path
-    meta: AdapterMeta
+    meta: AdapterMeta | None  # None for the model being trained (generation checks during training)
     template: Template
+    mixable: bool = True
+    """PEFT can mix it with other adapters per row (`adapter_names`): plain LoRA, not DoRA, and not a
+    model whose LoRA layers the training fast path replaced."""
+
+    @classmethod
+    def from_meta(cls, name: str, path: Path, meta: AdapterMeta) -> "Adapter":
+        return cls(name, path, meta, meta.template_object(), mixable=not meta.lora.get("use_dora"))
 
 
 @dataclass
@@ -151,7 +158,7 @@ class Session:
                 f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(ours or '?')[:12]})",
                 where=str(adapter_dir / "lorakit.json"), hint="serve it over its own base in another session")
         self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
-        self.adapters[name] = Adapter(name, adapter_dir, meta, meta.template_object())
+        self.adapters[name] = Adapter.from_meta(name, adapter_dir, meta)
         self.model.eval()
         return name
 
@@ -190,7 +197,7 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
     name = adapter_name(first_dir)
     model = PeftModel.from_pretrained(model, str(first_dir), adapter_name=name, is_trainable=False)
     model.eval()
-    session = Session(model, tokenizer, {name: Adapter(name, first_dir, meta, meta.template_object())}, info.sha256)
+    session = Session(model, tokenizer, {name: Adapter.from_meta(name, first_dir, meta)}, info.sha256)
     for p in paths[1:]:
         session.add_adapter(p)
     return session
@@ -345,7 +352,7 @@ def generate(session: Session, messages: list[dict], sampling: Sampling | None =
 
 def _mixable(session: Session) -> bool:
     """PEFT mixes adapters per row for plain LoRA only, not DoRA."""
-    return not any(a.meta.lora.get("use_dora") for a in session.adapters.values())
+    return all(a.mixable for a in session.adapters.values())
 
 
 def _run_generate(session: Session, name: str, input_ids, attention_mask, kwargs: dict):

@@ -206,6 +206,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
         callbacks=[c for c in all_callbacks if c is not None],
         token_counter=counter,
         health=health,
+        generation_probe=_probe(cfg, tokenizer, prepared),
     )
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     if setup.checkpoint_oversize and trainer.checkpoint_oversize_passes():
@@ -275,6 +276,16 @@ def _final_metrics(trainer, counter: TokenCounter, seconds: float, device: str =
         "train_seconds": round(seconds, 1),
         **dict(zip(("peak_memory_bytes", "peak_memory_kind"), peak_memory(device))),
     }
+
+
+def _probe(cfg: Config, tokenizer, prepared: Prepared):
+    n = cfg.train.eval_generate_rows
+    if n <= 0 or not prepared.validation_examples:
+        return None
+    from lorakit.evaluate import GenerationProbe
+
+    return GenerationProbe(tokenizer, prepared.template, prepared.validation_examples[:n],
+                           batch_size=cfg.train.eval_batch_size)
 
 
 def _finish_trackers(cfg: Config) -> None:

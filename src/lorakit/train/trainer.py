@@ -29,8 +29,9 @@ class LorakitTrainer(Trainer):
     """The stock Trainer plus a token count per step and the labelled-positions-only loss."""
 
     def __init__(self, *args, token_counter: TokenCounter, health: Health, tokens_per_pass: int | None = None,
-                 fast_path: bool = False, **kwargs):
+                 fast_path: bool = False, generation_probe=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.generation_probe = generation_probe  # lorakit.evaluate.GenerationProbe (train.eval_generate_rows)
         self.fast_path = fast_path
         self.oversize_layers: list = []  # see checkpoint_oversize_passes
         self.token_counter = token_counter
@@ -47,6 +48,14 @@ class LorakitTrainer(Trainer):
         # accelerate applies mixed precision by wrapping model.forward, which this path skips.
         with self.accelerator.autocast():
             return labelled_loss(*self.fast_head, inputs, num_items_in_batch, head_weight=self._half_head())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # An evaluation's record gets the generation scores before any callback sees it, so
+        # metrics.jsonl, TensorBoard, trackers and the progress bar all have them in one record.
+        if self.generation_probe is not None and "eval_loss" in logs:
+            with self.accelerator.autocast():
+                logs = {**logs, **self.generation_probe(self.model)}
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, *args, **kwargs):
         # Evaluation runs a packed batch as one forward: the pass offsets are training's business.
