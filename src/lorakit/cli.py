@@ -127,6 +127,13 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lorakit.report import write_report
+
+    print(f"report: {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -186,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--yaml", action="store_true", help="print a commented default config to start from")
     c.set_defaults(func=cmd_config)
 
+    r = sub.add_parser("report", help="Write the run's report.html: curves, summary, diagnostics, base vs tuned.",
+                       description="Write one self-contained HTML page (inline SVG plots, no network) for a run: "
+                       "loss / eval loss, learning rate, gradient norm and tokens/s over steps; the config's "
+                       "differences from the defaults; data counts and lengths; every diagnostic; and, after "
+                       "`lorakit eval`, the base-vs-tuned table with sample answers. Training writes it too.")
+    r.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    r.add_argument("--out", help="where to write it (default: RUN/report.html)")
+    r.set_defaults(func=cmd_report, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate",):
+    if extra and args.command in ("generate", "report"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()
