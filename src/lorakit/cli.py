@@ -162,6 +162,13 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lorakit.report import write_report
+
+    print(f"report: {write_report(args.run, args.out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -256,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--trust-remote-code", action="store_true")
     ch.set_defaults(func=cmd_chat, overrides=[])
 
+    rp = sub.add_parser("report", help="Write the run's report.html: curves, summary, diagnostics, base vs tuned.",
+                       description="Write one self-contained HTML page (inline SVG plots, no network) for a run: "
+                       "loss / eval loss, learning rate, gradient norm and tokens/s over steps; the config's "
+                       "differences from the defaults; data counts and lengths; every diagnostic; and, after "
+                       "`lorakit eval`, the base-vs-tuned table with sample answers. Training writes it too.")
+    rp.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    rp.add_argument("--out", help="where to write it (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs", "chat"):
+    if extra and args.command in ("generate", "eval", "runs", "chat", "report"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()

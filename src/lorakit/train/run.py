@@ -218,16 +218,30 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     except (torch.OutOfMemoryError, MemoryError) as e:
         error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
         warn.record(error.render(), kind="oom")
+        _write_report(run_dir, log)
         raise error from e
     seconds = time.perf_counter() - start
     if diagnostics.stopped == "nonfinite":
         error = nonfinite_error(health, checkpoints(paths.checkpoints))
         warn.record(error.render(), kind="nonfinite", step=health.nonfinite_step)
+        _write_report(run_dir, log)
         raise error
     metrics = _final_metrics(trainer, counter, seconds, resolved.machine.device)
     artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, AdapterMeta.build(cfg, prepared, info, metrics))
     log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+    _write_report(run_dir, log)
     return metrics
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """report.html for the run as it stands. A report that fails to render must never cost the
+    trained adapter (or hide the error that stopped training), so any failure is only logged."""
+    from lorakit.report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - the report is a convenience; the run's result stands
+        log(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `lorakit report {run_dir}`")
 
 
 def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list[str]:
