@@ -172,8 +172,8 @@ def test_eval_table_and_samples(trained):
     dom = Dom(render_report(run))
     text = dom.by_id("eval-test")["text"]
     # columns base | tuned | Δ; rows per metric
-    assert "exact_match0.250.75+0.5" in text.replace(" ", "")
-    assert "loss2.51.25-1.25" in text.replace(" ", "")
+    assert "exactmatch25.0%75.0%+50.0pt" in text.replace(" ", "")
+    assert "loss2.5001.250-1.25" in text.replace(" ", "")
     assert "count" not in text  # the example count is the heading's, not a metric row
     samples = dom.by_id("samples-test")
     shown = [e["text"] for e in dom.find("span", inside="samples-test", **{"class": "dim"}) if "example" in e["text"]]
@@ -401,7 +401,7 @@ def test_report_in_chromium(trained, tmp_path):
     evals = [r for r in artifacts.read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
     assert len(dom.find("circle", inside="chart-loss", data_series="eval loss")) == len(evals) == 4  # steps 0,2,4,6
     # Tables a reader looks for, with the numbers from the run's files.
-    assert "exact_match0.250.75+0.5" in dom.by_id("eval-test")["text"].replace(" ", "")
+    assert "exactmatch25.0%75.0%+50.0pt" in dom.by_id("eval-test")["text"].replace(" ", "")
     assert "lr_high" in dom.by_id("diagnostics-table")["text"]
     assert "lora.r" in dom.by_id("config-diff")["text"]
     assert HOSTILE in dom.by_id("samples-test")["text"]

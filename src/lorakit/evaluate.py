@@ -256,7 +256,18 @@ def evaluate_run(run: str | Path, *, data: list[str] | None = None, split: str =
                                         limit=limit, log=log)
         write_results(paths, summary, records)
         out.append(summary)
+    _refresh_report(paths, log)
     return out
+
+
+def _refresh_report(paths: RunPaths, log: Callable[[str], None]) -> None:
+    """The run's report.html gains the new table; a report that fails never costs the eval results."""
+    from lorakit.report import write_report
+
+    try:
+        write_report(paths.root)
+    except Exception as e:  # noqa: BLE001 - the results are written; the page is a view of them
+        log(f"warning: report.html not updated ({e})")
 
 
 # --------------------------------------------------------------------------- the table

@@ -555,15 +555,12 @@ def _diagnostics(f: RunFiles) -> str:
 
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
-SCORE_ORDER = ["exact_match", "rouge_l", "bleu", "json_valid", "json_field_accuracy"]
 
 
 def _eval_rows(s: EvalSummary) -> list[tuple[str, dict[str, Any]]]:
-    rows = [("loss", s.loss or {}), ("perplexity", s.perplexity or {})]
-    keys = {k for scores in (s.scores or {}).values() for k in scores if k != "count"}
-    for k in sorted(keys, key=lambda k: (SCORE_ORDER.index(k) if k in SCORE_ORDER else len(SCORE_ORDER), k)):
-        rows.append((k, {m: (s.scores or {}).get(m, {}).get(k) for m in s.models}))
-    return [(name, vals) for name, vals in rows if any(v is not None for v in vals.values())]
+    from lorakit.evaluate import table_rows  # the one owner of which rows a summary shows, in which order
+
+    return [(k, v) for k, v in table_rows(s) if any(x is not None for x in v.values())]
 
 
 def _ordered(models: Iterable[str]) -> list[str]:
@@ -577,14 +574,17 @@ def _eval_table(s: EvalSummary) -> str:
     delta = "base" in models and "tuned" in models
     head = ["metric", *[esc(m) for m in models]] + (["Δ tuned − base"] if delta else [])
     rows = []
+    from lorakit.evaluate import LABELS, PERCENT, fmt_value
+
     for name, vals in _eval_rows(s):
-        cells = [esc(name), *[num(vals.get(m)) for m in models]]
+        cells = [esc(LABELS.get(name, name)), *[esc(fmt_value(name, vals.get(m))) for m in models]]
         if delta:
             b, t = vals.get("base"), vals.get("tuned")
             if finite(b) and finite(t):
                 better = (t < b) if name in LOWER_IS_BETTER else (t > b)
                 cls = "good" if better else ("bad" if t != b else "")
-                cells.append(f'<span class="{cls}">{t - b:+.4g}</span>')
+                diff = f"{(t - b) * 100:+.1f} pt" if name in PERCENT else f"{t - b:+.4g}"
+                cells.append(f'<span class="{cls}">{diff}</span>')
             else:
                 cells.append("—")
         rows.append(cells)
