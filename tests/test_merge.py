@@ -229,3 +229,12 @@ def test_cli_merge_end_to_end_and_a_missing_run(runs, tmp_path, capsys):
     assert "no such folder" in err and str(tmp_path / "nope") in err and "Traceback" not in err
     assert main(["merge", str(runs["plain"]), "--out", str(out)]) == 2, "an existing --out needs --overwrite"
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_different_base_on_disk_is_warned_about_and_recorded(tiny_model_dir, tiny_tokenizer, tmp_path):
+    run = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / "other", seed=5, scale=SCALE, sha="0" * 64)
+    lines = []
+    report = M.merge(run, tmp_path / "merged", log=lines.append)
+    assert not report.base_matches
+    assert any(line.startswith("warning: the base weights on disk differ") for line in lines)
+    assert "the base on disk is not the one the adapter was trained on" in lines[-1]

@@ -320,7 +320,7 @@ class _Outputs:
     def of(cls, model, prompts: list[list[int]], stop_ids: list[int], pad_id: int | None,
            sequences: list[list[int]] | None = None, greedy: bool = True) -> "_Outputs":
         """`sequences` None: the prompts plus this model's greedy continuations (the reference)."""
-        greedy = [_greedy(model, p, stop_ids, pad_id) for p in prompts] if greedy else []
+        greedy = _greedy(model, prompts, stop_ids, pad_id) if greedy else []
         sequences = sequences or [p + g for p, g in zip(prompts, greedy)]
         device = next(model.parameters()).device
         logits = [model(input_ids=torch.tensor([s], device=device)).logits[0].float().cpu() for s in sequences]
@@ -349,13 +349,20 @@ class _Outputs:
         return Parity(reference, max(float(d.max()) for d in diffs), total / count, first is None, first)
 
 
-def _greedy(model, prompt: list[int], stop_ids: list[int], pad_id: int | None) -> list[int]:
+def _greedy(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int | None) -> list[list[int]]:
+    """Greedy continuations of all prompts in one left-padded batch, each cut after its first stop token."""
+    pad = pad_id if pad_id is not None else stop_ids[0]
+    width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
-                         do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids,
-                         pad_token_id=pad_id if pad_id is not None else stop_ids[0])
-    return out[0, len(prompt):].tolist()
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad)
+    result = []
+    for row in out[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        result.append(row if stop is None else row[:stop + 1])
+    return result
 
 
 def format_report(r: MergeReport) -> str:
