@@ -296,20 +296,25 @@ def write_meta(folder: Path, meta: AdapterMeta) -> None:
     (Path(folder) / META_FILE).write_text(meta.to_json(), encoding="utf-8")
 
 
-def save_adapter(model, tokenizer, target: Path, meta: AdapterMeta) -> None:
-    """PEFT files + tokenizer + lorakit.json into `target`, atomically.
+def save_tokenizer(tokenizer, folder: Path, template) -> None:
+    """Save `tokenizer` into `folder` with `template` (a `Template`) as its chat template.
 
-    The saved tokenizer's `chat_template` is the TRAINED template (not the base tokenizer's), so
-    transformers' `apply_chat_template`, vLLM, llama.cpp and Ollama render what training saw."""
+    The saved `chat_template` is the TRAINED template (not the base tokenizer's), so transformers'
+    `apply_chat_template`, vLLM, llama.cpp and Ollama render what training saw. The caller's
+    tokenizer object is left as it was."""
+    previous = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = template.hf_chat_template(tokenizer)
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = previous
+
+
+def save_adapter(model, tokenizer, target: Path, meta: AdapterMeta) -> None:
+    """PEFT files + tokenizer (with the trained chat template) + lorakit.json into `target`, atomically."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        template = meta.template_object()
-        previous = getattr(tokenizer, "chat_template", None)
-        tokenizer.chat_template = template.hf_chat_template(tokenizer)
-        try:
-            tokenizer.save_pretrained(tmp)
-        finally:
-            tokenizer.chat_template = previous
+        save_tokenizer(tokenizer, tmp, meta.template_object())
         write_meta(tmp, meta)
 
 

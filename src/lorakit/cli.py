@@ -169,6 +169,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from lorakit.merge import merge
+
+    merge(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"done: {args.out}\nload it with AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -272,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="where to write it (default: RUN/report.html)")
     rp.set_defaults(func=cmd_report, overrides=[])
 
+    m = sub.add_parser("merge", help="Merge an adapter into its base (reloaded from disk in full precision) and "
+                       "check that the merged model answers as base + adapter did.")
+    m.add_argument("run", help="run folder (runs/<name>) or adapter folder")
+    m.add_argument("--out", required=True, help="folder for the merged model (a plain transformers folder)")
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype of the merged model (the merge itself is done in fp32)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    m.set_defaults(func=cmd_merge, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -282,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs", "chat", "report"):
+    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()
