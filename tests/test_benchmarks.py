@@ -103,3 +103,19 @@ def test_compare_runs_both_sides_end_to_end(tmp_path, tiny_model_dir):
     assert sides["recipe"]["trained_tokens"] == sides["lorakit"]["trained_tokens"]
     assert sides["recipe"]["tokenization_matches_lorakit"] == 1.0
     assert sides["recipe"]["gradient_checkpointing"] is True
+
+
+def test_use_benchmark_runs_on_a_tiny_run(tmp_path, tiny_model_dir, capsys):
+    import use
+    from conftest import ALPACA_ROWS, write_jsonl
+    from test_train import tiny_config
+
+    from lorakit.train.run import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    run = train(tiny_config(tmp_path, tiny_model_dir, data, "--train.max_steps=1", "--train.eval_steps=0"),
+                log=lambda s: None, progress=False)
+    assert use.main([str(run), "--limit", "3", "--max-new-tokens", "4", "--dtypes", "fp32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval"]["identical"] and result["eval"]["prompts"] == 3
+    assert result["merge"][0]["report"]["passed"]

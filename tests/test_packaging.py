@@ -95,7 +95,7 @@ def test_python_dash_m_lorakit_runs_the_cli_with_its_exit_code(installed, venv, 
     python = venv / "bin/python"
     help_ = _ok(_run([python, "-m", "lorakit", "--help"], cwd=tmp_path))
     assert help_.stdout.startswith("usage: lorakit")
-    for command in ("train", "data", "plan", "generate", "doctor", "demo"):
+    for command in ("train", "data", "plan", "generate", "eval", "chat", "merge", "report", "runs", "doctor", "demo"):
         assert command in help_.stdout
     missing = _run([python, "-m", "lorakit", "data", tmp_path / "missing.yaml"], cwd=tmp_path)
     assert missing.returncode == 2, missing.stderr  # a user mistake: cli.main's code, passed through
@@ -122,3 +122,28 @@ def test_installed_data_report_on_the_packaged_demo_config(installed, venv, tmp_
     assert re.search(rf"^\s*validation\s+{counts['val']:,} examples$", out.stdout, re.M), out.stdout
     # The example shown is read from the installed data, not from the source tree.
     assert f"Example ({demo / 'data' / 'train.jsonl'} line 1)" in out.stdout, out.stdout
+
+
+def test_installed_use_stages_on_a_tiny_run(installed, venv, tmp_path, tiny_model_dir):
+    """train -> eval (with the base) -> report -> runs -> merge, each as a user types it, with the wheel's CLI."""
+    import json
+
+    from conftest import ALPACA_ROWS, write_jsonl
+
+    lk = venv / "bin/lorakit"
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS)
+    (tmp_path / "tiny.yaml").write_text(
+        f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, template: alpaca, max_length: 128}}\n"
+        "lora: {r: 4, alpha: 8}\ntrain: {max_steps: 2, batch_size: 4, eval_steps: 0, save_steps: 0}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n", encoding="utf-8")
+    _ok(_run([lk, "train", tmp_path / "tiny.yaml"], cwd=tmp_path))
+    run = tmp_path / "runs" / "tiny"
+    out = _ok(_run([lk, "eval", run, "--base", "--max-new-tokens", "4"], cwd=tmp_path))
+    assert "perplexity" in out.stdout and "base" in out.stdout
+    summary = json.loads((run / "eval" / "validation.summary.json").read_text(encoding="utf-8"))
+    assert summary["models"] == ["tuned", "base"]
+    _ok(_run([lk, "report", run], cwd=tmp_path))
+    assert "<svg" in (run / "report.html").read_text(encoding="utf-8")
+    assert _ok(_run([lk, "runs", tmp_path / "runs"], cwd=tmp_path)).stdout.splitlines()[1].startswith("tiny ")
+    _ok(_run([lk, "merge", run, "--out", tmp_path / "merged"], cwd=tmp_path))
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (run / "merge.json").is_file()
