@@ -96,3 +96,11 @@ def test_qlora_training_run_on_cpu(qdir, tmp_path):
     assert meta["base_model"]["quantization"] == "4bit"
     weights = load_file(run / "adapter" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), "LoRA learned on the 4-bit base"
+    # ... and that really 4-bit-trained adapter merges into the full-precision base, with both parities.
+    from lorakit.merge import merge
+
+    report = merge(run, tmp_path / "merged", dtype="fp32", log=lambda s: None)
+    assert report.passed and report.parity.max_abs_diff <= report.tolerance
+    assert report.quantized is not None and "4bit" in report.quantized.reference
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged and merged["dtype"] == "float32"

@@ -45,7 +45,8 @@ def add_eval(run_dir: Path) -> None:
         EvalRecord(0, [{"role": "user", "content": "Say hello."}], "Hello world!",
                    {"base": "Hello world!", "tuned": "Hello world!"},
                    {"base": {"exact_match": 1.0, "rouge_l": 1.0}, "tuned": {"exact_match": 1.0, "rouge_l": 1.0}}),
-        EvalRecord(1, [{"role": "user", "content": "Classify: where is my order?"}], "Category: shipping",
+        EvalRecord(1, [{"role": "user", "content": "Classify this message.", "input": "Where is my order?"}],
+                   "Category: shipping",
                    {"base": "billing", "tuned": "Category: billing"},
                    {"base": {"exact_match": 0.0, "rouge_l": 0.0}, "tuned": {"exact_match": 0.0, "rouge_l": 0.5}}),
         EvalRecord(2, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": HOSTILE}],
@@ -179,6 +180,7 @@ def test_eval_table_and_samples(trained):
     shown = [e["text"] for e in dom.find("span", inside="samples-test", **{"class": "dim"}) if "example" in e["text"]]
     assert shown == ["example 2", "example 3", "example 1"], "tuned-right/base-wrong first, then differing ones"
     assert "Order number: #555" in samples["text"]
+    assert "Where is my order?" in samples["text"], "an Alpaca row's input is part of the prompt shown"
     assert not dom.find("script") and not dom.find("img"), "user text is escaped, never markup"
     assert HOSTILE in samples["text"]
 

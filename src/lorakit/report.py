@@ -592,8 +592,11 @@ def _eval_table(s: EvalSummary) -> str:
 
 
 def _prompt_html(messages: list[dict[str, Any]]) -> str:
+    def text(m: dict[str, Any]) -> str:  # an Alpaca row's input travels beside the instruction
+        return str(m.get("content", "")) + (f"\n\n{m['input']}" if m.get("input") else "")
+
     return "".join(f'<div class="turn"><span class="role">{esc(m.get("role", "?"))}</span>'
-                   f'<pre class="msg">{esc(m.get("content", ""))}</pre></div>'
+                   f'<pre class="msg">{esc(text(m))}</pre></div>'
                    for m in messages if isinstance(m, dict))
 
 
