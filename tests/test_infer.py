@@ -9,9 +9,6 @@ import pytest
 import torch
 from conftest import make_adapter
 
-from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, save_adapter
-from lorakit.config import LoraConfig, ModelConfig
-from lorakit.data.templates import resolve_template
 from lorakit.errors import LorakitError
 from lorakit.infer import (BASE, Sampling, generate, generate_batch, load_session, messages_from_instruction,
                            read_messages_file, validate_messages)

@@ -15,7 +15,6 @@ import torch
 
 from lorakit import config, plan
 from lorakit.cli import main
-from lorakit.errors import ConfigError
 from lorakit.model.load import load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters
 

@@ -7,10 +7,8 @@ User mistakes arrive as `LorakitError` and are printed as message + fix with exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 from lorakit.errors import LorakitError
 
@@ -92,13 +90,11 @@ def _read_messages(args) -> list[dict]:
 
 
 def cmd_generate(args) -> int:
-    from lorakit.infer import Sampling, generate, load_session
+    from lorakit.infer import generate, load_session
 
     messages = _read_messages(args)
     session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-                        seed=args.seed)
+    sampling = _sampling(args)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -114,12 +110,11 @@ def cmd_eval(args) -> int:
 
     summaries = evaluate_run(args.run, data=args.data, split=args.split, base=args.base,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
-    for s in summaries:
-        print(format_summary(s))
     from lorakit.artifacts import RunPaths, find_adapter_dir
 
-    paths = RunPaths.of(find_adapter_dir(args.run))
-    print(f"per-example results: {paths.eval_dir}/")
+    for s in summaries:
+        print(format_summary(s))
+    print(f"per-example results: {RunPaths.of(find_adapter_dir(args.run)).eval_dir}/")
     return 0
 
 
@@ -135,13 +130,10 @@ def cmd_chat(args) -> int:
 
     find_adapter_dir(args.run)  # a wrong path fails before the slow model import
     from lorakit.chat import chat
-    from lorakit.infer import Sampling, load_session
+    from lorakit.infer import load_session
 
     session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                        top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-                        seed=args.seed)
-    return chat(session, sampling, system=args.system, max_context=args.max_context, title=args.run)
+    return chat(session, _sampling(args), system=args.system, max_context=args.max_context, title=args.run)
 
 
 def cmd_doctor(args) -> int:
@@ -183,6 +175,23 @@ def cmd_demo(args) -> int:
     return run_demo(output_dir=args.output_dir, overrides=args.overrides)
 
 
+def _sampling_options(sp: argparse.ArgumentParser) -> None:
+    """The decoding flags `generate` and `chat` share (their defaults are `infer.Sampling`'s)."""
+    sp.add_argument("--temperature", type=float, default=0.7)
+    sp.add_argument("--top-p", type=float, default=0.9)
+    sp.add_argument("--top-k", type=int, default=0)
+    sp.add_argument("--repetition-penalty", type=float, default=1.0)
+    sp.add_argument("--greedy", action="store_true", help="deterministic decoding")
+    sp.add_argument("--seed", type=int)
+
+
+def _sampling(args):
+    from lorakit.infer import Sampling
+
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning from one YAML config.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -213,12 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message")
     g.add_argument("--messages", help="JSON file with a list of chat messages")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--greedy", action="store_true", help="deterministic decoding")
-    g.add_argument("--seed", type=int)
+    _sampling_options(g)
     g.add_argument("--base", action="store_true", help="answer with the base model (adapter disabled)")
     g.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -261,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-context", type=int,
                     help="treat the context window as N tokens (at most the model's): for long chats on a model "
                     "that degrades before its configured length, and for testing the history trimming")
-    ch.add_argument("--temperature", type=float, default=0.7)
-    ch.add_argument("--top-p", type=float, default=0.9)
-    ch.add_argument("--top-k", type=int, default=0)
-    ch.add_argument("--repetition-penalty", type=float, default=1.0)
-    ch.add_argument("--greedy", action="store_true", help="deterministic decoding")
-    ch.add_argument("--seed", type=int)
+    _sampling_options(ch)
     ch.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ch.add_argument("--trust-remote-code", action="store_true")
     ch.set_defaults(func=cmd_chat, overrides=[])
