@@ -31,3 +31,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium not installed and no root to run apt-get; run: sudo apt-get install -y chromium"
   fi
 fi
+# Go's text/template: tests/test_export_ollama.py renders the Ollama TEMPLATE as Ollama does (Debian golang-go).
+if ! command -v go >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: go not installed and apt-get not available; install Go yourself (tests/test_export_ollama.py needs it)"
+  elif [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    echo "setup: installing golang-go (apt-get)"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go; } >/dev/null \
+      || echo "setup: apt-get could not install golang-go; tests/test_export_ollama.py will fail until it is installed"
+  else
+    echo "setup: go not installed and no root to run apt-get; run: sudo apt-get install -y golang-go"
+  fi
+fi
