@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -108,7 +107,7 @@ def go_render(tmp_path_factory):
     (root / "main.go").write_text(GO_RENDERER, encoding="utf-8")
     # Standard library only, nothing downloads: no module proxy, no toolchain switch.
     env = {**os.environ, "GOCACHE": str(root / "cache"), "GOPATH": str(root / "gopath"), "GOPROXY": "off",
-           "GOTOOLCHAIN": "local", "GOFLAGS": "", "CGO_ENABLED": "0", "GO111MODULE": "off"}
+           "GOTOOLCHAIN": "local", "GOFLAGS": "", "CGO_ENABLED": "0"}
     build = subprocess.run([go, "build", "-o", str(root / "render"), "main.go"], cwd=root, env=env,
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, f"go build failed:\n{build.stderr}"
@@ -180,10 +179,11 @@ def _modelfile_value(text: str, command: str) -> str | None:
 def test_template_renders_what_training_rendered(go_render, tiny_tokenizer, smollm2_tokenizer, tmp_path):
     """For every template kind and conversation, the Modelfile read back and rendered by text/template
     equals `Template.render(..., add_generation_prompt=True)` byte for byte (the text encode_prompt
-    tokenizes), the default system prompt coming from the Modelfile's SYSTEM."""
+    tokenizes), the default system prompt coming from the Modelfile's SYSTEM; tokenized whole, that
+    text gives encode_prompt's ids."""
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    cases, expected, labels = [], [], []
+    cases, expected, labels, prompt_ids, tokenizers = [], [], [], [], []
     for kind, (template, tok) in _templates(tiny_tokenizer, smollm2_tokenizer).items():
         folder = ollama.write_ollama_folder(tmp_path / kind.replace(" ", "_"), gguf, template, tok,
                                             max_length=256, name="t")
@@ -198,9 +198,15 @@ def test_template_renders_what_training_rendered(go_render, tiny_tokenizer, smol
             cases.append((go_source, system, messages))
             expected.append(template.render(messages, add_generation_prompt=True))
             labels.append(f"{kind} / {name}")
+            prompt_ids.append(template.encode_prompt(tok, messages))
+            tokenizers.append(tok)
     got = go_render(cases)
-    for label, want, text in zip(labels, expected, got):
+    for label, want, text, ids, tok in zip(labels, expected, got, prompt_ids, tokenizers):
         assert text == want, f"{label}: Go rendered {text!r}, lorakit {want!r}"
+        # Ollama tokenizes the rendered prompt in one piece; lorakit tokenizes it span by span.  Both
+        # tokenizers here add no BOS, so the one-piece ids must be the prompt ids training saw.
+        assert not getattr(tok, "add_bos_token", False)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids, label
     # The table is not vacuous: a default system prompt is in the text, and SmolLM2 adds its own header.
     by_label = dict(zip(labels, got))
     assert "You answer in one line." in by_label["alpaca+system / several turns"]
