@@ -226,6 +226,18 @@ def test_a_last_assistant_message_is_continued(go_render, tiny_tokenizer, smollm
     assert go_render(cases) == expected
 
 
+def test_a_bos_the_template_writes_is_left_to_llama_cpp(go_render, tiny_tokenizer):
+    """A template that writes bos_token: kept when the tokenizer adds no BOS (the text is the prompt),
+    dropped when it adds one (llama.cpp adds it from the GGUF; lorakit's ids hold one BOS, not two)."""
+    template = resolve_template("{{ bos_token }}" + CHATML, tiny_tokenizer)
+    messages = CONVERSATIONS["several turns"]
+    kept, dropped = go_render([(ollama.go_template(template), None, messages),
+                               (ollama.go_template(template, add_bos=True), None, messages)])
+    assert kept == template.render(messages, add_generation_prompt=True)
+    assert kept.startswith(tiny_tokenizer.bos_token)
+    assert dropped == kept.removeprefix(tiny_tokenizer.bos_token)
+
+
 def test_the_python_twin_matches_go(go_render, tiny_tokenizer):
     """`TurnTexts.render` (used to check a derivation before writing it) is what the Go template does."""
     template = resolve_template("alpaca", tiny_tokenizer)

@@ -3,8 +3,10 @@ exactly what training rendered.
 
 Ollama renders a chat with a Go `text/template` that sees `.Messages` (each `.Role`, `.Content`;
 system messages included, consecutive messages of one role merged with a blank line) and the
-model's answer follows the rendered text.  The Modelfile's SYSTEM becomes a system message
-when a chat does not begin with one.
+model's answer follows the rendered text (/api/generate sends its prompt as one user message, so
+it takes the same path).  The Modelfile's SYSTEM becomes a system message when a
+chat does not begin with one (lorakit adds data.system_prompt when a conversation has none at all:
+the same for every conversation whose system message, if any, comes first).
 
 The TEMPLATE is derived from the training `Template` by render-diff, the way the loss mask is:
 rendering conversations of probe contents through `Template.render` splits the text into what a
@@ -27,8 +29,9 @@ Ollama export.
 What Ollama cannot see: an Alpaca row's separate `input` (Ollama messages have only content;
 lorakit renders it as an "### Input:" block, so in Ollama put it in the user message), and a
 last assistant message is left open for Ollama to continue (prefill), as Ollama's own templates
-do.  The BOS token is not in the text: the GGUF's `add_bos_token` tells llama.cpp to add it, as
-lorakit adds it to the token ids.
+do.  BOS: when the tokenizer adds one, lorakit adds it to the ids, not the text, and llama.cpp adds
+it from the GGUF's add_bos_token; a BOS that the template itself writes is then left out of the
+TEMPLATE, since llama.cpp would add a second one (lorakit's ids have one).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lorakit.artifacts import atomic_dir
 from lorakit.data.templates import Template
@@ -135,7 +138,7 @@ def _conversations() -> list[tuple[str, ...]]:
     return out
 
 
-def _refuse(template: Template, why: str) -> None:
+def _refuse(template: Template, why: str) -> NoReturn:
     raise LorakitError(
         f"template '{template.name}' cannot be written as an Ollama TEMPLATE: {why}",
         where="data.template",
@@ -178,12 +181,15 @@ def _chain(cases: list[tuple[str, str]], indent: str = "") -> list[str]:
     return lines + [indent + "{{- end }}"]
 
 
-def go_template(template: Template) -> str:
+def go_template(template: Template, add_bos: bool = False) -> str:
     """The Ollama TEMPLATE (Go text/template) that renders what `template` renders at generation.
 
+    `add_bos`: the tokenizer adds BOS (so llama.cpp will), so a leading BOS text is dropped.
     Every literal is a Go string inside an action and every line starts with `{{-`, which trims the
     layout's newline and indent, so the output is exactly the derived texts."""
     t = turn_texts(template)
+    if add_bos and template.bos_token:
+        t.open.update({r: text.removeprefix(template.bos_token) for r, text in t.open.items()})
     return "\n".join([
         '{{- $prev := "" }}',
         "{{- range .Messages }}",
@@ -236,7 +242,8 @@ def modelfile_text(template: Template, tokenizer: Any, *, max_length: int, adapt
              f"FROM ./{model_file}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter_file}")
-    lines.append(f'TEMPLATE """{go_template(template)}"""')
+    add_bos = bool(getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None)
+    lines.append(f'TEMPLATE """{go_template(template, add_bos)}"""')
     if template.system_prompt:
         lines.append(f"SYSTEM {_quoted(template.system_prompt, 'the system prompt (data.system_prompt)')}")
     for stop in stop_texts(template, tokenizer):
