@@ -1,0 +1,1 @@
+"""GGUF export: conversion and quantization (gguf), verification against transformers (verify)."""
