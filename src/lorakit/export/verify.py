@@ -116,6 +116,7 @@ class Verification:
     greedy_identical: int  # prompts whose greedy continuations are identical
     top1_agreement: float  # over all positions
     max_logprob_diff: float
+    logit_scale: float | None  # S: the reference's largest |logit| (None for a GGUF reference)
     logprob_bound: float | None  # f32/f16: the bound on max |Δ logprob|
     top1_floor: float | None  # quantized types: the floor on top-1 agreement
     tokens_equal: bool | None  # every prompt's llama.cpp tokenization equals transformers' ids
@@ -370,15 +371,15 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
     worst = max(r.max_logprob_diff for r in results)
     identical = sum(r.greedy_identical for r in results)
     bound = floor = None
+    scale = None if math.isnan(ref.logit_scale) else ref.logit_scale
     failures = []
     if rule.get("greedy") == EXACT and identical < len(results):
         bad = next(i for i, r in enumerate(results) if not r.greedy_identical)
         failures.append(f"greedy tokens differ (prompt {bad}, token {results[bad].first_difference}); "
                         f"a {type} file must agree on every one")
     if rule.get("logprob") == "bound":
-        scale = ref.logit_scale if not math.isnan(ref.logit_scale) else _logit_scale_guess(refs)
         cfg = _config(reference_dir)
-        bound = logprob_bound(type, scale, layers=_depth(cfg), width=_width(cfg))
+        bound = logprob_bound(type, scale or _logit_scale_guess(refs), layers=_depth(cfg), width=_width(cfg))
         if worst > bound:
             failures.append(f"max |Δ logprob| {worst:.3g} exceeds the {type} bound {bound:.3g}")
     if "top1" in rule:
@@ -388,7 +389,7 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
     tokens_equal = None if any(r.tokens_equal is None for r in results) else all(r.tokens_equal for r in results)
     v = Verification(str(gguf_path), str(reference_gguf or reference_dir), type,
                      str(adapter_gguf) if adapter_gguf else None, top_n, new_tokens, results, identical, top1, worst,
-                     bound, floor, tokens_equal, not failures, failures, round(time.perf_counter() - start, 2),
+                     scale, bound, floor, tokens_equal, not failures, failures, round(time.perf_counter() - start, 2),
                      now_iso())
     log(format_verification(v))
     return v
