@@ -31,15 +31,25 @@ Thresholds (`THRESHOLDS`), per GGUF type:
     terms in another order, L blocks adding independent errors, S the largest |logit|) doubled
     because a log-probability is logit − logsumexp and both move (|Δ lp| ≤ 2 max |Δ logit|);
     k = 2 for f16 because llama.cpp also rounds the activations to f16 before an f16 matrix
-    product (ggml's vec_dot_type of F16), k = 0 for f32. Measured ratios (max |Δ lp| / bound):
-    see `CALIBRATION`.
-  q8_0, q4_k_m (and the other quantized types): agreement is reported, and the export fails
-    when top-1 agreement falls below a floor (`THRESHOLDS`); greedy continuations of a
+    product (ggml's vec_dot_type of F16), k = 0 for f32. llama.cpp runs with an f32 KV cache and
+    flash attention off: its CPU flash attention rounds K, V and the softmax to f16 (measured: an
+    f32 file then differs by 1e-3, as much as an f16 one), which would measure the engine's
+    settings, not the file. Measured max |Δ lp| / bound: f32 0.033 (tiny) and 0.055 (SmolLM2),
+    f16 0.045 and 0.011: a correct file sits 18× or more under it, while a wrong one (another
+    model, or the base without its adapter) is 100× to 10⁵× over it.
+  q8_0, q4_k_m (and the other quantized types): greedy agreement is reported, and the export
+    fails when top-1 agreement falls below a floor (`THRESHOLDS`); greedy continuations of a
     quantized model legitimately drift after a near tie, so they are reported, not failed on.
+    Measured top-1 agreement: q8_0 1.000 (tiny) and 0.952 (SmolLM2), q4_k_m 0.969 and 0.903; a
+    wrong model 0.42. The floors sit about 3.5 binomial standard deviations below the SmolLM2
+    figures over its 62 positions (√(p(1-p)/62): 0.027 at p = 0.95, 0.038 at p = 0.90), so a
+    correct file of a model like it rarely fails by chance (positions are not independent, so
+    this is a rough guide): q8_0 0.85, q4_k_m 0.75 (bf16, q6_k, q5_k_m, q4_0: set by analogy, not
+    measured).
 
-A random model's next-token distribution is nearly flat (every logit within a few tenths), so
-any rounding flips its argmax: the tests make their tiny models "peaky" (weights scaled, as
-tests/test_chat.py does) so that agreement measures the file, and say so.
+A random model's next-token distribution is nearly flat (median top-1/top-2 margin 0.13 nats on
+the tiny Llama), so any rounding flips its argmax: the tests make their tiny model "peaky" (final
+norm ×10: margin 1.5 nats, as a trained model has) so that agreement measures the file.
 
 With `adapter_gguf`, llama.cpp loads `gguf_path` as the base plus the LoRA GGUF at scale 1 and is
 compared with the merged reference (the transformers folder, or `reference_gguf`, a merged GGUF
@@ -73,18 +83,16 @@ EXACT = "exact"
 THRESHOLDS: dict[str, dict[str, Any]] = {
     "f32": {"greedy": EXACT, "logprob": "bound"},
     "f16": {"greedy": EXACT, "logprob": "bound"},
-    "bf16": {"top1": 0.95},
-    "q8_0": {"top1": 0.9},
-    "q6_k": {"top1": 0.85},
+    "bf16": {"top1": 0.85},
+    "q8_0": {"top1": 0.85},
+    "q6_k": {"top1": 0.8},
     "q5_k_m": {"top1": 0.8},
-    "q4_k_m": {"top1": 0.7},
+    "q4_k_m": {"top1": 0.75},
     "q4_0": {"top1": 0.7},
 }
-"""What each type must meet; the floors hold with a margin on the measured agreement (`CALIBRATION`)."""
-
-CALIBRATION = """measured (max |Δ logprob| / bound for f32 and f16; top-1 agreement for quantized types):
-  tiny peaky Llama (hidden 256, 2 layers, weights ×8): f32 see tests/test_export_verify.py
-  SmolLM2-135M merged (r 4 random adapter, scale 0.02): see the module's report in BENCHMARKS"""
+"""What each type must meet (module docstring: how the floors were set, and the measured figures).
+Measured on the tiny Llama of tests/test_export_verify.py (hidden 256, 2 layers, peaky) and on
+SmolLM2-135M-Instruct merged with a random r = 4 adapter (std 0.02), 4 prompts, 16 tokens."""
 
 
 @dataclass(frozen=True)
