@@ -73,29 +73,40 @@ def _peaky_base(folder: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """"a": (base, adapter, merged folder); "other": a base of another seed, for a wrong GGUF."""
     from transformers import AutoTokenizer
 
     from lorakit.merge import merge
 
     root = tmp_path_factory.mktemp("verify")
-    out = {}
-    for name, seed in (("a", 0), ("other", 5)):
-        base = _peaky_base(root / f"base-{name}", seed)
-        run = make_adapter(base, AutoTokenizer.from_pretrained(base), root / f"run-{name}", seed=1, scale=0.02)
-        merge(run, root / f"merged-{name}", log=lambda s: None)
-        out[name] = (base, run / "adapter", root / f"merged-{name}")
-    return out
+    base = _peaky_base(root / "base-a", 0)
+    run = make_adapter(base, AutoTokenizer.from_pretrained(base), root / "run-a", seed=1, scale=0.02)
+    merge(run, root / "merged-a", log=lambda s: None)
+    other = _peaky_base(root / "base-other", 5)
+    return {"a": (base, run / "adapter", root / "merged-a"), "other": (other, None, other)}
+
+
+@pytest.fixture(scope="module")
+def gguf(models, tmp_path_factory):
+    """`gguf(name, outtype)`: the merged model `name` converted once per module."""
+    root, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def get(name: str, outtype: str) -> Path:
+        if (name, outtype) not in made:
+            made[name, outtype] = _convert(models[name][2], outtype, root / f"{name}-{outtype}.gguf")
+        return made[name, outtype]
+    return get
 
 
 def _quiet(_s: str) -> None:
     pass
 
 
-def test_f32_gguf_matches_transformers_token_for_token(models, tmp_path):
+def test_f32_gguf_matches_transformers_token_for_token(models, gguf):
     from lorakit.export.verify import verify
 
     _, _, merged = models["a"]
-    v = verify(_convert(merged, "f32", tmp_path / "m-f32.gguf"), merged, "f32", log=_quiet)
+    v = verify(gguf("a", "f32"), merged, "f32", log=_quiet)
     assert v.passed, v.failures
     assert v.greedy_identical == len(v.prompts) and v.top1_agreement == 1.0
     # f32 in both engines: only the order of fp32 sums differs (module docstring: the bound
@@ -105,25 +116,25 @@ def test_f32_gguf_matches_transformers_token_for_token(models, tmp_path):
     assert v.tokens_equal is True  # llama.cpp's tokenizer from the GGUF gives transformers' ids
 
 
-def test_f16_passes_and_a_wrong_gguf_fails(models, tmp_path):
+def test_f16_passes_and_a_wrong_gguf_fails(models, gguf):
     from lorakit.export.verify import verify
 
     _, _, merged = models["a"]
-    v = verify(_convert(merged, "f16", tmp_path / "m-f16.gguf"), merged, "f16", log=_quiet)
+    v = verify(gguf("a", "f16"), merged, "f16", log=_quiet)
     assert v.passed, v.failures
     assert v.greedy_identical == len(v.prompts)
     # a GGUF of another model (another seed), verified as if it were this one
-    wrong = verify(_convert(models["other"][2], "f16", tmp_path / "o-f16.gguf"), merged, "f16", log=_quiet)
+    wrong = verify(gguf("other", "f16"), merged, "f16", log=_quiet)
     assert not wrong.passed
     assert wrong.max_logprob_diff > 10 * wrong.logprob_bound
     assert any("greedy" in f for f in wrong.failures)
 
 
-def test_q8_0_reports_agreement_above_its_floor(models, tmp_path):
+def test_q8_0_reports_agreement_above_its_floor(models, gguf):
     from lorakit.export.verify import THRESHOLDS, format_verification, verify
 
     _, _, merged = models["a"]
-    v = verify(_convert(merged, "q8_0", tmp_path / "m-q8_0.gguf"), merged, "q8_0", log=_quiet)
+    v = verify(gguf("a", "q8_0"), merged, "q8_0", log=_quiet)
     assert v.top1_floor == THRESHOLDS["q8_0"]["top1"]
     assert v.passed and v.top1_agreement >= 0.9, format_verification(v)
     # q8_0 rounds each weight, and llama.cpp each activation, to 8-bit blocks (error at most half a
@@ -134,7 +145,7 @@ def test_q8_0_reports_agreement_above_its_floor(models, tmp_path):
     assert "top-1 agreement" in table and "greedy identical" in table
 
 
-def test_lora_gguf_on_base_gguf_agrees_with_the_merged_model(models, tmp_path):
+def test_lora_gguf_on_base_gguf_agrees_with_the_merged_model(models, gguf, tmp_path):
     from lorakit.export.verify import verify
 
     base, adapter, merged = models["a"]
@@ -147,7 +158,7 @@ def test_lora_gguf_on_base_gguf_agrees_with_the_merged_model(models, tmp_path):
     assert v.passed, v.failures
     assert v.adapter == str(lora)
     # and against the merged GGUF run in llama.cpp
-    merged_gguf = _convert(merged, "f32", tmp_path / "m-f32.gguf")
+    merged_gguf = gguf("a", "f32")
     vg = verify(base_gguf, merged, "f32", adapter_gguf=lora, reference_gguf=merged_gguf, log=_quiet)
     assert vg.passed, vg.failures
     # the adapter matters: the base GGUF alone is not the merged model
@@ -155,12 +166,14 @@ def test_lora_gguf_on_base_gguf_agrees_with_the_merged_model(models, tmp_path):
     assert not bare.passed
 
 
-def test_the_verification_is_stored_beside_the_file_and_a_failure_leaves_no_gguf(models, tmp_path):
+def test_the_verification_is_stored_beside_the_file_and_a_failure_leaves_no_gguf(models, gguf, tmp_path):
+    import shutil
+
     from lorakit.errors import LorakitError
     from lorakit.export.verify import publish_verified, verification_path
 
     _, _, merged = models["a"]
-    tmp = _convert(merged, "f16", tmp_path / ".m-f16.gguf.tmp")
+    tmp = Path(shutil.copy(gguf("a", "f16"), tmp_path / ".m-f16.gguf.tmp"))
     final = tmp_path / "m-f16.gguf"
     v = publish_verified(tmp, final, merged, "f16", log=_quiet)
     assert final.is_file() and not tmp.exists()
@@ -168,7 +181,7 @@ def test_the_verification_is_stored_beside_the_file_and_a_failure_leaves_no_gguf
     assert stored["passed"] and stored["gguf"] == str(final) and stored["type"] == "f16"
     assert len(stored["prompts"]) == len(v.prompts) and stored["tokens_equal"] is True
 
-    wrong_tmp = _convert(models["other"][2], "f16", tmp_path / ".w-f16.gguf.tmp")
+    wrong_tmp = Path(shutil.copy(gguf("other", "f16"), tmp_path / ".w-f16.gguf.tmp"))
     wrong = tmp_path / "w-f16.gguf"
     with pytest.raises(LorakitError, match="does not answer as"):
         publish_verified(wrong_tmp, wrong, merged, "f16", log=_quiet)
@@ -176,7 +189,7 @@ def test_the_verification_is_stored_beside_the_file_and_a_failure_leaves_no_gguf
     assert json.loads(verification_path(wrong).read_text())["passed"] is False
 
 
-def test_answer_with_gguf_gives_transformers_greedy_answers(models, tmp_path):
+def test_answer_with_gguf_gives_transformers_greedy_answers(models, gguf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,7 +202,7 @@ def test_answer_with_gguf_gives_transformers_greedy_answers(models, tmp_path):
     template = read_meta(merged).template_object()
     stop = template.stop_token_ids(tok)
     prompts = [template.encode_prompt(tok, m) for m in PROMPTS]
-    got = answer_with_gguf(_convert(merged, "f32", tmp_path / "m-f32.gguf"), prompts, 12, stop)
+    got = answer_with_gguf(gguf("a", "f32"), prompts, 12, stop)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     for ids, answer in zip(prompts, got):
         out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stop,
