@@ -209,3 +209,11 @@ def test_answer_with_gguf_gives_transformers_greedy_answers(models, gguf):
                              pad_token_id=stop[0])[0, len(ids):].tolist()
         cut = next((i for i, t in enumerate(out) if t in stop), len(out))
         assert answer == out[:cut]
+
+
+def test_a_type_without_thresholds_is_refused_before_any_work(models):
+    from lorakit.errors import LorakitError
+    from lorakit.export.verify import verify
+
+    with pytest.raises(LorakitError, match="no verification thresholds for GGUF type 'q2_k'"):
+        verify(models["a"][2] / "missing.gguf", models["a"][2], "Q2_K", log=_quiet)
