@@ -137,7 +137,9 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, log:
     arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
     tensors = [TensorInfo(t.name, int(t.shape[0]), len(t.shape), Q(t.qtype_value)) for t in info.tensors]
     if type in FTYPES:
-        targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value))
+        experts = info.metadata.get(f"{arch}.expert_count")
+        targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
+                               n_expert=int(experts.value) if experts else 0)
         if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
             raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
         overrides = {**overrides, gguf.Keys.General.FILE_TYPE: int(FTYPES[type][0])}

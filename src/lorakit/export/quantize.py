@@ -5,27 +5,31 @@ file written here has the same per-tensor types as `llama-quantize F32.gguf OUT.
 the row quantizers themselves are llama.cpp's (libgguf), not re-implemented.  Line numbers
 below refer to that file.
 
-- Which tensors are quantized at all (`tensor_allows_quantization`, l. 262-323): 2-D or more,
+- Which tensors are quantized at all (`tensor_allows_quantization`, l. 289-367): 2-D or more,
   the name ends in "weight", not a `*_norm.weight`, not in a short exclusion list; the rest keep
   their type (here: f32, since we quantize from the f32 conversion).
-- Order and counters (`weight_name_comparer`, llama-model-loader.h l. 53-64; `init_quantize_state_counters`,
-  l. 870-884): tensors are visited sorted by block number (non-block tensors first), then by
-  name.  `n_attention_wv` counts the attn_v / attn_qkv / attn_kv_b tensors present, while
-  `n_ffn_down` is the model's `block_count`; each counter `i_*` advances once per such tensor.
-- Ties (l. 164, 881): embeddings count as tied unless an `output.weight` tensor exists.
-- The mix (`llama_tensor_get_type_impl`, l. 425-716), for the two file types we write:
+- Order and counters (`weight_name_comparer`, llama-model-loader.h l. 53-64; the loop over
+  `ml.weights_map`, l. 985; `init_quantize_state_counters`, l. 856-870): tensors are visited
+  sorted by block number (non-block tensors first), then by name.  `n_attention_wv` counts the
+  attn_v / attn_qkv / attn_kv_b tensors present, while `n_ffn_down` is the model's
+  `block_count`; each counter `i_*` advances once per such tensor.
+- Ties (l. 182, 866): embeddings count as tied unless an `output.weight` tensor exists.
+- The mix (`llama_tensor_get_type_impl`, l. 424-676; categories by name, l. 116-159), for the
+  two file types we write:
   output.weight, and token_embd.weight when tied: Q8_0 if its row length is not a multiple of
-  the default type's block (256 for Q4_K), else Q6_K unless the default is Q8_0 (l. 450-470);
+  the default type's block (256 for Q4_K), else Q6_K unless the default is Q8_0 (l. 452-473);
   attn_v: Q6_K for Q4_K_M when `use_more_bits(i_attention_wv, n_attention_wv)` (l. 552-553);
-  ffn_down: Q6_K for Q4_K_M when `use_more_bits(i_ffn_down, n_ffn_down)` (l. 640-646);
+  ffn_down: Q6_K for Q4_K_M when `use_more_bits(i_ffn_down, n_ffn_down)` (l. 608-614);
   everything else the default (Q4_K, or Q8_0 for a q8_0 file).
   `use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`, integer division (l. 430-432).
-- Fallback (`tensor_type_fallback`, l. 326-420): a row length that is not a multiple of the
-  chosen type's block gives Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 when the fallback's block
-  (32) does not fit either; a Q8_0 target has no fallback in llama.cpp (it throws), so we refuse.
+- Fallback (`tensor_type_fallback`, l. 374-420, applied last, l. 716-717): a row length that
+  is not a multiple of the chosen type's block gives Q4_K -> Q5_0, Q6_K -> Q8_0, and F16 when
+  the fallback's block (32) does not fit either; a Q8_0 target has no fallback in llama.cpp
+  (it throws), so we refuse with a hint to export f16.
 
-Not ported (lorakit trains dense models): the Mixture-of-Experts and 70B special cases
-(l. 555-566, MXFP4), user overrides (`--tensor-type`, `--pure`, imatrix).
+Not ported (lorakit trains small dense models): Mixture-of-Experts and Falcon models (l. 459,
+465, 522-570, 609-611) are refused; the 70B attn_v bump (l. 555-560, llama 70B only), user
+overrides (`--tensor-type`, `--pure`, `--output-tensor-type`) and imatrix are not offered.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ FTYPES = {
 BLOCK = {Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256, Q.Q8_0: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.F16: 1, Q.F32: 1}
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
-# substrings that keep a "*weight" tensor unquantized (l. 271-320)
+# substrings that keep a "*weight" tensor unquantized (l. 298-364)
 _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
                   "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
                   "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
@@ -107,11 +111,16 @@ def _fallback(t: TensorInfo, qtype: Q) -> Q:
     return new if t.n_per_row % BLOCK[new] == 0 else Q.F16
 
 
-def tensor_types(tensors: list[TensorInfo], ftype: str, n_layer: int) -> dict[str, Q]:
+def tensor_types(tensors: list[TensorInfo], ftype: str, n_layer: int, *, arch: str = "llama",
+                 n_expert: int = 0) -> dict[str, Q]:
     """The GGML type of every tensor in a `ftype` ('q8_0' | 'q4_k_m') file; `n_layer` is the
-    model's block count (`{arch}.block_count`)."""
+    model's block count (`{arch}.block_count`), `n_expert` its `{arch}.expert_count`."""
     if ftype not in FTYPES:
         raise ValueError(f"unknown quantized file type {ftype!r}")
+    if arch == "falcon" or n_expert > 1:
+        raise LorakitError(f"lorakit's {ftype} rule does not cover {'Falcon' if arch == 'falcon' else 'MoE'} models, "
+                           "which llama-quantize treats specially",
+                           hint="export --gguf f16 and run llama.cpp's llama-quantize on it")
     default = FTYPES[ftype][1]
     tied = not any(t.name == "output.weight" for t in tensors)
     n_attn_v = sum(_category(t.name) == "attn_v" for t in tensors)
