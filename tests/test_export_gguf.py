@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +115,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-LLAMA_NAMES = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
                "post_attention_layernorm": "ffn_norm"}
 
@@ -128,7 +127,7 @@ def gguf_name(hf: str) -> str:
         return "output_norm.weight"
     _, _, i, *rest = hf.split(".")
     mod = ".".join(rest[:-1])
-    return f"blk.{i}.{LLAMA_NAMES.get(mod, {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k'}.get(mod))}.weight"
+    return f"blk.{i}.{LLAMA_NAMES[mod]}.weight"
 
 
 def test_f32_tensors_equal_the_hf_weights_and_carry_the_trained_template(llama, smol_tokenizer):

@@ -68,7 +68,7 @@ def _atomic_file(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _run_converter(script: Path, args: list[str], log: Callable[[str], None]) -> None:
+def _run_converter(script: Path, args: list[str]) -> None:
     """Run a vendored llama.cpp converter offline; its failure becomes a LorakitError with its tail."""
     from lorakit.export import require_toolchain
 
@@ -171,7 +171,8 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, log:
             writer.add_tensor_info(t.name, raw.shape, raw.dtype, raw.nbytes, Q(t.qtype_value))
         else:
             row = libgguf.row_size(int(new), int(t.shape[0]))
-            writer.add_tensor_info(t.name, (*raw.shape[:-1], row), np.dtype(np.uint8), raw.size // t.shape[0] * row, new)
+            n_rows = raw.size // t.shape[0]
+            writer.add_tensor_info(t.name, (*raw.shape[:-1], row), np.dtype(np.uint8), n_rows * row, new)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -208,7 +209,7 @@ def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, te
     with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.convert-", dir=out_file.parent) as work:
         raw = Path(work) / f"model-{outtype}.gguf"
         log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
-        _run_converter(tc.convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(raw)], log)
+        _run_converter(tc.convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(raw)])
         if type in _FLOAT_FTYPE and not overrides:
             with _atomic_file(out_file) as tmp:
                 shutil.copyfile(raw, tmp)
@@ -276,7 +277,7 @@ def convert_adapter(adapter_dir: str | Path, base_dir: str | Path, out_file: str
         raw = staged / "adapter.gguf"
         log(f"converting {adapter_dir} with llama.cpp's convert_lora_to_gguf.py (alpha {alpha:g}, r {cfg['r']})")
         _run_converter(tc.convert_lora, ["--base", str(base_dir), "--outtype", "f32", "--outfile", str(raw),
-                                         str(staged)], log)
+                                         str(staged)])
         with _atomic_file(out_file) as tmp:
             shutil.copyfile(raw, tmp)
     log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
