@@ -421,3 +421,26 @@ def test_require_toolchain(monkeypatch):
     assert require_toolchain().versions.get("xllamacpp") is None  # conversion alone does not need the runtime
     with pytest.raises(LorakitError, match="xllamacpp"):
         require_toolchain(runtime=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+def test_same_bytes_as_llama_quantize(llama, tmp_path, ftype):
+    """Against llama.cpp's own `llama-quantize` built from the vendored tree (set
+    LORAKIT_LLAMA_QUANTIZE to the binary; skipped otherwise): same type and bytes for every tensor."""
+    import os
+    import subprocess
+
+    binary = os.environ.get("LORAKIT_LLAMA_QUANTIZE")
+    if not binary:
+        pytest.skip("set LORAKIT_LLAMA_QUANTIZE to a llama-quantize binary built from the vendored llama.cpp")
+    _, f32 = llama
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run([binary, str(f32), str(theirs), ftype.upper()], check=True, capture_output=True)
+    ours = rewrite_gguf(f32, tmp_path / "ours.gguf", ftype, log=lambda s: None)
+    a, b = inspect_gguf(ours), inspect_gguf(theirs)
+    assert [(t.name, t.qtype) for t in sorted(a.tensors, key=lambda t: t.name)] == \
+        [(t.name, t.qtype) for t in sorted(b.tensors, key=lambda t: t.name)]
+    for t in a.tensors:
+        assert a.read_tensor_bytes(t) == b.read_tensor_bytes(b.get_tensor(t.name)), t.name
+    assert a.metadata["general.file_type"].value == b.metadata["general.file_type"].value
