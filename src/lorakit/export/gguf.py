@@ -1,0 +1,284 @@
+"""Write GGUF files: a merged model (f32 / f16 / bf16 / q8_0 / q4_k_m) or an adapter alone.
+
+Conversion is llama.cpp's own `convert_hf_to_gguf.py` (a subprocess, offline, with the gguf-py
+of the same llama.cpp commit first on its path).  We then rewrite the file once with gguf's
+reader/writer, to
+
+- carry the TRAINED chat template (`tokenizer.chat_template`) and its stop tokens as
+  `tokenizer.ggml.eos_token_id` / `tokenizer.ggml.eot_token_id`, from the folder's lorakit.json,
+  so llama.cpp / Ollama render prompts as training did and stop where the model learned to stop;
+- quantize for q8_0 / q4_k_m with llama.cpp's row quantizers (libgguf) and llama-quantize's
+  per-tensor mix (export/quantize.py), from the f32 conversion.
+
+q8_0 goes through the same path rather than the converter's `--outtype q8_0`: one rule, one
+quantizer for both quantized types, and the same types as `llama-quantize ... Q8_0` (the
+converter would choose per tensor on its own; its numpy Q8_0 is byte-identical to libgguf's on
+the rows it quantizes, which tests/test_export_gguf.py checks).
+
+Every output is written to a temporary file beside the target, fsynced and renamed: a failed
+or interrupted export leaves no file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lorakit.errors import LorakitError
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+_FLOAT_FTYPE = {"f32": 0, "f16": 1, "bf16": 32}  # LlamaFileType ALL_F32, MOSTLY_F16, MOSTLY_BF16
+
+
+def _check_type(type: str) -> None:
+    if type not in TYPES:
+        raise LorakitError(f"GGUF type {type!r} is not one of {', '.join(TYPES)}",
+                           hint="use --gguf q4_k_m (smallest), q8_0, f16, bf16 or f32")
+
+
+@contextlib.contextmanager
+def _atomic_file(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` that becomes `target` (fsynced, one rename) on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_converter(script: Path, args: list[str]) -> None:
+    """Run a vendored llama.cpp converter offline; its failure becomes a LorakitError with its tail."""
+    from lorakit.export import require_toolchain
+
+    tc = require_toolchain()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(tc.gguf_py)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        hint = ("llama.cpp does not know this tokenizer's pre-tokenizer; export a model whose tokenizer llama.cpp "
+                "supports, or use the merged safetensors folder" if "pre-tokenizer was not recognized" in tail
+                else "see the converter's message above; `lorakit merge` output folders convert as they are")
+        raise LorakitError(f"llama.cpp's {script.name} failed:\n{tail}", hint=hint)
+
+
+def trained_metadata(model_dir: Path, template_meta) -> dict[str, object]:
+    """{gguf key: value} for the trained template and its stop ids, from `template_meta` (an
+    `AdapterMeta`) or the folder's lorakit.json; {} when there is neither (a plain base folder
+    keeps the converter's template and EOS)."""
+    from transformers import AutoTokenizer
+
+    from lorakit.artifacts import META_FILE, read_meta
+
+    if template_meta is None:
+        if not (model_dir / META_FILE).is_file():
+            return {}
+        template_meta = read_meta(model_dir)
+    template = template_meta.template_object()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    stop = template.stop_token_ids(tokenizer)
+    if not stop:
+        raise LorakitError("the tokenizer has no EOS token and the template no end-of-turn token", where=str(model_dir),
+                           hint="set eos_token in tokenizer_config.json of the merged folder")
+    # llama.cpp stops at every end-of-generation token: EOS is the tokenizer's, EOT the template's end of turn
+    return {"tokenizer.chat_template": template.hf_chat_template(tokenizer),
+            "tokenizer.ggml.eos_token_id": int(stop[0]), "tokenizer.ggml.eot_token_id": int(stop[-1])}
+
+
+def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: dict[str, object] | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Copy the GGUF `src` to `out_file` (atomically) with `metadata` overriding KV keys and, for
+    q8_0 / q4_k_m, its tensors quantized by llama-quantize's mix; `src` must then be an f32 file.
+
+    One f32 conversion can so give several types without running the converter again."""
+    _check_type(type)
+    out_file = Path(out_file)
+    with _atomic_file(out_file) as tmp:
+        _rewrite(Path(src), tmp, dict(metadata or {}), type, log)
+    return out_file
+
+
+def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, log: Callable[[str], None]) -> None:
+    """Copy `src` into `dst` with `overrides` for KV keys and, for q8_0 / q4_k_m, quantized tensors.
+
+    Metadata is read with libgguf's header parser (0.1 s for a 49k-token vocabulary, where
+    gguf.GGUFReader takes 5 s) and tensors are memory-mapped, so a tensor is in memory only
+    while it is quantized and written."""
+    import gguf
+    import libgguf
+    from libgguf.inspect import inspect_gguf
+
+    from lorakit.export.quantize import FTYPES, TensorInfo, tensor_types
+
+    Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
+    info = inspect_gguf(src)
+    arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
+    tensors = [TensorInfo(t.name, int(t.shape[0]), len(t.shape), Q(t.qtype_value)) for t in info.tensors]
+    if type in FTYPES:
+        experts = info.metadata.get(f"{arch}.expert_count")
+        targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
+                               n_expert=int(experts.value) if experts else 0)
+        if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
+            raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
+        overrides = {**overrides, gguf.Keys.General.FILE_TYPE: int(FTYPES[type][0])}
+    else:
+        targets = {t.name: t.type for t in tensors}
+    writer = gguf.GGUFWriter(dst, arch)
+    pending = dict(overrides)
+    for key, v in info.metadata.items():
+        if key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        if key.startswith("tokenizer.chat_template") and "tokenizer.chat_template" in overrides:
+            continue  # named templates (chat_template.tool_use ...) of the base would not be the trained one
+        value = pending.pop(key) if key in pending else v.value
+        writer.add_key_value(key, value, V(v.raw_type), sub_type=V(v.raw_array_type) if v.raw_array_type is not None
+                             else None)
+    for key, value in pending.items():
+        writer.add_key_value(key, value, V.STRING if isinstance(value, str) else V.UINT32)
+
+    def source(t) -> np.ndarray:
+        """The stored bytes of `t`, as numpy shape (ne[n-1], ..., ne[0]) for float types."""
+        dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(Q(t.qtype_value))
+        if dtype is None:  # bf16 / quantized: raw bytes, one row per ne[0]
+            return np.memmap(src, np.uint8, "r", t.data_offset, (*t.shape[:0:-1], t.nbytes // math.prod(t.shape[1:])))
+        return np.memmap(src, dtype, "r", t.data_offset, tuple(reversed(t.shape)))
+
+    for t in info.tensors:
+        new, raw = targets[t.name], source(t)
+        if new == t.qtype_value:
+            writer.add_tensor_info(t.name, raw.shape, raw.dtype, raw.nbytes, Q(t.qtype_value))
+        else:
+            row = libgguf.row_size(int(new), int(t.shape[0]))
+            n_rows = raw.size // t.shape[0]
+            writer.add_tensor_info(t.name, (*raw.shape[:-1], row), np.dtype(np.uint8), n_rows * row, new)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in info.tensors:
+        new, raw = targets[t.name], source(t)
+        writer.write_tensor_data(raw if new == t.qtype_value else libgguf.quantize_rows(raw, int(new)))
+    writer.close()
+    if type in FTYPES:
+        counts: dict[str, int] = {}
+        for q in targets.values():
+            counts[q.name] = counts.get(q.name, 0) + 1
+        log(f"  tensor types: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}")
+
+
+def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, template_meta=None,
+                   log: Callable[[str], None] = print) -> Path:
+    """Convert a transformers folder (as `lorakit merge` writes it) to one GGUF file of `type`.
+
+    `template_meta` (an `AdapterMeta`) names the trained template when the folder has no
+    lorakit.json of its own; without either, the converter's template and EOS are kept (a base
+    model exported for use with an adapter GGUF)."""
+    _check_type(type)
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if not (model_dir / "config.json").is_file():
+        raise LorakitError(f"{model_dir} is not a transformers model folder (no config.json)",
+                           hint="pass the folder written by `lorakit merge`")
+    from lorakit.export import require_toolchain
+
+    tc = require_toolchain()
+    start = time.perf_counter()
+    overrides = trained_metadata(model_dir, template_meta)
+    outtype = type if type in _FLOAT_FTYPE else "f32"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.convert-", dir=out_file.parent) as work:
+        raw = Path(work) / f"model-{outtype}.gguf"
+        log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
+        _run_converter(tc.convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(raw)])
+        if type in _FLOAT_FTYPE and not overrides:
+            with _atomic_file(out_file) as tmp:
+                shutil.copyfile(raw, tmp)
+        else:
+            log(f"writing {type}" + (" (llama-quantize's per-tensor mix)" if type not in _FLOAT_FTYPE else "")
+                + " with the trained template" * bool(overrides))
+            rewrite_gguf(raw, out_file, type, metadata=overrides, log=log)
+    log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return out_file
+
+
+# ---- adapter-only export ---------------------------------------------------------------------
+
+def _refuse(key: str, why: str, adapter_dir: Path) -> LorakitError:
+    return LorakitError(f"{key} is set: {why}, which llama.cpp's LoRA format cannot express",
+                        where=str(adapter_dir / "adapter_config.json"),
+                        hint="export the merged model instead: lorakit export RUN --gguf TYPE (without --adapter-only)")
+
+
+def adapter_alpha(cfg: dict, adapter_dir: Path) -> float:
+    """The `lora_alpha` to give llama.cpp, which scales every adapter by alpha / r.
+
+    PEFT scales by alpha / r, or alpha / sqrt(r) with rsLoRA; alpha' = alpha * sqrt(r) makes
+    alpha' / r = alpha / sqrt(r).  Adapters llama.cpp cannot represent are refused."""
+    if cfg.get("use_dora"):
+        raise _refuse("use_dora", "a DoRA adapter rescales each weight column by a learned magnitude", adapter_dir)
+    if cfg.get("modules_to_save"):
+        raise _refuse("modules_to_save", f"full copies of {cfg['modules_to_save']} were trained", adapter_dir)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise _refuse(key, f"per-module ranks/alphas {cfg[key]} differ from r / lora_alpha", adapter_dir)
+    alpha, r = float(cfg["lora_alpha"]), int(cfg["r"])
+    return alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
+
+
+def convert_adapter(adapter_dir: str | Path, base_dir: str | Path, out_file: str | Path, *,
+                    log: Callable[[str], None] = print) -> Path:
+    """An adapter-only GGUF (llama.cpp LoRA format, f32) for the base model in `base_dir`.
+
+    Runs llama.cpp's convert_lora_to_gguf.py with `--base base_dir` (a local folder, so it never
+    asks the hub for the base config) over a copy of adapter_config.json whose lora_alpha makes
+    llama.cpp's alpha / r equal to PEFT's scale."""
+    adapter_dir, base_dir, out_file = Path(adapter_dir), Path(base_dir), Path(out_file)
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LorakitError(f"cannot read {cfg_path}: {e}", hint="pass a run or adapter folder written by lorakit train")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise LorakitError(f"{weights} not found", hint="pass a run or adapter folder written by lorakit train")
+    if not (base_dir / "config.json").is_file():
+        raise LorakitError(f"base model folder {base_dir} has no config.json",
+                           hint="the adapter's base model must be available locally")
+    alpha = adapter_alpha(cfg, adapter_dir)
+    from lorakit.export import require_toolchain
+
+    tc = require_toolchain()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=".lorakit-lora-") as work:
+        staged = Path(work)
+        (staged / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": alpha, "use_rslora": False,
+                                                                "base_model_name_or_path": str(base_dir)}))
+        (staged / "adapter_model.safetensors").symlink_to(weights.resolve())
+        raw = staged / "adapter.gguf"
+        log(f"converting {adapter_dir} with llama.cpp's convert_lora_to_gguf.py (alpha {alpha:g}, r {cfg['r']})")
+        _run_converter(tc.convert_lora, ["--base", str(base_dir), "--outtype", "f32", "--outfile", str(raw),
+                                         str(staged)])
+        with _atomic_file(out_file) as tmp:
+            shutil.copyfile(raw, tmp)
+    log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    return out_file
