@@ -169,6 +169,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lorakit.export.run import export
+
+    result = export(args.run, gguf=args.gguf, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
+                    verify=not args.no_verify)
+    for f in result.files:
+        print(f"wrote {f}")
+    if result.ollama_command:
+        print(f"Ollama folder: {result.ollama_dir}\nimport it with: {result.ollama_command}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -288,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     m.set_defaults(func=cmd_merge, overrides=[])
 
+    x = sub.add_parser("export", help="Export to GGUF for llama.cpp / Ollama (merged or adapter-only), verified in "
+                       "llama.cpp against transformers.")
+    x.add_argument("run", help="run folder (runs/<name>) or adapter folder")
+    x.add_argument("--gguf", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                   help="GGUF type: q4_k_m (llama.cpp's mix, smallest), q8_0, or f16 / bf16 / f32 (no quantization)")
+    x.add_argument("--adapter-only", action="store_true",
+                   help="the base as GGUF plus the adapter in llama.cpp's LoRA format, instead of one merged file")
+    x.add_argument("--ollama", action="store_true", help="also write an Ollama folder (GGUF + Modelfile)")
+    x.add_argument("--out", help="output folder (default: RUN/export)")
+    x.add_argument("--no-verify", action="store_true", help="skip loading the GGUF in llama.cpp and comparing")
+    x.set_defaults(func=cmd_export, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -298,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge"):
+    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge", "export"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()
