@@ -96,7 +96,7 @@ def export(run: str | Path, *, gguf: str, adapter_only: bool = False, ollama: bo
                 # Adapter-only: the base GGUF with the LoRA GGUF applied must answer as the merged model.
                 result.verifications.append(publish_verified(
                     _partial(model_file), model_file, merged, gguf,
-                    adapter_gguf=_partial(lora_file) if lora_file else None, log=log))
+                    adapter_gguf=_partial(lora_file) if lora_file else None, adapter_final=lora_file, log=log))
             else:
                 os.replace(_partial(model_file), model_file)
             if lora_file is not None:

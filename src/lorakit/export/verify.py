@@ -449,8 +449,8 @@ def write_verification(v: Verification, path: str | Path | None = None) -> Path:
     return path
 
 
-def publish_verified(tmp_gguf: str | Path, final: str | Path, reference_dir: str | Path, type: str,
-                     **kwargs) -> Verification:
+def publish_verified(tmp_gguf: str | Path, final: str | Path, reference_dir: str | Path, type: str, *,
+                     adapter_final: str | Path | None = None, **kwargs) -> Verification:
     """Verify `tmp_gguf` (written under a name that does not look finished), then move it to `final`
     with `final`.verify.json beside it; on failure the file is removed, the JSON (passed: false) is
     kept to say why, and a LorakitError is raised: a failed export leaves no file that looks done."""
@@ -460,7 +460,7 @@ def publish_verified(tmp_gguf: str | Path, final: str | Path, reference_dir: str
     except BaseException:
         tmp_gguf.unlink(missing_ok=True)
         raise
-    v = dataclasses.replace(v, gguf=str(final))
+    v = dataclasses.replace(v, gguf=str(final), adapter=str(adapter_final) if adapter_final else v.adapter)
     write_verification(v, verification_path(final))
     if not v.passed:
         tmp_gguf.unlink(missing_ok=True)

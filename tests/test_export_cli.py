@@ -1,0 +1,96 @@
+"""`lorakit export` end to end, as a user types it: merged + Ollama, adapter-only, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_adapter
+
+from lorakit.cli import main
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random Llama (hidden 256) with SmolLM2's tokenizer: llama.cpp's converter identifies
+    tokenizers by their pre-tokenizer hash and knows SmolLM2's, not the test suite's own BPE."""
+    from test_export_gguf import build
+
+    from lorakit.model.embedded import embedded_model_dir
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    except LorakitError as e:
+        pytest.fail(f"the embedded SmolLM2 tokenizer is needed (bash scripts/setup.sh installs it): {e}")
+    return build(tmp_path_factory.mktemp("base") / "model", tok, layers=2, template=None), tok
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # any hub request fails: export is offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_merged_f32_with_ollama(base, tmp_path, capsys):
+    # f32: llama.cpp must agree on every greedy token, so a random model is a fair test here.
+    model_dir, tok = base
+    run = make_adapter(model_dir, tok, tmp_path / "run", 1, template="chatml", scale=0.05)
+    assert main(["export", str(run), "--gguf", "f32", "--ollama"]) == 0
+    out = capsys.readouterr().out
+    export = run / "export"
+    gguf, verdict = export / "run-f32.gguf", json.loads((export / "run-f32.gguf.verify.json").read_text())
+    assert gguf.is_file() and verdict["passed"]
+    assert (export / "ollama" / "model.gguf").stat().st_size == gguf.stat().st_size
+    modelfile = (export / "ollama" / "Modelfile").read_text()
+    assert modelfile.startswith("#") and "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "ollama create run -f" in out
+    assert not [p for p in export.iterdir() if p.name.startswith(".")], "no temporary or partial file left"
+
+
+def test_adapter_only_is_verified_as_base_plus_lora_against_the_merged_model(base, tmp_path):
+    model_dir, tok = base
+    run = make_adapter(model_dir, tok, tmp_path / "rs", 2, lora=LoraConfig(r=4, alpha=8, dropout=0.0, use_rslora=True),
+                       scale=0.05)
+    assert main(["export", str(run), "--gguf", "f32", "--adapter-only", "--out", str(tmp_path / "x")]) == 0
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert names == ["model-f32.gguf", "model-f32.gguf.verify.json", "rs-lora.gguf"], names
+    verdict = json.loads((tmp_path / "x" / "model-f32.gguf.verify.json").read_text())
+    assert verdict["passed"] and verdict["adapter"] == str(tmp_path / "x" / "rs-lora.gguf")  # rsLoRA scale right, or greedy tokens would differ
+
+
+def test_dora_adapter_only_is_refused_before_any_work(base, tmp_path, capsys):
+    model_dir, tok = base
+    run = make_adapter(model_dir, tok, tmp_path / "d", 3, lora=LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True))
+    assert main(["export", str(run), "--gguf", "q8_0", "--adapter-only"]) == 2
+    err = capsys.readouterr().err
+    assert "use_dora" in err and "adapter_config.json" in err and "without --adapter-only" in err
+    assert not (run / "export").exists() or not any((run / "export").iterdir())
+
+
+def test_a_failed_verification_leaves_no_finished_file(base, tmp_path, monkeypatch, capsys):
+    # The verification is the real one; the converted file is replaced by another model's GGUF
+    # (a wrong conversion), which must fail it and leave nothing under the final name.
+    from lorakit.export import gguf as G
+
+    model_dir, tok = base
+    run = make_adapter(model_dir, tok, tmp_path / "w", 4, scale=0.05)
+    other = make_adapter(model_dir, tok, tmp_path / "o", 5, scale=0.05)  # another adapter
+    real = G.convert_merged
+
+    def wrong(model, out_file, type, **kw):
+        from lorakit.merge import merge
+
+        merge(other, tmp_path / "other-merged", dtype="fp32", log=lambda s: None, overwrite=True)
+        return real(tmp_path / "other-merged", out_file, type, **kw)
+
+    monkeypatch.setattr(G, "convert_merged", wrong)
+    assert main(["export", str(run), "--gguf", "f32"]) == 2
+    assert "does not answer as the model" in capsys.readouterr().err
+    export = run / "export"
+    assert not (export / "w-f32.gguf").exists()
+    assert json.loads((export / "w-f32.gguf.verify.json").read_text())["passed"] is False
+    assert not [p for p in export.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")]
