@@ -44,6 +44,7 @@ def test_merged_f32_with_ollama(base, tmp_path, capsys):
     export = run / "export"
     gguf, verdict = export / "run-f32.gguf", json.loads((export / "run-f32.gguf.verify.json").read_text())
     assert gguf.is_file() and verdict["passed"]
+    assert verdict["tokens_equal"] is True, "llama.cpp tokenizes the trained prompt as transformers does"
     assert (export / "ollama" / "model.gguf").stat().st_size == gguf.stat().st_size
     modelfile = (export / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith("#") and "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -94,3 +95,23 @@ def test_a_failed_verification_leaves_no_finished_file(base, tmp_path, monkeypat
     assert not (export / "w-f32.gguf").exists()
     assert json.loads((export / "w-f32.gguf.verify.json").read_text())["passed"] is False
     assert not [p for p in export.iterdir() if p.suffix == ".gguf" or p.name.startswith(".")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("type", ["q8_0", "q4_k_m"])
+def test_smollm2_exports_and_verifies(type, tmp_path):
+    """The real model: SmolLM2-135M with a small random adapter (noise 0.02, as the merge figures use;
+    the demo's trained adapter is measured by benchmarks/export.py), exported and verified in llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from lorakit.export.run import export
+    from lorakit.model.embedded import embedded_model_dir
+
+    folder = embedded_model_dir()
+    run = make_adapter(folder, AutoTokenizer.from_pretrained(folder), tmp_path / "smol", 7, template="model",
+                       scale=0.02)
+    result = export(run, gguf=type, ollama=True, log=lambda s: None)
+    (v,) = result.verifications
+    assert v.passed, v.failures
+    assert v.tokens_equal is True  # llama.cpp's tokenizer from the GGUF = transformers' (proxy env set: bypassed)
+    assert (result.ollama_dir / "Modelfile").is_file()

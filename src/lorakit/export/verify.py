@@ -207,7 +207,9 @@ class Llama:
         body = json.dumps({"content": text, "add_special": True, "parse_special": True}).encode()
         req = urllib.request.Request(self._server.listening_address + "/tokenize", data=body,
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+        # The server is ours, on 127.0.0.1: never through an HTTP(S)_PROXY the environment names.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=REQUEST_TIMEOUT_S) as resp:
             return list(json.loads(resp.read())["tokens"])
 
 
