@@ -105,10 +105,9 @@ def export(run: str | Path, *, gguf: str, adapter_only: bool = False, ollama: bo
             for f in files:
                 _partial(f).unlink(missing_ok=True)
     result.files = files
-    if ollama:
-        from lorakit.export import ollama as O
-        from lorakit.model.load import load_tokenizer
+    if ollama:  # O was imported for the check above
         from lorakit.infer import base_model_config
+        from lorakit.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(base_model_config(meta))
         folder = O.write_ollama_folder(out_dir / "ollama", model_file, template, tokenizer, adapter_gguf=lora_file,
