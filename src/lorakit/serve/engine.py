@@ -1,15 +1,35 @@
 """The continuous-batching engine: every running request advances one token per step, in one
 forward pass, whatever adapter it uses.
 
-(Interface first; the implementation follows in this module.)
+One thread owns the model. Each loop it admits waiting requests (each prompt is prefilled on its
+own, so a joiner never changes another row's numbers), then runs one decode step over every
+running row with PEFT's per-row `adapter_names`, samples each row with its own settings, and lets
+finished, cancelled and timed-out rows leave. Handlers only submit and read events.
+
+Greedy output must not depend on who else is in the batch. Two things would make it depend:
+- Attention over a left-padded batch: summing over padding positions shifts where the real terms
+  fall in the kernel's vector lanes, which changes rounding (measured: 9e-8). So attention runs per
+  row over that row's own keys (`_row_attention`, registered as a transformers attention
+  implementation), on per-request key/value buffers (`_Slot`), with no padding anywhere.
+- Matrix products whose kernel depends on the row count: on this CPU's BLAS, rows come out
+  bit-identical for M in {4, 8} and M >= 12, but not for M = 1-3, 5-7, 9-11. `gemm_row_sizes`
+  measures that set at start-up and every step pads the batch, and each adapter's group of rows
+  (PEFT multiplies each group separately), up to a size in it with dummy rows. On CPU the padding
+  is nearly free: a small-M product is bound by reading the weights, not by arithmetic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 class QueueFull(Exception):
@@ -42,3 +62,470 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+
+# --------------------------------------------------------------------------- row-count invariance
+
+
+def gemm_row_sizes(d_in: int, d_out: int, *, upto: int = 64, dtype=None, device="cpu") -> list[bool]:
+    """ok[m] is True when a product with m rows gives every row bit-identically to the same rows
+    inside a larger product (`upto` rows). Measured on the shapes the model uses; index 0 unused."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    dtype = dtype or torch.float32
+    x = torch.randn(upto * 2, d_in, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(d_out, d_in, generator=g).to(device=device, dtype=dtype)
+    ref = F.linear(x, w)
+    ok = [False] * (upto + 1)
+    for m in range(1, upto + 1):
+        # the same rows at the start and at an offset: position inside the product must not matter either
+        ok[m] = bool(torch.equal(F.linear(x[:m], w), ref[:m]) and torch.equal(F.linear(x[m:2 * m], w), ref[m:2 * m]))
+    return ok
+
+
+class RowSizes:
+    """The smallest invariant row count >= n (`pad(n)`), from `gemm_row_sizes` over several shapes.
+    Above the measured range every size is taken as invariant (it held from 12 to 64 here)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], dtype=None, device="cpu", upto: int = 64):
+        oks = [gemm_row_sizes(a, b, upto=upto, dtype=dtype, device=device) for a, b in shapes]
+        self.ok = [all(o[m] for o in oks) for m in range(upto + 1)]
+        self.upto = upto
+        self.exact = any(self.ok[1:])  # no invariant size at all (some GPU BLAS): pad nothing, promise nothing
+
+    def pad(self, n: int) -> int:
+        if not self.exact or n > self.upto:
+            return n
+        return next((m for m in range(n, self.upto + 1) if self.ok[m]), n)
+
+
+# --------------------------------------------------------------------------- per-row attention
+
+_ATTN = "lorakit_rows"
+_step = threading.local()  # .slots: the _Slot of each real row of the forward being run
+
+
+class _Slot:
+    """One request's keys and values, per layer, in buffers that grow by doubling (not a cat per
+    token), read back as views of exactly the request's own length."""
+
+    def __init__(self, layers: int):
+        self.k: list[torch.Tensor | None] = [None] * layers
+        self.v: list[torch.Tensor | None] = [None] * layers
+        self.n = [0] * layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (heads, q, head_dim)
+        n, q = self.n[layer], k.shape[1]
+        buf = self.k[layer]
+        if buf is None or n + q > buf.shape[1]:
+            cap = max(2 * (n + q), 32)
+            nk = k.new_empty((k.shape[0], cap, k.shape[2]))
+            nv = v.new_empty((v.shape[0], cap, v.shape[2]))
+            if n:
+                nk[:, :n] = self.k[layer][:, :n]
+                nv[:, :n] = self.v[layer][:, :n]
+            self.k[layer], self.v[layer] = nk, nv
+        self.k[layer][:, n:n + q] = k
+        self.v[layer][:, n:n + q] = v
+        self.n[layer] = n + q
+        return self.k[layer][:, :n + q], self.v[layer][:, :n + q]
+
+    @property
+    def length(self) -> int:
+        return self.n[0]
+
+
+class _RowCache:
+    """What the model's attention layers call `update` on: stores each real row's new keys and
+    values in its slot; the attention function below reads them back per row."""
+
+    def __init__(self, slots: list[_Slot]):
+        self.slots = slots
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        for i, slot in enumerate(self.slots):
+            slot.append(layer_idx, key_states[i], value_states[i])
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((s.n[layer_idx] for s in self.slots), default=0)
+
+
+def _row_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for each real row over its own slot (no padding). Outside an engine step (plain
+    `generate` on a served session) it is transformers' SDPA for one unpadded row; no mask function
+    is registered for this implementation (transformers then builds none), so a padded batch
+    would be attended wrongly: refused."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    slots = getattr(_step, "slots", None)
+    if slots is None:
+        if query.shape[0] > 1:
+            raise RuntimeError("this model is being served by a lorakit Engine: batched generate is not "
+                               "available on it outside the engine (load another session)")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer = module.layer_idx
+    b, h, q, d = query.shape
+    out = query.new_zeros((b, q, h, d))
+    gqa = h != key.shape[1]
+    for i, slot in enumerate(slots):
+        n = slot.n[layer]
+        k, v = slot.k[layer][:, :n], slot.v[layer][:, :n]
+        o = F.scaled_dot_product_attention(query[i:i + 1], k.unsqueeze(0), v.unsqueeze(0), is_causal=q > 1,
+                                           scale=scaling, enable_gqa=gqa)
+        out[i] = o[0].transpose(0, 1)
+    return out, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTN, _row_attention)
+
+
+# --------------------------------------------------------------------------- requests in flight
+
+
+class Handle:
+    """The caller's side of one request: an async iterator of Events, and `cancel`."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
+        self.req = req
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _put(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the loop is gone (client and server shut down): nobody is listening
+            pass
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        while True:
+            ev = await self.queue.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+
+class _Row:
+    """Engine-side state of a running request."""
+
+    def __init__(self, handle: Handle, layers: int, tokenizer):
+        self.h = handle
+        self.req = handle.req
+        self.slot = _Slot(layers)
+        self.ids: list[int] = []  # generated, stop token excluded
+        self.last: int | None = None  # the token to feed next step
+        self.sent = 0  # characters of text already emitted
+        self.tok = tokenizer
+        self.gen = None
+        if self.req.temperature > 0:
+            self.gen = torch.Generator()
+            self.gen.manual_seed(self.req.seed if self.req.seed is not None else
+                                 int.from_bytes(os.urandom(8), "little") >> 1)
+        self.stop_ids = set(self.req.stop_ids)
+        self.done = False
+        self.by_token = 0  # 1 when a stop token ended it
+        self.hold = max((len(s) for s in self.req.stop), default=1) - 1
+
+    def sample(self, logits: torch.Tensor) -> int:
+        r = self.req
+        if r.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+        if r.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, 0) - sp < r.top_p  # always keeps the most likely token
+            sp = sp * keep
+            return int(si[torch.multinomial(sp / sp.sum(), 1, generator=self.gen)])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def accept(self, token: int) -> str | None:
+        """Take the sampled token; emit new text; return a finish reason when the row is done."""
+        if token in self.stop_ids:
+            self.by_token = 1
+            self._emit_rest()
+            return "stop"
+        self.ids.append(token)
+        self.last = token
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        for s in self.req.stop:
+            at = text.find(s)
+            if at >= 0:
+                self._emit(text[:at])
+                return "stop"
+        if len(self.ids) >= self.req.max_tokens:
+            self._emit(text)
+            return "length"
+        if not text.endswith("\ufffd"):  # a multi-byte character may be half decoded: wait for the rest
+            safe = len(text) - self._held(text)
+            if safe > self.sent:
+                self._emit(text[:safe])
+        return None
+
+    def _held(self, text: str) -> int:
+        """How many trailing characters could be the start of a stop string (held back)."""
+        for k in range(min(self.hold, len(text)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.req.stop):
+                return k
+        return 0
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.h._put(Event(text=text[self.sent:]))
+            self.sent = len(text)
+
+    def _emit_rest(self) -> None:
+        self._emit(self.tok.decode(self.ids, skip_special_tokens=True))
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if reason in ("cancelled", "timeout", "error"):
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self._emit(text[:len(text) - self._held(text)])
+        # Like infer.Completion: the stop token counts as generated.
+        self.h._put(Event(finish_reason=reason, prompt_tokens=len(self.req.prompt_ids),
+                          completion_tokens=len(self.ids) + self.by_token, error=error))
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Engine:
+    """Owns the session's model on one thread; see the module docstring."""
+
+    def __init__(self, session, *, max_batch: int = 32, max_queue: int = 256, log=print):
+        from lorakit.errors import LorakitError
+
+        bad = [a.name for a in session.adapters.values() if not a.mixable]
+        if bad:
+            raise LorakitError(f"adapter(s) {', '.join(bad)} cannot share a batch with other adapters (DoRA)",
+                               hint="merge them (lorakit merge) and serve the merged model on its own")
+        self.session = session
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.log = log
+        model = session.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _register_attention()
+        base.set_attn_implementation(_ATTN)
+        cfg = base.config
+        self.layers = cfg.num_hidden_layers
+        self.device = model.device
+        dtype = next(model.parameters()).dtype
+        ranks = sorted({int(a.meta.lora.get("r", 8)) for a in session.adapters.values() if a.meta} | {8})
+        shapes = [(cfg.hidden_size, cfg.hidden_size), (cfg.hidden_size, ranks[-1]), (ranks[-1], cfg.hidden_size)]
+        self.rows = RowSizes(shapes, dtype=dtype, device=self.device)
+        self.pad_id = session.tokenizer.pad_token_id if session.tokenizer.pad_token_id is not None else 0
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._running: list[_Row] = []
+        self._calls: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- the caller's side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop) -> Handle:
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            h = Handle(req, loop)
+            self._waiting.append(h)
+            self._cv.notify()
+        return h
+
+    def call_between_steps(self, fn) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            self._calls.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def in_use(self, adapter: str) -> int:
+        with self._cv:
+            return sum(h.req.adapter == adapter for h in self._waiting) + \
+                sum(r.req.adapter == adapter for r in self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def shutdown(self, drain_s: float = 10.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        end = time.monotonic() + drain_s
+        while (self._running or self._waiting) and time.monotonic() < end and self._alive():
+            time.sleep(0.02)
+        with self._cv:
+            for h in self._waiting:
+                h.cancel()
+            for r in self._running:
+                r.h.cancel()
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the engine thread
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stop or self._calls or self._running or self._waiting):
+                        self._cv.wait(timeout=0.5)
+                    if self._stop and not self._waiting:
+                        stop_now = True
+                    else:
+                        stop_now = False
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, fut in calls:
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the caller, who reports it
+                        fut.set_exception(e)
+                if stop_now:
+                    for r in self._running:
+                        r.finish("cancelled")
+                    self._running.clear()
+                    return
+                try:
+                    self._admit()
+                    if self._running:
+                        self._decode()
+                except Exception as e:  # a fault of the model or of one step: fail the rows, keep serving
+                    self.log(f"lorakit serve: step failed: {type(e).__name__}: {e}")
+                    for r in self._running:
+                        r.finish("error", error=f"{type(e).__name__}: {e}")
+                    self._running.clear()
+                finally:
+                    _step.slots = None
+
+    def _expired(self, h: Handle) -> str | None:
+        if h.cancelled.is_set():
+            return "cancelled"
+        t = h.req.timeout_s
+        if t is not None and time.monotonic() - h.submitted > t:
+            return "timeout"
+        return None
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch:
+            with self._cv:
+                if not self._waiting:
+                    return
+                h = self._waiting.popleft()
+            row = _Row(h, self.layers, self.session.tokenizer)
+            why = self._expired(h)
+            if why:
+                row.finish(why)
+                continue
+            ids = torch.tensor([h.req.prompt_ids], device=self.device)
+            pos = torch.arange(len(h.req.prompt_ids), device=self.device).unsqueeze(0)
+            try:
+                logits = self._forward(ids, pos, [row], [h.req.adapter])
+            except Exception as e:  # this prompt's fault (or the model's): fail it alone, keep serving
+                self.log(f"lorakit serve: prefill failed: {type(e).__name__}: {e}")
+                row.finish("error", error=f"{type(e).__name__}: {e}")
+                continue
+            self._take(row, logits[0])
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+        why = row.accept(row.sample(logits))
+        if why:
+            row.finish(why)
+        else:
+            self._running.append(row)
+
+    def _decode(self) -> None:
+        live = []
+        for r in self._running:
+            why = self._expired(r.h)
+            if why:
+                r.finish(why)
+            else:
+                live.append(r)
+        self._running = live
+        if not live:
+            return
+        # Group rows by adapter (PEFT multiplies each group on its own) and pad every group, and the
+        # whole batch, to a row count whose products are row-invariant.
+        groups: dict[str, list[_Row]] = {}
+        for r in live:
+            groups.setdefault(r.req.adapter, []).append(r)
+        from lorakit.infer import BASE
+
+        order: list[_Row | None] = []
+        names: list[str] = []
+        for name, rows in groups.items():
+            n = len(rows) if name == BASE else self.rows.pad(len(rows))
+            order += rows + [None] * (n - len(rows))
+            names += [name] * n
+        total = self.rows.pad(len(order))
+        order += [None] * (total - len(order))
+        names += [BASE] * (total - len(names))
+        # A base group is padded through the total: the base rows see only the full-batch products.
+        real = [r for r in order if r is not None]
+        perm = [i for i, r in enumerate(order) if r is not None]
+        ids = torch.tensor([[r.last if r is not None else self.pad_id] for r in order], device=self.device)
+        pos = torch.tensor([[r.slot.length if r is not None else 0] for r in order], device=self.device)
+        logits = self._forward(ids, pos, real, names, rows_at=perm)
+        self.steps += 1
+        for r, lg in zip(real, logits):
+            why = r.accept(r.sample(lg))
+            if why:
+                r.finish(why)
+        self._running = [r for r in live if not r.done]
+
+    def _forward(self, ids, pos, rows: list[_Row], names: list[str], rows_at: list[int] | None = None):
+        """Logits of the last position for each real row (in `rows` order)."""
+        rows_at = rows_at if rows_at is not None else list(range(len(rows)))
+        # _RowCache.update stores row i of the batch into slots[i]: map batch positions to slots.
+        slots: list[_Slot] = []
+        dummy = {}
+        for i in range(ids.shape[0]):
+            if i in rows_at:
+                slots.append(rows[rows_at.index(i)].slot)
+            else:
+                dummy[i] = _Slot(self.layers)
+                slots.append(dummy[i])
+        _step.slots = slots
+        try:
+            out = self.session.model(input_ids=ids, position_ids=pos, cache=_RowCache(slots), use_cache=True,
+                                     adapter_names=names, logits_to_keep=1)
+        finally:
+            _step.slots = None
+        return out.logits[rows_at, -1, :]
