@@ -136,6 +136,13 @@ class _Slot:
     def length(self) -> int:
         return self.n[0]
 
+    def copy(self) -> "_Slot":
+        c = _Slot(len(self.n))
+        c.k = [None if t is None else t.clone() for t in self.k]
+        c.v = [None if t is None else t.clone() for t in self.v]
+        c.n = list(self.n)
+        return c
+
 
 class _RowCache:
     """What the model's attention layers call `update` on: stores each real row's new keys and
@@ -481,47 +488,46 @@ class Engine:
         self._running = live
         if not live:
             return
-        # Group rows by adapter (PEFT multiplies each group on its own) and pad every group, and the
-        # whole batch, to a row count whose products are row-invariant.
-        groups: dict[str, list[_Row]] = {}
-        for r in live:
-            groups.setdefault(r.req.adapter, []).append(r)
-        from lorakit.infer import BASE
-
-        order: list[_Row | None] = []
-        names: list[str] = []
-        for name, rows in groups.items():
-            n = len(rows) if name == BASE else self.rows.pad(len(rows))
-            order += rows + [None] * (n - len(rows))
-            names += [name] * n
-        total = self.rows.pad(len(order))
-        order += [None] * (total - len(order))
-        names += [BASE] * (total - len(names))
-        # A base group is padded through the total: the base rows see only the full-batch products.
-        real = [r for r in order if r is not None]
-        perm = [i for i, r in enumerate(order) if r is not None]
-        ids = torch.tensor([[r.last if r is not None else self.pad_id] for r in order], device=self.device)
-        pos = torch.tensor([[r.slot.length if r is not None else 0] for r in order], device=self.device)
-        logits = self._forward(ids, pos, real, names, rows_at=perm)
+        logits = self._step_logits(live)
         self.steps += 1
-        for r, lg in zip(real, logits):
+        for r, lg in zip(live, logits):
             why = r.accept(r.sample(lg))
             if why:
                 r.finish(why)
         self._running = [r for r in live if not r.done]
 
+    def _step_logits(self, live: list[_Row]) -> torch.Tensor:
+        """One decode step for `live` (each feeds its last token); their next-token logits, in order.
+
+        Rows are grouped by adapter (PEFT multiplies each group on its own), and every group, and
+        the whole batch, is padded to a row count whose products are row-invariant."""
+        from lorakit.infer import BASE
+
+        groups: dict[str, list[_Row]] = {}
+        for r in live:
+            groups.setdefault(r.req.adapter, []).append(r)
+        order: list[_Row | None] = []
+        names: list[str] = []
+        for name, rows in groups.items():
+            n = len(rows) if name == BASE else self.rows.pad(len(rows))  # base rows skip the LoRA products
+            order += rows + [None] * (n - len(rows))
+            names += [name] * n
+        total = self.rows.pad(len(order))
+        order += [None] * (total - len(order))
+        names += [BASE] * (total - len(names))
+        at = {id(r): i for i, r in enumerate(order) if r is not None}
+        perm = [at[id(r)] for r in live]
+        ids = torch.tensor([[r.last if r is not None else self.pad_id] for r in order], device=self.device)
+        pos = torch.tensor([[r.slot.length if r is not None else 0] for r in order], device=self.device)
+        return self._forward(ids, pos, live, names, rows_at=perm)
+
     def _forward(self, ids, pos, rows: list[_Row], names: list[str], rows_at: list[int] | None = None):
         """Logits of the last position for each real row (in `rows` order)."""
         rows_at = rows_at if rows_at is not None else list(range(len(rows)))
         # _RowCache.update stores row i of the batch into slots[i]: map batch positions to slots.
-        slots: list[_Slot] = []
-        dummy = {}
-        for i in range(ids.shape[0]):
-            if i in rows_at:
-                slots.append(rows[rows_at.index(i)].slot)
-            else:
-                dummy[i] = _Slot(self.layers)
-                slots.append(dummy[i])
+        slots = [_Slot(self.layers) for _ in range(ids.shape[0])]  # dummy rows attend to themselves
+        for r, i in zip(rows, rows_at):
+            slots[i] = r.slot
         _step.slots = slots
         try:
             out = self.session.model(input_ids=ids, position_ids=pos, cache=_RowCache(slots), use_cache=True,
