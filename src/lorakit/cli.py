@@ -181,6 +181,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from lorakit.serve.run import serve
+
+    return serve(args.adapters, args.adapter, base=args.base, host=args.host, port=args.port, api_key=args.api_key,
+                 api_key_file=args.api_key_file, allow_adapter_loading=args.allow_adapter_loading,
+                 adapter_roots=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
+                 max_tokens_cap=args.max_tokens_cap, timeout=args.timeout)
+
+
 def cmd_demo(args) -> int:
     from lorakit.demo.run import run_demo
 
@@ -312,6 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-verify", action="store_true", help="skip loading the GGUF in llama.cpp and comparing")
     x.set_defaults(func=cmd_export, overrides=[])
 
+    sv = sub.add_parser("serve", help="Serve the base and any number of adapters behind an OpenAI-compatible API "
+                        "(continuous batching across adapters).")
+    sv.add_argument("adapters", nargs="*", metavar="RUN_OR_ADAPTER", help="run or adapter folders (named after the run)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter under a chosen name")
+    sv.add_argument("--base", help="the base model (must be the one the adapters were trained on)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one wants an API key)")
+    sv.add_argument("--port", type=int, default=8000)
+    key = sv.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require Authorization: Bearer KEY (prefer --api-key-file: argv is visible)")
+    key.add_argument("--api-key-file", help="file holding the API key")
+    sv.add_argument("--allow-adapter-loading", action="store_true",
+                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    sv.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                    help="folder runtime loads may read from (repeatable)")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    sv.add_argument("--max-tokens-cap", type=int, default=4096, help="the largest max_tokens a request may ask")
+    sv.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
+    sv.set_defaults(func=cmd_serve, overrides=[])
+
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
@@ -322,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge", "export"):
+    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge", "export", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     _quiet_libraries()

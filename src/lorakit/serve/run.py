@@ -1,0 +1,114 @@
+"""`lorakit serve`: build the session, the engine and the app, run uvicorn, drain on exit."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from lorakit.errors import LorakitError, MissingExtraError
+
+
+def _require_serve_extra() -> None:
+    for package in ("fastapi", "uvicorn"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise MissingExtraError(package, "serve", "lorakit serve") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_named(specs: list[str]) -> list[tuple[str, str]]:
+    """--adapter NAME=PATH values as (name, path)."""
+    out = []
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep or not name or not path:
+            raise LorakitError(f"--adapter {s!r} is not NAME=PATH", hint="e.g. --adapter support=runs/support")
+        out.append((name, path))
+    return out
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    if api_key and api_key_file:
+        raise LorakitError("both --api-key and --api-key-file given", hint="use one of them")
+    if api_key_file:
+        try:
+            key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise LorakitError(f"cannot read the API key file: {e}", where=api_key_file) from None
+        if not key:
+            raise LorakitError("the API key file is empty", where=api_key_file, hint="write the key on one line")
+        return key
+    return api_key or None
+
+
+def build_session(adapters: list[str], named: list[tuple[str, str]], base: str | None, log=print):
+    """One session holding every adapter; a --adapter NAME=PATH first adapter is renamed to NAME."""
+    from lorakit import infer
+    from lorakit.artifacts import find_adapter_dir, read_meta
+
+    specs = [(None, p) for p in adapters] + list(named)
+    if not specs:
+        raise LorakitError("serving a base model without any adapter is not supported yet",
+                           hint="pass a run or adapter folder (lorakit serve runs/NAME); the base is then served "
+                           "too, under its own name")
+    first_name, first_path = specs[0]
+    if base is not None:
+        meta = read_meta(find_adapter_dir(first_path))
+        if base not in (meta.base.name, meta.base.path):
+            raise LorakitError(f"--base {base} is not the base the adapter was trained on ({meta.base.name})",
+                               where=str(first_path), hint="drop --base: the base is read from lorakit.json")
+    session = infer.load_session([first_path], log=log)
+    if first_name is not None and first_name != session.default.name:
+        old = session.default
+        session.model.load_adapter(str(old.path), adapter_name=first_name, is_trainable=False)
+        session.model.set_adapter(first_name)
+        session.model.delete_adapter(old.name)
+        session.adapters = {first_name: infer.Adapter.from_meta(first_name, old.path, old.meta)}
+        session.model.eval()
+    for name, path in specs[1:]:
+        session.add_adapter(path, name)
+    return session
+
+
+def serve(adapters: list[str], named: list[str] = (), *, base: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, api_key_file: str | None = None,
+          allow_adapter_loading: bool = False, adapter_roots: list[str] = (), max_batch: int = 32,
+          max_queue: int = 256, max_tokens_cap: int = 4096, timeout: float | None = 600.0,
+          drain_s: float = 10.0, log=print) -> int:
+    _require_serve_extra()
+    import uvicorn
+
+    from lorakit.serve.app import Limits, create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.registry import Registry
+
+    key = read_api_key(api_key, api_key_file)
+    pairs = parse_named(list(named))
+    if not _is_loopback(host) and key is None:
+        log(f"warning: serving on {host} without an API key: anyone who can reach this address can use the "
+            "models (and load adapters, with --allow-adapter-loading); pass --api-key-file")
+    if allow_adapter_loading and not adapter_roots:
+        log("warning: --allow-adapter-loading without --adapter-root: every load request will be refused")
+    session = build_session(list(adapters), pairs, base, log=log)
+    engine = Engine(session, max_batch=max_batch, max_queue=max_queue, log=log)
+    registry = Registry(engine, adapter_roots=list(adapter_roots), allow_loading=allow_adapter_loading)
+    app = create_app(engine, registry, api_key=key,
+                     limits=Limits(max_tokens_cap=max_tokens_cap, timeout_s=timeout))
+    engine.start()
+    names = ", ".join([registry.base_id] + registry.adapters())
+    log(f"lorakit serve: http://{host}:{port}/v1 — models: {names}")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.shutdown(drain_s=drain_s)
+    return 0
