@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
+import threading
 from pathlib import Path
 
 from lorakit.errors import LorakitError, MissingExtraError
@@ -108,7 +111,35 @@ def serve(adapters: list[str], named: list[str] = (), *, base: str | None = None
     log(f"lorakit serve: http://{host}:{port}/v1 — models: {names}")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s)
     try:
-        uvicorn.Server(config).run()
+        _DrainingServer(config).run()
     finally:
         engine.shutdown(drain_s=drain_s)
     return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT once its own shutdown is done, which kills the process
+        before the engine has finished or cancelled its in-flight requests. Here a signal only asks
+        uvicorn to stop; the caller then drains the engine and the command exits 0: a stop asked
+        for and carried out cleanly is a success."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer
+
+
+def _DrainingServer(config):
+    return _draining_server_class()(config)
