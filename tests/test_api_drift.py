@@ -73,7 +73,8 @@ def test_generation_and_logging_names():
     assert hasattr(BaseStreamer, "put") and hasattr(BaseStreamer, "end") and PrinterCallback
 
 
-@pytest.mark.parametrize("name", ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors"])
+@pytest.mark.parametrize("name", ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors",
+                                  "fastapi", "uvicorn", "openai"])
 def test_installed_versions_satisfy_lorakits_ranges(name):
     from importlib import metadata
 
@@ -235,3 +236,45 @@ def test_gradient_checkpointing_is_switched_per_layer():
             layer.gradient_checkpointing = on
         model(input_ids=ids).logits.sum().backward()
         assert len(calls) == (len(layers) if on else 0), f"gradient_checkpointing={on} is not read per layer"
+
+
+# --------------------------------------------------------------------------- the server (lorakit.serve)
+# The engine drives the model one decode step at a time with its own cache object and attention
+# function, and hands PEFT the per-row adapter names through a pre-forward hook; `lorakit serve`
+# replaces uvicorn's signal capture so the engine drains before the process exits.
+
+
+def test_the_model_forward_and_attention_the_engine_drives():
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+
+    assert {"input_ids", "position_ids", "cache", "use_cache", "logits_to_keep"} <= \
+        params(modeling_llama.LlamaForCausalLM.forward), "the engine passes cache= and logits_to_keep="
+    src = inspect.getsource(modeling_llama.LlamaAttention.forward)
+    assert "cache.update(key_states, value_states, self.layer_idx" in src, "_RowCache.update's call changed"
+    assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in src
+    assert callable(transformers.AttentionInterface.register) and callable(sdpa_attention_forward)
+
+
+def test_peft_takes_adapter_names_from_the_layer_kwargs():
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    assert issubclass(Linear, LoraLayer)
+    src = inspect.getsource(Linear.forward)
+    assert 'kwargs.pop("adapter_names", None)' in src, "the serve hook injects adapter_names into the kwargs"
+    assert "_mixed_batch_forward" in src
+
+
+def test_uvicorn_and_fastapi_names_serve_uses():
+    import uvicorn
+    from fastapi import FastAPI, Request  # noqa: F401
+    from fastapi.exceptions import RequestValidationError  # noqa: F401
+    from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: F401
+
+    assert {"sig", "frame"} <= params(uvicorn.Server.handle_exit)
+    # run() enters self.capture_signals(): the method lorakit serve's DrainingServer replaces
+    assert "with self.capture_signals()" in inspect.getsource(uvicorn.Server), "uvicorn's signal capture moved"
+    assert {"timeout_graceful_shutdown", "host", "port", "log_level"} <= params(uvicorn.Config.__init__)
+    assert {"docs_url", "redoc_url", "openapi_url"} <= params(FastAPI.__init__)

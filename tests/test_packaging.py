@@ -95,7 +95,8 @@ def test_python_dash_m_lorakit_runs_the_cli_with_its_exit_code(installed, venv, 
     python = venv / "bin/python"
     help_ = _ok(_run([python, "-m", "lorakit", "--help"], cwd=tmp_path))
     assert help_.stdout.startswith("usage: lorakit")
-    for command in ("train", "data", "plan", "generate", "eval", "chat", "merge", "report", "runs", "doctor", "demo"):
+    for command in ("train", "data", "plan", "generate", "eval", "chat", "merge", "export", "serve", "report", "runs",
+                    "doctor", "demo"):
         assert command in help_.stdout
     missing = _run([python, "-m", "lorakit", "data", tmp_path / "missing.yaml"], cwd=tmp_path)
     assert missing.returncode == 2, missing.stderr  # a user mistake: cli.main's code, passed through
@@ -147,3 +148,41 @@ def test_installed_use_stages_on_a_tiny_run(installed, venv, tmp_path, tiny_mode
     assert _ok(_run([lk, "runs", tmp_path / "runs"], cwd=tmp_path)).stdout.splitlines()[1].startswith("tiny ")
     _ok(_run([lk, "merge", run, "--out", tmp_path / "merged"], cwd=tmp_path))
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (run / "merge.json").is_file()
+
+
+def test_installed_serve_answers_the_openai_client_and_stops_cleanly(installed, venv, tmp_path, tiny_model_dir,
+                                                                     tiny_tokenizer):
+    """`lorakit serve` from the wheel's console script: up, listed, answering, then SIGTERM -> exit 0."""
+    import socket
+    import time
+
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    from conftest import make_adapter
+
+    adapter = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / "support", seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([venv / "bin/lorakit", "serve", adapter, "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        assert "support" in {m.id for m in client.models.list()}
+        r = client.chat.completions.create(model="support", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"lorakit serve: http://127.0.0.1:{port}/v1" in out, out

@@ -4,6 +4,8 @@ where the client hides what is checked (status codes, headers, SSE bytes, closin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -72,9 +74,8 @@ def _to_bin(adapter_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(adapters):
-    import uvicorn
-
     from lorakit import infer
+    from lorakit.data.templates import resolve_template
     from lorakit.serve.app import Limits, create_app
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import Registry
@@ -82,23 +83,38 @@ def server(adapters):
     session = infer.load_session([adapters["support"], adapters["chatty"]], log=lambda *_: None)
     # References before the engine owns the model: infer.generate is what `lorakit generate` answers.
     greedy = infer.Sampling(greedy=True, max_new_tokens=N)
-    refs = {name: infer.generate(session, MSGS, greedy, adapter=name) for name in ("support", "chatty", infer.BASE)}
+    refs = {name: infer.generate(session, MSGS, greedy, adapter=name) for name in ("support", "chatty")}
+    # The base answers in its own chat template (the tiny tokenizer's ChatML), not an adapter's.
+    own = resolve_template("model", session.tokenizer)
+    assert own.source != session.adapters["support"].template.source
+    refs[infer.BASE] = infer.generate(session, MSGS, greedy, adapter=infer.BASE, template=own)
     # max_batch 4 / max_queue 2: small enough for a burst of 16 to overflow the queue (the 429 test).
     engine = Engine(session, max_batch=4, max_queue=2, log=lambda *_: None)
     registry = Registry(engine, adapter_roots=[adapters["root"]], allow_loading=True)
     limits = Limits(max_tokens_cap=1000, max_body_bytes=64 * 1024, timeout_s=60)
     app = create_app(engine, registry, api_key=KEY, limits=limits)
+    with running(app, engine) as url:
+        yield {"url": url, "engine": engine, "registry": registry, "refs": refs, "session": session}
+
+
+@contextlib.contextmanager
+def running(app, engine):
+    """The engine and a uvicorn server on a free loopback port, stopped (server, then engine) after."""
+    import uvicorn
+
     engine.start()
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     url = f"http://127.0.0.1:{port}"
-    wait_health(url, 20)
-    yield {"url": url, "engine": engine, "registry": registry, "refs": refs, "session": session}
-    srv.should_exit = True
-    th.join(timeout=10)
-    engine.shutdown(drain_s=1)
+    try:
+        wait_health(url, 20)
+        yield url
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        engine.shutdown(drain_s=1)
 
 
 @pytest.fixture
@@ -112,7 +128,7 @@ def auth():
 
 def test_chat_greedy_matches_generate_streamed_and_not(server, client):
     """The server's greedy answer is `infer.generate`'s, token for token, for each adapter and the
-    base (prompted with the first adapter's template), and streaming does not change it."""
+    base (prompted with its own chat template), and streaming does not change it."""
     base_id = server["registry"].base_id
     for model, name in (("support", "support"), ("chatty", "chatty"), (base_id, "__base__"), ("__base__", "__base__")):
         ref = server["refs"][name]
@@ -337,3 +353,80 @@ def test_cli_refuses_public_host_warning_and_bad_args(adapters):
 
     with pytest.raises(LorakitError, match="without any adapter"):
         run.build_session([], [], "some/base", log=logs.append)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@pytest.fixture(scope="module")
+def load_server(adapters, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
+    """Three adapters (two templates) and the base, with the default batch (32) and queue (256)."""
+    from lorakit import infer
+    from lorakit.serve.app import create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.registry import Registry
+
+    third = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path_factory.mktemp("load") / "third", seed=7,
+                         template="chatml")
+    session = infer.load_session([adapters["support"], adapters["chatty"], third], log=lambda *_: None)
+    engine = Engine(session, log=lambda *_: None)
+    registry = Registry(engine)
+    with running(create_app(engine, registry, api_key=KEY), engine) as url:
+        yield {"url": url, "engine": engine, "models": [registry.base_id, "support", "chatty", "third"]}
+
+
+def test_200_concurrent_requests_over_three_adapters_and_the_base(load_server):
+    """200 requests at once (chat and completions, streamed and not, 4 models, 4..16 tokens each):
+    none fails, the engine really batches them (most run together), and every greedy answer is
+    token for token the one the same request gets when it is sent alone."""
+    engine, models = load_server["engine"], load_server["models"]
+    requests = []
+    for i in range(200):
+        requests.append({"model": models[i % 4], "chat": i % 3 != 0, "stream": i % 2 == 0, "max_tokens": 4 + i % 13,
+                         "text": f"Question {i}: where is order #{1000 + 7 * i}?" + " Please hurry." * (i % 5)})
+
+    async def send(client, r):
+        common = {"model": r["model"], "max_tokens": r["max_tokens"], "temperature": 0}
+        if r["chat"]:
+            msgs = [{"role": "user", "content": r["text"]}]
+            if r["stream"]:
+                out = await client.chat.completions.create(messages=msgs, stream=True,
+                                                           stream_options={"include_usage": True}, **common)
+                chunks = [c async for c in out]
+                return ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                        [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens)
+            out = await client.chat.completions.create(messages=msgs, **common)
+            return out.choices[0].message.content, out.choices[0].finish_reason, out.usage.completion_tokens
+        if r["stream"]:
+            out = await client.completions.create(prompt=r["text"], stream=True, stream_options={"include_usage": True},
+                                                  **common)
+            chunks = [c async for c in out]
+            return ("".join(c.choices[0].text for c in chunks if c.choices),
+                    [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens)
+        out = await client.completions.create(prompt=r["text"], **common)
+        return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=load_server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        alone = [await send(client, r) for r in requests]  # one at a time: each ran in a batch of one
+        peak = 0
+
+        async def watch():
+            nonlocal peak
+            while True:
+                peak = max(peak, engine.running)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watch())
+        together = await asyncio.wait_for(asyncio.gather(*(send(client, r) for r in requests)), 600)
+        watcher.cancel()
+        await client.close()
+        return alone, together, peak
+
+    alone, together, peak = asyncio.run(main())
+    assert peak >= 16, f"the 200 requests never ran more than {peak} at a time"
+    diff = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
+    assert not diff, [(i, requests[i], alone[i], together[i]) for i in diff[:3]]
+    # the answers are real: of the requested length or stopped, and different across models
+    assert all(reason in ("stop", "length") and n <= r["max_tokens"] for (_, reason, n), r in zip(alone, requests))
+    assert len({alone[i][0] for i in range(1, 9)}) > 1

@@ -309,15 +309,17 @@ def _completion(tokenizer, generated: list[int], prompt_len: int, stop_ids: list
 def generate_batch(session: Session, conversations: list[list[dict]], sampling: Sampling | None = None, *,
                    adapter: str | None = None, use_adapter: bool = True,
                    stream: Callable[[str], None] | None = None,
-                   stop: threading.Event | Callable[[], bool] | None = None) -> list[Completion]:
+                   stop: threading.Event | Callable[[], bool] | None = None,
+                   template: Template | None = None) -> list[Completion]:
     """Answer several conversations in one left-padded batch with `adapter` (default: the session's
-    first; `BASE` or `use_adapter=False`: the base model, prompted with that adapter's template).
+    first; `BASE` or `use_adapter=False`: the base model, prompted with that adapter's template, or
+    with `template` when given).
 
     `stop` (an Event, or a callable returning True to stop) ends generation after the next token;
     rows that had not ended by then are 'cancelled', with the text generated so far."""
     chosen = session.adapter(adapter)
     name = BASE if (adapter == BASE or not use_adapter) else chosen.name
-    tok, template = session.tokenizer, chosen.template
+    tok, template = session.tokenizer, template or chosen.template
     for i, msgs in enumerate(conversations):
         if not msgs or msgs[-1].get("role") not in ("user", "tool"):
             raise LorakitError(f"conversation {i} must end with a user message",
@@ -344,10 +346,11 @@ def generate_batch(session: Session, conversations: list[list[dict]], sampling: 
 
 def generate(session: Session, messages: list[dict], sampling: Sampling | None = None, *,
              stream: Callable[[str], None] | None = None, adapter: str | None = None,
-             use_adapter: bool = True, stop: threading.Event | Callable[[], bool] | None = None) -> Completion:
+             use_adapter: bool = True, stop: threading.Event | Callable[[], bool] | None = None,
+             template: Template | None = None) -> Completion:
     """The assistant reply to `messages` (see `generate_batch`); `stream` receives text as it comes."""
     return generate_batch(session, [messages], sampling, adapter=adapter, use_adapter=use_adapter, stream=stream,
-                          stop=stop)[0]
+                          stop=stop, template=template)[0]
 
 
 def _mixable(session: Session) -> bool:

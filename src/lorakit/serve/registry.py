@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lorakit import infer
 from lorakit.artifacts import find_adapter_dir, read_meta
-from lorakit.errors import LorakitError
+from lorakit.data.templates import resolve_template
+from lorakit.errors import LorakitError, ModelError
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -42,6 +43,7 @@ class Registry:
         self.allow_loading = allow_loading
         # The base's id: the model name the first adapter was trained on (its template prompts the base).
         self.base_id = self.session.default.meta.base.name or infer.BASE
+        self._base_template = self._own_base_template()
         self._locks: dict[str, asyncio.Lock] = {}
         self._leaving: set[str] = set()  # being unloaded: new requests get 404
 
@@ -60,9 +62,17 @@ class Registry:
                               hint=f"use one of: {', '.join([self.base_id] + self.adapters())} (GET /v1/models)")
 
     def template(self, name: str):
-        """The template that renders chats for `name`; the base uses the first adapter's (the format
-        the adapters were trained on, so base and adapters can be compared on one prompt)."""
-        return self.session.default.template if name == infer.BASE else self.session.adapters[name].template
+        """The template that renders chats for `name`: each adapter's own trained one; the base's own."""
+        return self._base_template if name == infer.BASE else self.session.adapters[name].template
+
+    def _own_base_template(self):
+        """The base model's chat template (its tokenizer's); a base that has none (a pretrained-only
+        model) is prompted in the format the first adapter was trained on, the one prompt format
+        that base and adapters can then be compared on."""
+        try:
+            return resolve_template("model", self.session.tokenizer)
+        except ModelError:
+            return self.session.default.template
 
     # ---- paths and validation
 
