@@ -265,6 +265,13 @@ def test_peft_takes_adapter_names_from_the_layer_kwargs():
     src = inspect.getsource(Linear.forward)
     assert 'kwargs.pop("adapter_names", None)' in src, "the serve hook injects adapter_names into the kwargs"
     assert "_mixed_batch_forward" in src
+    # what _LoraStack reads off each layer, and the per-adapter formula it reproduces
+    model, layer = _lora_net()
+    name = next(iter(layer.lora_A))
+    assert {"lora_A", "lora_B", "scaling", "lora_variant", "use_dora", "base_layer"} <= set(dir(layer))
+    assert layer.merged is False and name not in layer.lora_variant
+    assert "lora_B(lora_A(dropout(sub_batch))) * scaling" in inspect.getsource(Linear._mixed_batch_forward)
+    from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: F401  (modules_to_save: kept on PEFT's path)
 
 
 def test_uvicorn_and_fastapi_names_serve_uses():

@@ -230,3 +230,62 @@ def test_a_rows_logits_are_bit_identical_whatever_shares_its_step(served):
             for i in range(k):
                 assert torch.equal(batch[i], alone[i]), (k, i, (batch[i] - alone[i]).abs().max())
     loop.close()
+
+
+def test_a_mixed_step_runs_one_product_pair_per_layer_not_pefts_groups(served, monkeypatch):
+    """Plain LoRA adapters are stacked: a step over three adapters and the base never enters PEFT's
+    per-adapter gather path, and its logits equal PEFT's own mixed-batch forward (its `adapter_names`),
+    up to the rounding of summing in a different order."""
+    from peft.tuners.lora.layer import Linear
+
+    assert not served._grouped
+    s = served.session
+    names = list(s.adapters) + [BASE]
+    ids = torch.tensor([[5, 9, 14, 3]] * len(names))
+    with torch.inference_mode():  # PEFT's path, outside a step (one row at a time there)
+        ref = torch.cat([s.model(input_ids=ids[:1], adapter_names=[n]).logits[:, -1] for n in names])
+
+    def refuse(*a, **k):
+        raise AssertionError("PEFT's per-adapter path ran inside an engine step")
+
+    monkeypatch.setattr(Linear, "_mixed_batch_forward", refuse)
+    done = {}
+    fut = served.call_between_steps(lambda: done.setdefault("ok", True))  # the engine thread is between steps
+    fut.result(timeout=30)
+    from lorakit.serve.engine import Handle, _Row
+
+    loop = asyncio.new_event_loop()
+    rows = [_Row(Handle(GenRequest(adapter=n, prompt_ids=[5, 9, 14, 3], max_tokens=2), loop), served.layers,
+                 s.tokenizer) for n in names]
+    pos = torch.arange(4).unsqueeze(0).expand(len(names), 4)
+    with torch.inference_mode():
+        got = served._forward(ids, pos, rows, names)
+    loop.close()
+    # The products sum the same terms (plus exact zeros) in another order: measured 4-5 fp32 ulps of
+    # the logits' scale here; 64 ulps leaves room for other BLAS blockings, far below a real error
+    # (a wrong adapter's row, or a missing scale, moves logits by ~1e-1).
+    atol = 64 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+    assert torch.allclose(got, ref, rtol=0, atol=atol), float((got - ref).abs().max())
+    # and the adapters really differ from each other and from the base in that step
+    assert all(not torch.equal(got[i], got[j]) for i in range(len(names)) for j in range(i))
+
+
+def test_layers_that_cannot_be_stacked_keep_pefts_path_and_stay_identical(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """A LoRA on the embedding cannot join the stacked products: those layers keep PEFT's per-adapter
+    path, every adapter's group of rows is padded too, and greedy output is still the same alone and
+    batched."""
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    ads = [make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / f"e{i}", seed=30 + i, lora=lora) for i in range(2)]
+    engine = Engine(load_session(ads, log=lambda s: None))
+    assert engine._grouped
+    engine.start()
+    try:
+        reqs = [_request(engine, i) for i in range(9)]
+        alone = [_run(_collect(engine, r))[:3] for r in reqs]
+
+        async def together():
+            return await asyncio.gather(*[_collect(engine, r) for r in reqs])
+
+        assert [x[:3] for x in _run(together())] == alone
+    finally:
+        engine.shutdown(drain_s=5)
