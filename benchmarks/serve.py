@@ -72,9 +72,14 @@ def requests_for(n: int, models: list[str]) -> list[tuple[str, str]]:
 async def drive(base_url: str, api_key: str, clients: int, reqs: list[tuple[str, str]], max_tokens: int,
                 extra=lambda model: {}) -> dict:
     """`clients` concurrent clients sharing `reqs` (each takes the next one when its last one ends)."""
+    import httpx
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=1800)
+    # A new connection per request: llama.cpp's HTTP server closes idle keep-alive connections,
+    # which a pooled client then finds dead (a spurious error, not the server's answer). Both
+    # servers are driven the same way; a loopback connect costs well under a millisecond.
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0), timeout=1800)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=http)
     queue = list(reversed(reqs))
     ttfts, tokens, errors, texts = [], [], [], {}
 
@@ -107,6 +112,7 @@ async def drive(base_url: str, api_key: str, clients: int, reqs: list[tuple[str,
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.perf_counter() - t0
     await client.close()
+    await http.aclose()
     q = statistics.quantiles(ttfts, n=20, method="inclusive") if len(ttfts) > 1 else ttfts * 19
     return {"clients": clients, "requests": len(reqs), "errors": len(errors), "error_sample": errors[:3],
             "tokens": sum(tokens), "seconds": round(wall, 2), "tokens_per_s": round(sum(tokens) / wall, 2),

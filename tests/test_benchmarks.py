@@ -119,3 +119,37 @@ def test_use_benchmark_runs_on_a_tiny_run(tmp_path, tiny_model_dir, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["eval"]["identical"] and result["eval"]["prompts"] == 3
     assert result["merge"][0]["report"]["passed"]
+
+
+# About a minute on 2 cores (two servers, four GGUF conversions): the one test of the llama.cpp peer.
+def test_serve_benchmark_runs_both_servers_end_to_end(tmp_path):
+    """benchmarks/serve.py on a small random Llama with SmolLM2's tokenizer (llama.cpp converts it):
+    both servers answer every request, and the figures it reports are the ones it measured."""
+    from test_export_gguf import build
+
+    from lorakit.errors import LorakitError
+    from lorakit.model.embedded import embedded_model_dir
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    except LorakitError as e:
+        pytest.fail(f"the embedded SmolLM2 tokenizer is part of the test setup: {e}")
+    model = build(tmp_path / "base", tok, hidden=64, layers=2, template=None)
+    cmd = [sys.executable, str(BENCH / "serve.py"), "--model", str(model), "--clients", "1", "3",
+           "--max-tokens", "4", "--min-requests", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for side in ("lorakit", "llamacpp"):
+        rows = result[side]
+        assert [r["clients"] for r in rows] == [1, 3, 3]
+        for r in rows:
+            assert r["errors"] == 0, r["error_sample"]
+            assert 0 < r["tokens"] <= 4 * r["requests"] and r["tokens_per_s"] > 0
+            # seconds is rounded to 10 ms in the output
+            assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=0.01 + 0.006 / r["seconds"])
+            assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] <= r["seconds"]
+        one = rows[0]["tokens_per_s"]
+        assert result[f"{side}_ratios"]["x_one_at_a_time_at_3"] == pytest.approx(rows[1]["tokens_per_s"] / one,
+                                                                                 abs=0.01)
