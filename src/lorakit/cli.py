@@ -49,8 +49,11 @@ def _load_config(args):
 def cmd_train(args) -> int:
     from lorakit.train.run import train
 
+    from lorakit.train import distributed
+
     run_dir = train(_load_config(args), resume=args.resume)
-    print(f"done: {run_dir}\nnext: lorakit generate {run_dir} --instruction \"...\"")
+    if distributed.is_main():
+        print(f"done: {run_dir}\nnext: lorakit generate {run_dir} --instruction \"...\"")
     return 0
 
 

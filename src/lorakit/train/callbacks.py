@@ -31,10 +31,22 @@ class TokenCounter:
     """(positions, labelled, rows, seq) of the longest forward/backward pass so far: what sets the
     memory peak (`lorakit plan` compares its estimate for it with the measured peak)."""
 
+    world: tuple[int, int, int] | None = None
+    """(trained, real, padded) summed over every training process at the last `sync`; None in a
+    single-process run, where the local counts are the totals."""
+
     def add(self, trained: int, real: int, padded: int) -> None:
         self.trained += trained
         self.real += real
         self.padded += padded
+
+    def sync(self, sum_ranks) -> None:
+        """Sum the counts over processes (every process calls this at the same point); until the next
+        sync, `totals` and `rates` report these sums."""
+        self.world = tuple(sum_ranks([self.trained, self.real, self.padded]))
+
+    def totals(self) -> tuple[int, int, int]:
+        return self.world if self.world is not None else (self.trained, self.real, self.padded)
 
     def saw_pass(self, labels) -> None:
         rows, seq = labels.shape
@@ -42,8 +54,10 @@ class TokenCounter:
             self.largest_pass = (rows * seq, int((labels[:, 1:] != -100).sum()), rows, seq)
 
     def rates(self) -> tuple[float, float]:
+        """Trained and real tokens per second, over every process."""
         dt = max(time.perf_counter() - self.started, 1e-9)
-        return self.trained / dt, self.real / dt
+        trained, real, _ = self.totals()
+        return trained / dt, real / dt
 
 
 class MetricsLogger(TrainerCallback):
@@ -62,7 +76,7 @@ class MetricsLogger(TrainerCallback):
         trained_tps, real_tps = self.counter.rates()
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            record.update(trained_tokens=self.counter.trained, trained_tokens_per_s=round(trained_tps, 1),
+            record.update(trained_tokens=self.counter.totals()[0], trained_tokens_per_s=round(trained_tps, 1),
                           real_tokens_per_s=round(real_tps, 1))
         append_jsonl(self.path, record)
 

@@ -75,3 +75,27 @@ def summed_loss(model, inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1]
     keep = labels != -100
     return float(F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")), count
+
+
+def labelled_loss_through(model, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | int) -> torch.Tensor:
+    """`labelled_loss` computed through the model's own forward, for a model wrapped in DDP.
+
+    DDP all-reduces gradients only after a forward through its wrapper (its reducer arms the
+    gradient hooks there), so the body cannot be called directly. The model's `logits_to_keep`
+    takes the positions instead: logits are made only at columns where some row has a label
+    (all of them in a packed row), and the same sum of cross-entropies divided by `num_items`."""
+    labels = inputs["labels"][:, 1:]
+    keep = labels != -100
+    cols = keep.any(0).nonzero().flatten()
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"), logits_to_keep=cols, use_cache=False,
+                **segment_kwargs(_body(model), inputs))
+    picked = keep[:, cols]
+    loss = F.cross_entropy(out.logits[picked].float(), labels[:, cols][picked], reduction="sum")
+    return loss / num_items
+
+
+def _body(model):
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return getattr(inner, "model", inner)

@@ -27,6 +27,7 @@ from lorakit.data.dataset import Prepared, prepare
 from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
+from lorakit.train import distributed
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
@@ -41,6 +42,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     so the result equals an uninterrupted run's.
     """
     machine = machine or Machine.detect()
+    world = distributed.start(machine.device)  # under torchrun / accelerate launch: join the group
+    if world > 1:
+        print(f"lorakit: process {distributed.rank()} of {world}", flush=True)
+        if not distributed.is_main():
+            log = _quiet  # one voice: the main process's
     warn = DiagnosticLog(log)
     resolve(cfg, machine)  # a config this machine cannot run fails before any data is read
     if not resume:
@@ -59,19 +65,27 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
 
     model, info = build_model(resolved, tokenizer, prepared, log, warn)
     backup = None
+    with distributed.main_first() as main:  # the run folder is claimed once; the others then use it
+        if main and resume:
+            trim_metrics(cfg.run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+        elif main:
+            backup = artifacts.claim(cfg.run_dir)
     if resume:
-        trim_metrics(cfg.run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
         log(f"resuming from {checkpoint}")
-    else:
-        backup = artifacts.claim(cfg.run_dir)
     try:
         fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
             progress=progress, warn=warn)
     except BaseException:
-        artifacts.restore(cfg.run_dir, backup, log)
+        if distributed.is_main():
+            artifacts.restore(cfg.run_dir, backup, log)
         raise
-    artifacts.release(backup)
+    if distributed.is_main():
+        artifacts.release(backup)
     return cfg.run_dir
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one (whose log already says it all)."""
 
 
 def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable[[str], None],
@@ -174,20 +188,24 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
 
     cfg = resolved.cfg
     paths = RunPaths(run_dir)
-    config_mod.save(cfg, paths.config)
-    artifacts.atomic_write_json(paths.data, {"template": prepared.template.name, **prepared.stats.to_dict()})
+    main = distributed.is_main()
+    if main:  # the run folder's files: written once, by the main process
+        config_mod.save(cfg, paths.config)
+        artifacts.atomic_write_json(paths.data, {"template": prepared.template.name, **prepared.stats.to_dict()})
     warn = warn or DiagnosticLog(log)
-    warn.attach(paths.diagnostics)
+    if main:
+        warn.attach(paths.diagnostics)
     counter, health = counter or TokenCounter(), Health()
     diagnostics = Diagnostics(cfg, health, warn)
     setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
-    (run_dir / "logs").mkdir(exist_ok=True)
+    if main:
+        (run_dir / "logs").mkdir(exist_ok=True)
     all_callbacks = [
         MetricsLogger(run_dir / "metrics.jsonl", counter),
         Progress(counter, enabled=progress),
         diagnostics,
         # Our own TensorBoard callback, so events land in runs/<name>/logs whatever the Trainer's default.
-        _tensorboard(run_dir / "logs") if "tensorboard" in cfg.train.report_to else None,
+        _tensorboard(run_dir / "logs") if "tensorboard" in cfg.train.report_to and main else None,
         *callbacks,
     ]
     for note in apply_fast_path(resolved, model, setup.fast_half):
@@ -211,6 +229,9 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     if setup.checkpoint_oversize and trainer.checkpoint_oversize_passes():
         log(f"gradient checkpointing: only for passes over {trainer.tokens_per_pass:,} tokens (one long example)")
+    if trainer.processes > 1:
+        log(f"distributed: {trainer.processes} processes ({trainer.accelerator.distributed_type}), "
+            f"{trainer.args.per_device_train_batch_size} rows per process and step")
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -224,12 +245,21 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     if diagnostics.stopped == "nonfinite":
         error = nonfinite_error(health, checkpoints(paths.checkpoints))
         warn.record(error.render(), kind="nonfinite", step=health.nonfinite_step)
-        _write_report(run_dir, log)
+        if main:
+            _write_report(run_dir, log)
         raise error
+    if trainer.processes > 1:
+        counter.sync(distributed.sum_ranks)
+        # One line from every process: each says it trained as one of N, in the wrapper DDP gave it.
+        print(f"lorakit: process {distributed.rank()} of {trainer.processes} trained "
+              f"({trainer.accelerator.distributed_type}, model in {trainer.wrapped})", flush=True)
     metrics = _final_metrics(trainer, counter, seconds, resolved.machine.device)
-    artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR, AdapterMeta.build(cfg, prepared, info, metrics))
-    log(f"adapter saved to {run_dir / ADAPTER_DIR}")
-    _write_report(run_dir, log)
+    with distributed.main_first() as main:  # the others leave once the adapter is published
+        if main:
+            artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR,
+                                   AdapterMeta.build(cfg, prepared, info, metrics))
+            log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+            _write_report(run_dir, log)
     return metrics
 
 
@@ -284,7 +314,8 @@ def _final_metrics(trainer, counter: TokenCounter, seconds: float, device: str =
         "train_loss_last": train_losses[-1] if train_losses else None,
         "eval_loss_start": eval_losses[0] if eval_losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
-        "trained_tokens": counter.trained,
+        "trained_tokens": counter.totals()[0],
+        "processes": trainer.processes,
         "trained_tokens_per_s": round(trained_tps, 1),
         "real_tokens_per_s": round(real_tps, 1),
         "train_seconds": round(seconds, 1),

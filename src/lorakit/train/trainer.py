@@ -9,6 +9,7 @@ checkpoints appear in one rename. `lorakit.train.run` builds it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -21,8 +22,9 @@ from lorakit.data.collate import PASSES, split_passes
 from lorakit.model.load import enable_checkpointing
 from lorakit.train.callbacks import TokenCounter
 from lorakit.train.checkpoint import STAGING, publish
+from lorakit.train import distributed
 from lorakit.train.diagnostics import Health
-from lorakit.train.loss import labelled_loss, split_head
+from lorakit.train.loss import labelled_loss, labelled_loss_through, split_head
 
 
 class LorakitTrainer(Trainer):
@@ -37,12 +39,22 @@ class LorakitTrainer(Trainer):
         self.token_counter = token_counter
         self.health = health
         self.tokens_per_pass = tokens_per_pass
-        # Calling the body directly would bypass DDP's gradient hooks: single process only.
-        self.fast_head = split_head(self.model) if self.accelerator.num_processes == 1 else None
-        if self.fast_head is not None:
+        # Calling the body directly would bypass DDP's gradient hooks: with several processes the
+        # same loss goes through the wrapped model's forward instead (`labelled_loss_through`).
+        self.processes = self.accelerator.num_processes
+        head = split_head(self.model)
+        self.fast_head = head if self.processes == 1 else None
+        self.loss_through_model = head is not None and self.processes > 1
+        if head is not None:
             self.loss_is_scaled_for_ga = True  # labelled_loss divides by the whole step's token count
+        self.wrapped = None  # the type the Trainer wrapped the model in, seen at the first step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_through_model and not return_outputs and num_items_in_batch is not None and model.training:
+            # num_items is the count over every process and DDP averages the gradients over them:
+            # times the process count, the gradient is the global sum over trained tokens / count
+            # (what the Trainer does for its own loss).
+            return labelled_loss_through(model, inputs, num_items_in_batch) * self.processes
         if self.fast_head is None or return_outputs or num_items_in_batch is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # accelerate applies mixed precision by wrapping model.forward, which this path skips.
@@ -55,6 +67,8 @@ class LorakitTrainer(Trainer):
         if self.generation_probe is not None and "eval_loss" in logs:
             with self.accelerator.autocast():
                 logs = {**logs, **self.generation_probe(self.model)}
+        if self.processes > 1:  # every process logs at the same steps
+            self.token_counter.sync(distributed.sum_ranks)
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, *args, **kwargs):
@@ -86,14 +100,18 @@ class LorakitTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         final_root = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        shutil.rmtree(final_root / STAGING, ignore_errors=True)
+        with distributed.main_first() as main:
+            if main:
+                shutil.rmtree(final_root / STAGING, ignore_errors=True)
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            super()._save_checkpoint(model, trial)  # every process writes its part (its RNG state)
         finally:
             self._staging = False
-        publish(final_root / STAGING, final_root, name)
-        rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint)
+        with distributed.main_first() as main:  # published once all parts are written
+            if main:
+                publish(final_root / STAGING, final_root, name)
+                rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -102,20 +120,29 @@ class LorakitTrainer(Trainer):
         mask = inputs.get("attention_mask")  # absent in packed (padding-free) batches
         real = int(mask.sum()) if mask is not None else labels.numel()
         self.token_counter.add(trained, real, labels.numel())
+        if self.wrapped is None:
+            self.wrapped = type(model).__name__
         loss = None
-        for part in self._passes(inputs):
+        passes = self._passes(inputs)
+        for i, part in enumerate(passes):
             self.token_counter.saw_pass(part["labels"])
             # Every pass divides by the whole step's token count, so the gradients add up to the step's.
             oversize = self.oversize_layers if part["input_ids"].shape[1] > (self.tokens_per_pass or 0) else []
+            # Under DDP the gradients are all-reduced once per step, in the last pass's backward.
+            sync = contextlib.nullcontext() if i == len(passes) - 1 else self.accelerator.no_sync(model)
             try:
                 for layer in oversize:
                     layer.gradient_checkpointing = True
-                part_loss = super().training_step(model, part, num_items_in_batch)
+                with sync:
+                    part_loss = super().training_step(model, part, num_items_in_batch)
             finally:
                 for layer in oversize:
                     layer.gradient_checkpointing = False
             loss = part_loss if loss is None else loss + part_loss
-        if self.health.nonfinite_step is None and not torch.isfinite(loss).all():
+        bad = not bool(torch.isfinite(loss).all())
+        if self.processes > 1:  # a NaN on any process stops them all (else the others wait forever)
+            bad = distributed.any_rank(bad)
+        if self.health.nonfinite_step is None and bad:
             self.health.nonfinite_step, self.health.nonfinite_value = self.state.global_step + 1, float(loss)
         return loss
 

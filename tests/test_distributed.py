@@ -1,0 +1,186 @@
+"""Multi-process training, for real: `torchrun --nproc_per_node 2 -m lorakit train` on CPU (gloo)
+against one process with the doubled per-device batch (fp32, dropout 0, same seed and data).
+
+What makes the two equal: each process takes the next per-device batch of the same shuffled order
+(so the two together see the one process's rows), the loss divides by the trained-token count
+over both processes, and DDP all-reduces (averages) the gradients once per step. A process that
+trained alone, or a step all-reduced per pass, or a loss normalised per process, would end
+elsewhere; the negative control shows how far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ALPACA_ROWS, write_jsonl
+from safetensors.torch import load_file
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+LIMIT_S = 300  # per launch: the tiny model trains in seconds; a hung process group must not hang CI
+
+# The two runs differ by summation order only (two partial gradients added in the all-reduce, other
+# pass groupings). How far summation order alone moves this adapter is measured in the test: one
+# process, the same rows, cut into passes of 64 or of 512 tokens (the same sum in another order):
+# 4.7e-6 here, with parameters of 0.13 after 4 Adam steps at lr 1e-2. The two-process run must stay
+# within a few times that floor; a process training alone must land over 100 times further.
+FLOOR_FACTOR = 4
+
+
+def config(tmp: Path, model_dir: Path, data: Path, name: str, batch: int, **train) -> Path:
+    t = {"max_steps": 4, "batch_size": batch, "grad_accum": 1, "lr": 1e-2, "logging_steps": 1, "eval_steps": 0,
+         "save_steps": 0, "mixed_precision": "no", "seed": 3, "tokens_per_pass": 64, **train}
+    path = tmp / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        model: {{name: {model_dir}, dtype: fp32}}
+        data: {{train: {data}, template: alpaca, max_length: 128, val_fraction: 0.1}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        train: {json.dumps(t)}
+        output: {{dir: {tmp / 'runs'}, name: {name}}}
+        """), encoding="utf-8")
+    return path
+
+
+def launch(args: list, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *args] if processes > 1 \
+        else [sys.executable, *args]
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=LIMIT_S)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("dist-data") / "d.jsonl", ALPACA_ROWS * 4)
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, tiny_model_dir, data):
+    two = config(tmp_path, tiny_model_dir, data, "two", batch=4)
+    one = config(tmp_path, tiny_model_dir, data, "one", batch=8)
+    reordered = config(tmp_path, tiny_model_dir, data, "reordered", batch=8, tokens_per_pass=512)
+    alone = config(tmp_path, tiny_model_dir, data, "alone", batch=4)
+    out = ok(launch(["-m", "lorakit", "train", two], tmp_path))
+    for c in (one, reordered, alone):
+        ok(launch(["-m", "lorakit", "train", c], tmp_path, processes=1))
+    runs = tmp_path / "runs"
+    floor = max_diff(adapter(runs / "reordered"), adapter(runs / "one"))
+    tol = FLOOR_FACTOR * max(floor, 1e-7)  # 1e-7: a floor of exactly 0 would demand bit-identity
+
+    # each process says it trained as one of two, inside DDP, on gloo (accelerate's MULTI_CPU)
+    for r in (0, 1):
+        assert f"lorakit: process {r} of 2 trained (DistributedType.MULTI_CPU, model in DistributedDataParallel)" \
+            in out, out[-3000:]
+    assert out.count("done: ") == 1 and out.count("adapter saved to") == 1
+    meta = json.loads((runs / "two" / "adapter" / "lorakit.json").read_text())
+    assert meta["metrics"]["processes"] == 2
+
+    # the same adapter and the same loss at every step as one process with the doubled batch
+    d = max_diff(adapter(runs / "two"), adapter(runs / "one"))
+    assert d <= tol, (d, floor)
+    assert losses(runs / "two") == pytest.approx(losses(runs / "one"), rel=1e-5)
+    assert len(losses(runs / "two")) == 4
+    one_meta = json.loads((runs / "one" / "adapter" / "lorakit.json").read_text())
+    assert meta["metrics"]["trained_tokens"] == one_meta["metrics"]["trained_tokens"]  # summed over both
+
+    # negative control: what a process training alone on all the data ends at is far away
+    assert max_diff(adapter(runs / "alone"), adapter(runs / "one")) > 100 * tol
+
+    # written once: one run folder per run, no staging or backup left behind
+    assert sorted(p.name for p in runs.iterdir()) == ["alone", "one", "reordered", "two"]
+    assert not list((runs / "two").glob("*.tmp*")) and not (runs / "two" / "checkpoints" / ".staging").exists()
+
+
+WORKER = '''
+import os, signal, sys
+import torch
+from lorakit.train import trainer as T
+
+mode, rank = os.environ["LK_FAULT"], int(os.environ["RANK"])
+original = T.LorakitTrainer.compute_loss
+
+def compute_loss(self, model, inputs, *args, **kwargs):
+    loss = original(self, model, inputs, *args, **kwargs)
+    if mode == "nan" and rank == 1 and self.state.global_step == 2:
+        return loss * float("nan")  # this process only, in its third step
+    if mode == "kill" and rank == 0 and self.state.global_step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # after checkpoint-2 is published, before checkpoint-4
+    return loss
+
+T.LorakitTrainer.compute_loss = compute_loss
+from lorakit.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_nan_on_one_process_stops_both_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data):
+    (tmp_path / "worker.py").write_text(WORKER)
+    cfg = config(tmp_path, tiny_model_dir, data, "nan", batch=4, max_steps=6, save_steps=1)
+    os.environ["LK_FAULT"] = "nan"
+    try:
+        proc = launch([tmp_path / "worker.py", "train", cfg], tmp_path)  # bounded: a hang fails by timeout
+    finally:
+        del os.environ["LK_FAULT"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "loss became" in out.lower() or "nan" in out.lower(), out[-3000:]
+    assert "checkpoint-2" in out, out[-3000:]
+    run = tmp_path / "runs" / "nan"
+    assert not (run / "adapter").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-")) == \
+        ["checkpoint-1", "checkpoint-2"]
+
+
+def test_sigkill_then_resume_ends_at_the_uninterrupted_adapter(tmp_path, tiny_model_dir, data):
+    (tmp_path / "worker.py").write_text(WORKER)
+    ref = config(tmp_path, tiny_model_dir, data, "ref", batch=4, max_steps=6, save_steps=2)
+    cfg = config(tmp_path, tiny_model_dir, data, "cut", batch=4, max_steps=6, save_steps=2)
+    ok(launch(["-m", "lorakit", "train", ref], tmp_path))
+    os.environ["LK_FAULT"] = "kill"
+    try:
+        killed = launch([tmp_path / "worker.py", "train", cfg], tmp_path)
+    finally:
+        del os.environ["LK_FAULT"]
+    assert killed.returncode != 0
+    run = tmp_path / "runs" / "cut"
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and not (run / "adapter").exists()
+    out = ok(launch(["-m", "lorakit", "train", cfg, "--resume"], tmp_path))
+    assert "resuming from" in out and "checkpoint-2" in out
+    # the same two processes, the same passes, the states restored from checkpoint-2: the same sums
+    # in the same order, so the same adapter up to fp32 rounding of the restored optimizer state
+    d = max_diff(adapter(run), adapter(tmp_path / "runs" / "ref"))
+    assert d <= 1e-7, d
+    assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "ref"), rel=1e-5)
+
+
+def test_a_launcher_world_the_trainer_does_not_see_is_refused():
+    from lorakit.errors import LorakitError
+    from lorakit.train.distributed import check_world
+
+    check_world(2, 2, "MULTI_CPU")
+    with pytest.raises(LorakitError) as e:
+        check_world(2, 1, "NO")
+    msg = e.value.render()
+    assert "started 2 processes" in msg and "sees 1" in msg and "alone on all the data" in msg
