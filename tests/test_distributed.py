@@ -23,6 +23,7 @@ from conftest import ALPACA_ROWS, write_jsonl
 from safetensors.torch import load_file
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
 LIMIT_S = 300  # per launch: the tiny model trains in seconds; a hung process group must not hang CI
 
 # The two runs differ by summation order only (two partial gradients added in the all-reduce, other
@@ -47,10 +48,14 @@ def config(tmp: Path, model_dir: Path, data: Path, name: str, batch: int, **trai
     return path
 
 
-def launch(args: list, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(args: list, cwd: Path, processes: int = 2, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *args] if processes > 1 \
-        else [sys.executable, *args]
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    elif launcher == "accelerate":  # --multi_gpu is accelerate's switch for N local processes, CPU too
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), *args]
+    else:
+        cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), *args]
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=LIMIT_S)
 
 
@@ -83,6 +88,8 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, tiny_m
     reordered = config(tmp_path, tiny_model_dir, data, "reordered", batch=8, tokens_per_pass=512)
     alone = config(tmp_path, tiny_model_dir, data, "alone", batch=4)
     out = ok(launch(["-m", "lorakit", "train", two], tmp_path))
+    via_accelerate = config(tmp_path, tiny_model_dir, data, "accelerate", batch=4)
+    acc_out = ok(launch(["-m", "lorakit", "train", via_accelerate], tmp_path, launcher="accelerate"))
     for c in (one, reordered, alone):
         ok(launch(["-m", "lorakit", "train", c], tmp_path, processes=1))
     runs = tmp_path / "runs"
@@ -105,11 +112,15 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path, tiny_m
     one_meta = json.loads((runs / "one" / "adapter" / "lorakit.json").read_text())
     assert meta["metrics"]["trained_tokens"] == one_meta["metrics"]["trained_tokens"]  # summed over both
 
+    # `accelerate launch` starts the same two processes: the same passes in the same order
+    assert "lorakit: process 1 of 2 trained (DistributedType.MULTI_CPU" in acc_out, acc_out[-3000:]
+    assert max_diff(adapter(runs / "accelerate"), adapter(runs / "two")) <= 1e-7
+
     # negative control: what a process training alone on all the data ends at is far away
     assert max_diff(adapter(runs / "alone"), adapter(runs / "one")) > 100 * tol
 
     # written once: one run folder per run, no staging or backup left behind
-    assert sorted(p.name for p in runs.iterdir()) == ["alone", "one", "reordered", "two"]
+    assert sorted(p.name for p in runs.iterdir()) == ["accelerate", "alone", "one", "reordered", "two"]
     assert not list((runs / "two").glob("*.tmp*")) and not (runs / "two" / "checkpoints" / ".staging").exists()
 
 
@@ -130,6 +141,11 @@ def compute_loss(self, model, inputs, *args, **kwargs):
     return loss
 
 T.LorakitTrainer.compute_loss = compute_loss
+if mode == "no_use_cpu":  # accelerate asked without cpu=True, as a CPU-only launch without use_cpu is
+    import accelerate
+
+    init = accelerate.PartialState.__init__
+    accelerate.PartialState.__init__ = lambda self, cpu=False, **kw: init(self, cpu=False, **kw)
 from lorakit.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -173,6 +189,23 @@ def test_sigkill_then_resume_ends_at_the_uninterrupted_adapter(tmp_path, tiny_mo
     d = max_diff(adapter(run), adapter(tmp_path / "runs" / "ref"))
     assert d <= 1e-7, d
     assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "ref"), rel=1e-5)
+
+
+def test_the_silent_single_process_trap_is_caught_before_any_work(tmp_path, tiny_model_dir, data):
+    """torchrun on a CPU-only machine, accelerate initialised without cpu=True: accelerate 1.16 then
+    reports one process (DistributedType.NO) in each of the two, which would each train alone on
+    all the data. Both stop with the error before the run folder exists."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    cfg = config(tmp_path, tiny_model_dir, data, "trap", batch=4)
+    os.environ["LK_FAULT"] = "no_use_cpu"
+    try:
+        proc = launch([tmp_path / "worker.py", "train", cfg], tmp_path)
+    finally:
+        del os.environ["LK_FAULT"]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("the launcher started 2 processes (WORLD_SIZE=2) but the Trainer sees 1") == 2, out[-3000:]
+    assert "Traceback" not in proc.stdout and not (tmp_path / "runs").exists()
 
 
 def test_a_launcher_world_the_trainer_does_not_see_is_refused():
