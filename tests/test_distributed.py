@@ -217,3 +217,45 @@ def test_a_launcher_world_the_trainer_does_not_see_is_refused():
         check_world(2, 1, "NO")
     msg = e.value.render()
     assert "started 2 processes" in msg and "sees 1" in msg and "alone on all the data" in msg
+
+
+def test_train_distributed_maps_to_the_trainers_arguments_and_refuses_what_lorakit_does_not_run(tmp_path):
+    from lorakit import config as config_mod
+    from lorakit.errors import ConfigError
+    from lorakit.train.distributed import DEEPSPEED_PRESETS, check_strategy, trainer_arguments
+
+    def cfg(*over):
+        return config_mod.load(None, ["--data.train=x.jsonl", *over])
+
+    assert trainer_arguments(cfg()) == {}  # ddp: the Trainer's default
+    check_strategy(cfg(), "cpu")
+    fsdp = cfg("--train.distributed=fsdp", "--train.fast_path=false", "--train.fsdp=shard_grad_op auto_wrap")
+    assert trainer_arguments(fsdp) == {"fsdp": "shard_grad_op auto_wrap", "fsdp_config": {"use_orig_params": True}}
+    check_strategy(fsdp, "cuda")
+    z3 = cfg("--train.distributed=deepspeed", "--train.deepspeed=zero3")
+    assert trainer_arguments(z3)["deepspeed"]["zero_optimization"]["stage"] == 3
+    own = tmp_path / "ds.json"
+    own.write_text("{}")
+    assert trainer_arguments(cfg("--train.distributed=deepspeed", f"--train.deepspeed={own}")) == \
+        {"deepspeed": str(own)}
+    assert DEEPSPEED_PRESETS["zero2"]["train_micro_batch_size_per_gpu"] == "auto"
+
+    def refused(c, device):
+        with pytest.raises(ConfigError) as e:
+            check_strategy(c, device)
+        return e.value.render()
+
+    msg = refused(cfg("--train.distributed=fsdp"), "cpu")
+    assert "needs CUDA GPUs" in msg and "train.fast_path" in msg  # both reasons, each naming its key
+    assert "bnb_4bit_quant_storage" in refused(cfg("--train.distributed=fsdp", "--train.fast_path=false",
+                                                   "--model.quantization=4bit"), "cuda")
+    assert "neither 'zero2', 'zero3'" in refused(cfg("--train.distributed=deepspeed", "--train.fast_path=false",
+                                                     "--train.deepspeed=nope.json"), "cuda")
+
+
+def test_fsdp_on_cpu_is_refused_by_every_process_before_the_run_folder(tmp_path, tiny_model_dir, data):
+    cfg = config(tmp_path, tiny_model_dir, data, "fsdp", batch=4, distributed="fsdp")
+    proc = launch(["-m", "lorakit", "train", cfg], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and out.count("train.distributed: fsdp needs CUDA GPUs") == 2, out[-3000:]
+    assert not (tmp_path / "runs").exists()

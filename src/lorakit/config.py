@@ -213,6 +213,23 @@ class TrainConfig:
         "Same maths as the stock PEFT/transformers path; false runs the stock path.",
         True,
     )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = _help(
+        "How the processes of a multi-process launch (torchrun / accelerate launch) share the work: "
+        "'ddp' gives each a whole model and averages gradients once per step (CPU and GPU); 'fsdp' "
+        "shards parameters, gradients and optimizer states (GPUs); 'deepspeed' runs DeepSpeed ZeRO "
+        "(GPUs, `pip install deepspeed`). Ignored in a single process.",
+        "ddp",
+    )
+    fsdp: str = _help(
+        "With train.distributed: fsdp, the Trainer's fsdp option string: 'full_shard auto_wrap' (ZeRO-3 "
+        "like), 'shard_grad_op auto_wrap' (ZeRO-2 like); add ' offload' to keep parameters on the CPU.",
+        "full_shard auto_wrap",
+    )
+    deepspeed: str = _help(
+        "With train.distributed: deepspeed, 'zero2' or 'zero3' (lorakit's presets, every size 'auto' "
+        "so the Trainer fills them in) or the path of a DeepSpeed JSON config.",
+        "zero2",
+    )
 
 
 @dataclass

@@ -112,3 +112,59 @@ def _device() -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- train.distributed
+
+_ZERO = {
+    "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+}
+DEEPSPEED_PRESETS = {
+    "zero2": {**_ZERO, "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}},
+    "zero3": {**_ZERO, "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                             "stage3_gather_16bit_weights_on_model_save": True}},
+}
+
+
+def check_strategy(cfg, device: str) -> None:
+    """Refuse, with the reason, the combinations of train.distributed that lorakit does not run."""
+    from lorakit.errors import ConfigError
+
+    t, q = cfg.train, cfg.model.quantization
+    if t.distributed == "ddp":
+        return
+    name = "FSDP" if t.distributed == "fsdp" else "DeepSpeed"
+    problems = []
+    if device != "cuda":
+        problems.append(f"train.distributed: {t.distributed} needs CUDA GPUs ({name} through accelerate does not run "
+                        "on CPU); use 'ddp' here")
+    if t.fast_path:
+        problems.append(f"train.fast_path: the fast path runs with 'ddp' only (its fused LoRA linears keep their own "
+                        f"16-bit copies of the frozen weights, which {name} shards or partitions); set "
+                        "train.fast_path: false with train.distributed: " + t.distributed)
+    if q != "none":
+        problems.append(f"model.quantization: {q} with {name} is not supported (the quantized weights would need "
+                        "a storage dtype the sharding can flatten, bnb_4bit_quant_storage); use 'ddp' for QLoRA")
+    if t.distributed == "deepspeed":
+        import importlib.util
+
+        if t.deepspeed not in DEEPSPEED_PRESETS and not os.path.isfile(t.deepspeed):
+            problems.append(f"train.deepspeed: {t.deepspeed!r} is neither 'zero2', 'zero3' nor an existing DeepSpeed "
+                            "JSON file")
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append("train.distributed: deepspeed needs the deepspeed package: pip install deepspeed")
+    if problems:
+        raise ConfigError(problems)
+
+
+def trainer_arguments(cfg) -> dict:
+    """The TrainingArguments that select train.distributed (none for DDP: the Trainer's default)."""
+    t = cfg.train
+    if t.distributed == "fsdp":
+        # use_orig_params: LoRA trains a few parameters of modules whose others stay frozen.
+        return {"fsdp": t.fsdp, "fsdp_config": {"use_orig_params": True}}
+    if t.distributed == "deepspeed":
+        return {"deepspeed": DEEPSPEED_PRESETS.get(t.deepspeed, t.deepspeed)}
+    return {}

@@ -49,6 +49,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
             log = _quiet  # one voice: the main process's
     warn = DiagnosticLog(log)
     resolve(cfg, machine)  # a config this machine cannot run fails before any data is read
+    if world > 1:
+        distributed.check_strategy(cfg, machine.device)
     if not resume:
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
@@ -160,6 +162,9 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
         # Our collator already sets the right padding; the model needs no cache while training.
         use_cache=False,
     )
+    if distributed.launcher_world_size() > 1:  # a single process ignores train.distributed
+        distributed.check_strategy(cfg, resolved.machine.device)
+        args.update(distributed.trainer_arguments(cfg))
     return TrainSetup(args, resolved.tokens_per_pass, resolved.checkpointing == "oversize",
                       TORCH_DTYPES.get(resolved.fast_half))
 
