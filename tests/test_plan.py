@@ -340,3 +340,40 @@ def test_an_unreachable_hub_id_is_a_clear_error_not_a_traceback(tmp_path, alpaca
     assert "Traceback" not in out.stderr
     assert "config model.name" in out.stderr and "someorg/not-a-cached-model" in out.stderr
     assert "fix:" in out.stderr
+
+
+# --------------------------------------------------------------------------- --processes
+
+
+def test_per_process_memory_by_strategy(tiny):
+    from lorakit.plan.report import per_process
+    from lorakit.resolve import resolve
+
+    cfg, ctx = tiny
+    est = plan.estimate(ctx, plan.setup_from(resolve(cfg)))
+    one = per_process(est, 1, "ddp")
+    assert one == est.parts
+    ddp = per_process(est, 4, "ddp")  # a whole replica each, plus DDP's bucket copy of the gradients
+    assert ddp["ddp buckets"] == est.parts["gradients"] and ddp["weights"] == est.parts["weights"]
+    full = per_process(est, 4, "fsdp", "full_shard")
+    for k in ("weights", "adapter", "gradients", "optimizer"):
+        assert full[k] == -(-est.parts[k] // 4)
+    assert full["activations"] == est.parts["activations"]  # the per-process batch is unchanged
+    z2 = per_process(est, 4, "deepspeed", "zero2")
+    assert z2["weights"] == est.parts["weights"] and z2["optimizer"] == -(-est.parts["optimizer"] // 4)
+
+
+def test_plan_processes_prints_the_effective_batch_and_refuses_what_training_would(tiny_model_dir, tmp_path, capsys):
+    from conftest import ALPACA_ROWS, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS * 4)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, template: alpaca, val_fraction: 0.25}}\n"
+                   "train: {batch_size: 2, grad_accum: 2}\n")
+    assert main(["plan", str(cfg), "--processes", "2", "--no-calibrate"]) == 0
+    out = capsys.readouterr().out
+    # 48 train rows: 12 steps per epoch with one process (2 x 2 rows), 6 with two (ceil(48 / 4) / 2)
+    assert "effective batch 4 × 2 = 8 examples per optimizer step" in out and "6 steps per epoch instead of 12" in out
+    assert "ddp buckets" in out
+    assert main(["plan", str(cfg), "--processes", "2", "--no-calibrate", "--train.distributed", "fsdp"]) == 2
+    assert "needs CUDA GPUs" in capsys.readouterr().err

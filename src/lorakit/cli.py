@@ -72,7 +72,7 @@ def cmd_plan(args) -> int:
     from lorakit.plan import format_plan, make_plan
 
     plan = make_plan(_load_config(args), device=args.device, memory_gb=args.memory_gb,
-                     calibrate_steps=3 if args.calibrate else 0)
+                     calibrate_steps=3 if args.calibrate else 0, processes=args.processes)
     print(format_plan(plan))
     return 0
 
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "short calibration, the guide's hyper-parameters for the dataset size, and a config that fits.")
     pl.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to plan and fit for")
     pl.add_argument("--memory-gb", type=float, help="memory to fit in (default: available RAM, or the GPU's memory)")
+    pl.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="plan for N processes (torchrun --nproc_per_node N): memory per process, effective batch")
     pl.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                     help="time a few real training steps (loads the model)")
     pl.set_defaults(func=cmd_plan)

@@ -80,15 +80,24 @@ class Plan:
     calibration: Calibration | None
     epoch_tokens: int
     notes: list[str]
+    processes: int = 1
 
 
-def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = None, calibrate_steps: int = 3) -> Plan:
-    """Everything `lorakit plan` prints, for `cfg` (not modified) on `device` ('cpu' | 'cuda')."""
+def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = None, calibrate_steps: int = 3,
+              processes: int = 1) -> Plan:
+    """Everything `lorakit plan` prints, for `cfg` (not modified) on `device` ('cpu' | 'cuda'), run
+    as `processes` processes (torchrun --nproc_per_node N)."""
     from lorakit.data.dataset import prepare
     from lorakit.model.load import load_tokenizer
 
     if device not in ("cpu", "cuda"):
         raise LorakitError(f"unknown device {device!r}", hint="use --device cpu or --device cuda")
+    if processes < 1:
+        raise LorakitError(f"--processes {processes}: need at least 1", hint="e.g. --processes 2")
+    if processes > 1:
+        from lorakit.train.distributed import check_strategy
+
+        check_strategy(cfg, device)  # the combinations training would refuse, refused here too
     runtime = psutil.Process().memory_info().rss
     notes: list[str] = []
     tokenizer = load_tokenizer(cfg.model)  # a wrong model.name is a model error, not unreadable data
@@ -127,7 +136,7 @@ def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = Non
                      if prepared is not None else "no calibration without readable data")
     epoch = int(_epoch(batches, np.arange(len(batches.lengths)), cfg.train.batch_size, cfg.data.packing)[0].sum())
     return Plan(cfg, device, ctx.shape, batches, n_train, resolved.guide, list(resolved.notes), target, cpu, gpu,
-                limit, source, fit, calib, epoch, notes)
+                limit, source, fit, calib, epoch, notes, processes)
 
 
 def _memory_limit(device: str, memory_gb: float | None) -> tuple[int | None, str]:

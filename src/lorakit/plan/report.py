@@ -23,7 +23,7 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     cpu = _fmt_memory(plan.cpu, "on this CPU") if plan.cpu is not None else ""
-    return "\n\n".join(s for s in (_fmt_header(plan), cpu, _fmt_gpu(plan),
+    return "\n\n".join(s for s in (_fmt_header(plan), cpu, _fmt_gpu(plan), _fmt_processes(plan),
                                     _fmt_time(plan), _fmt_guide(plan), _fmt_fit(plan),
                                     "\n".join(f"note: {n}" for n in plan.notes)) if s)
 
@@ -73,6 +73,54 @@ def _fmt_gpu(plan: Plan) -> str:
     if plan.device == "cuda":
         w = plan.target.setup.weights
         lines.append(f"  this config on a GPU: the {names.get(w, w)} column")
+    return "\n".join(lines)
+
+
+def per_process(est, processes: int, strategy: str, deepspeed: str = "zero2") -> dict[str, int]:
+    """One process's parts of `est` when `processes` share the run. DDP keeps a whole replica per
+    process plus its gradient buckets (a second copy of the trainable gradients, fp32); FSDP
+    ('full_shard') and ZeRO-3 split weights, adapter, gradients and optimizer states over the
+    processes; ZeRO-2 and FSDP 'shard_grad_op' split gradients and optimizer states only.
+    Activations and logits depend on the per-process batch, which is the config's batch_size."""
+    parts = dict(est.parts)
+    if processes <= 1:
+        return parts
+    if strategy == "ddp":
+        parts["ddp buckets"] = parts["gradients"]
+        return parts
+    split = ["gradients", "optimizer"]
+    if (strategy == "fsdp" and deepspeed != "shard_grad_op") or (strategy == "deepspeed" and deepspeed == "zero3"):
+        split += ["weights", "adapter"]
+    for k in split:
+        parts[k] = -(-parts[k] // processes)
+    return parts
+
+
+def _fmt_processes(plan: Plan) -> str:
+    n = plan.processes
+    if n <= 1:
+        return ""
+    t = plan.cfg.train
+    strategy = t.distributed
+    mode = t.fsdp.split()[0] if strategy == "fsdp" else t.deepspeed
+    parts = per_process(plan.target, n, strategy, mode)
+    per_step = t.batch_size * t.grad_accum
+    rows = len(plan.batches.lengths)
+    steps_one = math.ceil(math.ceil(rows / t.batch_size) / t.grad_accum)
+    steps_n = math.ceil(math.ceil(rows / (t.batch_size * n)) / t.grad_accum)
+    how = {"ddp": "each holds the whole model and its gradients are averaged once per step",
+           "fsdp": f"FSDP {t.fsdp}: parameters and states sharded over the processes",
+           "deepspeed": f"DeepSpeed {t.deepspeed}"}[strategy]
+    lines = [f"processes    {n} ({how}); on {plan.device} per process:"]
+    for name, value in parts.items():
+        lines.append(f"  {name:<15}{fmt_bytes(value):>11}")
+    lines.append(f"  {'peak':<15}{fmt_bytes(sum(parts.values())):>11}   per process; {fmt_bytes(sum(parts.values()) * n)} "
+                 f"for all {n} on one machine")
+    lines.append(f"  effective batch {per_step} × {n} = {per_step * n} examples per optimizer step "
+                 f"(batch_size {t.batch_size} × grad_accum {t.grad_accum} × {n} processes); "
+                 f"{steps_n} steps per epoch instead of {steps_one}")
+    if t.max_steps > 0:
+        lines.append(f"  train.max_steps {t.max_steps}: the same number of steps, each over {n}× the examples")
     return "\n".join(lines)
 
 
