@@ -153,3 +153,15 @@ def test_serve_benchmark_runs_both_servers_end_to_end(tmp_path):
         one = rows[0]["tokens_per_s"]
         assert result[f"{side}_ratios"]["x_one_at_a_time_at_3"] == pytest.approx(rows[1]["tokens_per_s"] / one,
                                                                                  abs=0.01)
+
+
+@pytest.mark.slow  # two SmolLM2 trainings (one and two processes): about a minute on 2 cores
+def test_processes_benchmark_trains_the_same_examples_both_ways(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "processes.py"), "--steps", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = result["one_process"], result["two_processes"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["trained_tokens"] == two["trained_tokens"] > 0
+    assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-3)  # step 1: the same examples, bf16

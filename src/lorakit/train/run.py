@@ -244,7 +244,8 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     except (torch.OutOfMemoryError, MemoryError) as e:
         error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
         warn.record(error.render(), kind="oom")
-        _write_report(run_dir, log)
+        if main:
+            _write_report(run_dir, log)
         raise error from e
     seconds = time.perf_counter() - start
     if diagnostics.stopped == "nonfinite":
