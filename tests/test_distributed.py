@@ -259,3 +259,24 @@ def test_fsdp_on_cpu_is_refused_by_every_process_before_the_run_folder(tmp_path,
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and out.count("train.distributed: fsdp needs CUDA GPUs") == 2, out[-3000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_two_epochs_with_a_short_last_step_see_every_example_once_per_epoch(tmp_path, tiny_model_dir, data):
+    """58 training rows in steps of 8: each epoch ends with a step of 2, all on process 0; process 1
+    runs that step on a masked copy (no loss, no gradient). Over two epochs (reshuffled per epoch)
+    the two processes train what one process with the doubled batch trains, token for token."""
+    two = config(tmp_path, tiny_model_dir, data, "two", batch=4, max_steps=-1, epochs=2)
+    one = config(tmp_path, tiny_model_dir, data, "one", batch=8, max_steps=-1, epochs=2)
+    reordered = config(tmp_path, tiny_model_dir, data, "reordered", batch=8, max_steps=-1, epochs=2,
+                       tokens_per_pass=512)
+    ok(launch(["-m", "lorakit", "train", two], tmp_path))
+    for c in (one, reordered):
+        ok(launch(["-m", "lorakit", "train", c], tmp_path, processes=1))
+    runs = tmp_path / "runs"
+    metrics = {n: json.loads((runs / n / "adapter" / "lorakit.json").read_text())["metrics"] for n in ("one", "two")}
+    assert metrics["two"]["steps"] == metrics["one"]["steps"] == 16  # ceil(58 / 8) per epoch
+    assert metrics["two"]["trained_tokens"] == metrics["one"]["trained_tokens"]  # no example counted twice
+    floor = max_diff(adapter(runs / "reordered"), adapter(runs / "one"))
+    d = max_diff(adapter(runs / "two"), adapter(runs / "one"))
+    assert d <= FLOOR_FACTOR * max(floor, 1e-7), (d, floor)
+    assert losses(runs / "two") == pytest.approx(losses(runs / "one"), rel=1e-4)

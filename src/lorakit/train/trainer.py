@@ -48,6 +48,16 @@ class LorakitTrainer(Trainer):
         if head is not None:
             self.loss_is_scaled_for_ga = True  # labelled_loss divides by the whole step's token count
         self.wrapped = None  # the type the Trainer wrapped the model in, seen at the first step
+        if self.processes > 1 and self.train_dataset is not None:
+            self.train_dataset = distributed.WithMaskedCopies(self.train_dataset)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.processes == 1:
+            return super()._get_train_sampler(train_dataset)
+        # Every example once per epoch over all processes (see distributed.RankSteps).
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        return distributed.rank_steps_class()(len(data), self._train_batch_size, self.processes,
+                                              self.args.process_index, self.args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_through_model and not return_outputs and num_items_in_batch is not None and model.training:
