@@ -47,9 +47,8 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
-    from lorakit.train.run import train
-
     from lorakit.train import distributed
+    from lorakit.train.run import train
 
     run_dir = train(_load_config(args), resume=args.resume)
     if distributed.is_main():

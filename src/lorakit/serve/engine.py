@@ -531,7 +531,8 @@ class Engine:
         self._grouped = grouped
         # lm_head's product (hidden x vocab) is left out: probing it is seconds of work at start-up.
         head = self.session.model.get_output_embeddings()
-        shapes.discard((head.in_features, head.out_features)) if head is not None else None
+        if head is not None:
+            shapes.discard((head.in_features, head.out_features))
         if shapes != self._shapes or self.rows is None:
             self.rows = RowSizes(sorted(shapes), dtype=self._dtype, device=self.device)
             self._shapes = shapes

@@ -41,7 +41,7 @@ class Registry:
         self.session: infer.Session = engine.session
         self.roots = [Path(r).resolve() for r in adapter_roots]
         self.allow_loading = allow_loading
-        # The base's id: the model name the first adapter was trained on (its template prompts the base).
+        # The base's id: the model name the first adapter was trained on.
         self.base_id = self.session.default.meta.base.name or infer.BASE
         self._base_template = self._own_base_template()
         self._locks: dict[str, asyncio.Lock] = {}

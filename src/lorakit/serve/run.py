@@ -111,21 +111,20 @@ def serve(adapters: list[str], named: list[str] = (), *, base: str | None = None
     log(f"lorakit serve: http://{host}:{port}/v1 — models: {names}")
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s)
     try:
-        _DrainingServer(config).run()
+        _draining_server(config).run()
     finally:
         engine.shutdown(drain_s=drain_s)
     return 0
 
 
-def _draining_server_class():
+def _draining_server(config):
+    """A uvicorn server whose signals only ask it to stop. uvicorn re-raises SIGTERM/SIGINT once its
+    own shutdown is done, which kills the process before the engine has finished or cancelled its
+    in-flight requests; here the caller then drains the engine and the command exits 0: a stop
+    asked for and carried out cleanly is a success."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT once its own shutdown is done, which kills the process
-        before the engine has finished or cancelled its in-flight requests. Here a signal only asks
-        uvicorn to stop; the caller then drains the engine and the command exits 0: a stop asked
-        for and carried out cleanly is a success."""
-
         @contextlib.contextmanager
         def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():
@@ -138,8 +137,4 @@ def _draining_server_class():
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
 
-    return DrainingServer
-
-
-def _DrainingServer(config):
-    return _draining_server_class()(config)
+    return DrainingServer(config)

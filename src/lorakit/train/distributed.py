@@ -22,6 +22,7 @@ import os
 from contextlib import contextmanager
 
 import torch
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from lorakit.errors import LorakitError
 
@@ -172,51 +173,39 @@ def trainer_arguments(cfg) -> dict:
 
 # --------------------------------------------------------------------------- every example once per epoch
 
-def rank_steps_class():
-    """`RankSteps`, built on first use: it subclasses a transformers class (imported lazily)."""
-    global _RankSteps
-    if _RankSteps is None:
-        from transformers.trainer_pt_utils import BatchRebalanceSampler
+class RankSteps(BatchRebalanceSampler):
+    """This process's share of every micro-step: the epoch's order (the permutation one process
+    would draw: seed + epoch, as accelerate's seedable sampler), cut into groups of
+    rows x processes examples, process r taking rows [r*rows, (r+1)*rows) of each.
 
-        class RankSteps(BatchRebalanceSampler):
-            """This process's share of every micro-step: the epoch's order (the permutation one process
-            would draw: seed + epoch, as accelerate's seedable sampler), cut into groups of
-            rows x processes examples, process r taking rows [r*rows, (r+1)*rows) of each.
+    accelerate's own sharding evens the last group out by repeating examples from the start
+    of the epoch, so they would count twice. Here the last group is split as it comes; a
+    process left without an example gets the masked copy of one (`WithMaskedCopies`): it
+    runs the step, adds nothing to the loss or the gradients, and every process still runs
+    the same number of steps (none waits forever in an all-reduce).
 
-            accelerate's own sharding evens the last group out by repeating examples from the start
-            of the epoch, so they would count twice. Here the last group is split as it comes; a
-            process left without an example gets the masked copy of one (`WithMaskedCopies`): it
-            runs the step, adds nothing to the loss or the gradients, and every process still runs
-            the same number of steps (none waits forever in an all-reduce).
+    A BatchRebalanceSampler subclass only so that the Trainer treats it as already split by
+    rank (it passes it as the batch sampler and turns accelerate's re-sharding off)."""
 
-            A BatchRebalanceSampler subclass only so that the Trainer treats it as already split by
-            rank (it passes it as the batch sampler and turns accelerate's re-sharding off)."""
+    def __init__(self, n: int, rows: int, processes: int, rank: int, seed: int):  # noqa: D107
+        self.n, self.rows, self.processes, self.rank, self.seed = n, rows, processes, rank, seed
+        self.epoch = 0
 
-            def __init__(self, n: int, rows: int, processes: int, rank: int, seed: int):  # noqa: D107
-                self.n, self.rows, self.processes, self.rank, self.seed = n, rows, processes, rank, seed
-                self.epoch = 0
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-            def set_epoch(self, epoch: int) -> None:
-                self.epoch = epoch
+    def __len__(self) -> int:
+        return -(-self.n // (self.rows * self.processes))
 
-            def __len__(self) -> int:
-                return -(-self.n // (self.rows * self.processes))
-
-            def __iter__(self):
-                g = torch.Generator()
-                g.manual_seed(self.seed + self.epoch)
-                order = torch.randperm(self.n, generator=g).tolist()
-                group = self.rows * self.processes
-                for start in range(0, self.n, group):
-                    chunk = order[start:start + group]
-                    mine = chunk[self.rank * self.rows:(self.rank + 1) * self.rows]
-                    yield mine or [self.n + chunk[0]]  # n + i: the masked copy of example i
-
-        _RankSteps = RankSteps
-    return _RankSteps
-
-
-_RankSteps = None
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        group = self.rows * self.processes
+        for start in range(0, self.n, group):
+            chunk = order[start:start + group]
+            mine = chunk[self.rank * self.rows:(self.rank + 1) * self.rows]
+            yield mine or [self.n + chunk[0]]  # n + i: the masked copy of example i
 
 
 class WithMaskedCopies:

@@ -162,8 +162,7 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
         # Our collator already sets the right padding; the model needs no cache while training.
         use_cache=False,
     )
-    if distributed.launcher_world_size() > 1:  # a single process ignores train.distributed
-        distributed.check_strategy(cfg, resolved.machine.device)
+    if distributed.launcher_world_size() > 1:  # a single process ignores train.distributed (checked in train)
         args.update(distributed.trainer_arguments(cfg))
     return TrainSetup(args, resolved.tokens_per_pass, resolved.checkpointing == "oversize",
                       TORCH_DTYPES.get(resolved.fast_half))

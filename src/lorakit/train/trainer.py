@@ -56,8 +56,8 @@ class LorakitTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         # Every example once per epoch over all processes (see distributed.RankSteps).
         data = train_dataset if train_dataset is not None else self.train_dataset
-        return distributed.rank_steps_class()(len(data), self._train_batch_size, self.processes,
-                                              self.args.process_index, self.args.data_seed)
+        return distributed.RankSteps(len(data), self._train_batch_size, self.processes, self.args.process_index,
+                                     self.args.data_seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_through_model and not return_outputs and num_items_in_batch is not None and model.training:
