@@ -561,9 +561,9 @@ class Engine:
                         fut.set_exception(e)
                     self._prepare_lora()
                 if stop_now:
-                    for r in self._running:
+                    rows, self._running = self._running, []
+                    for r in rows:
                         r.finish("cancelled")
-                    self._running.clear()
                     return
                 try:
                     self._admit()
@@ -571,9 +571,9 @@ class Engine:
                         self._decode()
                 except Exception as e:  # a fault of the model or of one step: fail the rows, keep serving
                     self.log(f"lorakit serve: step failed: {type(e).__name__}: {e}")
-                    for r in self._running:
+                    rows, self._running = self._running, []
+                    for r in rows:
                         r.finish("error", error=f"{type(e).__name__}: {e}")
-                    self._running.clear()
                 finally:
                     _step.slots = None
 
@@ -614,23 +614,24 @@ class Engine:
             self._running.append(row)
 
     def _decode(self) -> None:
-        live = []
-        for r in self._running:
-            why = self._expired(r.h)
-            if why:
-                r.finish(why)
-            else:
-                live.append(r)
-        self._running = live
+        why = [self._expired(r.h) for r in self._running]
+        self._leave(why)
+        live = self._running
         if not live:
             return
         logits = self._step_logits(live)
         self.steps += 1
-        for r, lg in zip(live, logits):
-            why = r.accept(r.sample(lg))
-            if why:
-                r.finish(why)
-        self._running = [r for r in live if not r.done]
+        self._leave([r.accept(r.sample(lg)) for r, lg in zip(live, logits)])
+
+    def _leave(self, why: list[str | None]) -> None:
+        """Finish the running rows with a reason (one entry per row, in order) after taking them
+        out of `_running`, so whoever reads a row's last event already sees its slot free."""
+        if not any(why):
+            return
+        ended = [(r, w) for r, w in zip(self._running, why) if w]
+        self._running = [r for r, w in zip(self._running, why) if not w]
+        for r, w in ended:
+            r.finish(w)
 
     def _step_logits(self, live: list[_Row]) -> torch.Tensor:
         """One decode step for `live` (each feeds its last token); their next-token logits, in order.
