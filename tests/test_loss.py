@@ -48,3 +48,53 @@ def test_shortcut_refused_for_softcapped_heads(tiny_model_dir):
     model.config.final_logit_softcapping = None
     model.config.model_type = "some_new_arch"
     assert split_head(model) is None
+
+
+def _head_case(vocab: int = 300, hidden: int = 32, n: int = 50):
+    g = torch.Generator().manual_seed(1)
+    rows = (torch.randn(n, hidden, generator=g) * 2).requires_grad_()
+    weight = torch.randn(vocab, hidden, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return rows, weight, targets
+
+
+def _unchunked(rows, weight, targets):
+    """The loss `labelled_loss` computed before chunking: 16-bit logits, fp32 cross-entropy."""
+    return torch.nn.functional.cross_entropy(torch.nn.functional.linear(rows.to(weight.dtype), weight).float(),
+                                             targets, reduction="sum")
+
+
+def test_chunked_head_equals_the_unchunked_loss_and_gradient():
+    """Chunks of 7 rows over 50 (the last one short) against one matmul over all of them.
+
+    Both round the logits to bf16 from the same products and take the softmax in fp32, so the
+    losses agree to fp32 summation order (rtol 1e-5). The gradients differ by where the 16-bit
+    rounding falls: the unchunked backward rounds (softmax − onehot)·g, the chunked one rounds
+    (softmax − onehot) and scales after the matmul; each element is a sum of such terms through
+    the same bf16 weight, so they agree within two bf16 roundings, 2 × 2⁻⁸ of the largest
+    element."""
+    from lorakit.train.loss import head_cross_entropy
+
+    rows, weight, targets = _head_case()
+    ref = _unchunked(rows, weight, targets)
+    (g_ref,) = torch.autograd.grad(ref * 0.37, rows)
+    ours = head_cross_entropy(rows, weight, targets, chunk=7)
+    (g_ours,) = torch.autograd.grad(ours * 0.37, rows)
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    tol = 2 * 2**-8 * g_ref.abs().max()
+    assert (g_ours - g_ref).abs().max() <= tol
+    # negative control: one wrong target moves the gradient far outside that tolerance
+    wrong = targets.clone()
+    wrong[3] = (wrong[3] + 1) % weight.shape[0]
+    (g_wrong,) = torch.autograd.grad(head_cross_entropy(rows, weight, wrong, chunk=7) * 0.37, rows)
+    assert (g_wrong - g_ref).abs().max() > 10 * tol
+
+
+def test_chunked_head_without_grad_makes_no_gradient():
+    from lorakit.train.loss import head_cross_entropy
+
+    rows, weight, targets = _head_case()
+    with torch.no_grad():
+        loss = head_cross_entropy(rows, weight, targets, chunk=16)
+    assert loss.grad_fn is None
+    assert torch.allclose(loss, _unchunked(rows.detach(), weight, targets), rtol=1e-5)

@@ -15,6 +15,7 @@ from lorakit.plan.batches import (Batches, MicroBatch, micro_batches_in_run, pea
                                   peak_pass)
 from lorakit.plan.shape import MiB, ModelShape, fmt_bytes, optimizer_state_bytes, weight_bytes
 from lorakit.resolve import Machine, Resolved, resolve
+from lorakit.train.loss import HEAD_CHUNK
 
 HEAP_RETENTION = 0.35
 """CPU only: resident memory above the live tensors at the training peak, as a fraction of the
@@ -99,6 +100,20 @@ class Context:
         return self.profiles[key]
 
 
+def _chunked_head(shape: ModelShape, setup: Setup) -> bool:
+    """Whether training's loss runs the frozen head in chunks (lorakit.train.loss.head_cross_entropy):
+    the labelled-positions loss on the fast path under autocast."""
+    return shape.labelled_logits and setup.fast and setup.autocast
+
+
+def _train_logit_bytes(shape: ModelShape, setup: Setup, rows: int) -> int:
+    """Training's logits for `rows` positions: one chunk's 16-bit and fp32 logits plus the rows' fp32
+    gradient when chunked, else fp32 logits, their log-softmax and its gradient for every row."""
+    if _chunked_head(shape, setup):
+        return min(rows, HEAD_CHUNK) * shape.vocab * (2 + 4) + rows * shape.hidden * 4
+    return rows * shape.vocab * 4 * 3
+
+
 def _eval_logit_bytes(setup: Setup) -> int:
     """Bytes per logit in the stock evaluation forward: the head's output (16-bit under autocast)
     plus the loss's fp32 copy and its log-softmax."""
@@ -136,14 +151,15 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     if oversize:  # the longest example is a checkpointed pass of its own; a normal pass may still be larger
         regular = _regular_pass(b, setup, cfg)
         per_pass = lambda m, c: (prof.total(shape, m.tokens, c) + prof.total(shape, m.tokens, False)  # noqa: E731
-                                 * (HEAP_RETENTION if setup.device == "cpu" else 0) + m.labelled * shape.vocab * 12)
+                                 * (HEAP_RETENTION if setup.device == "cpu" else 0)
+                                 + _train_logit_bytes(shape, setup, m.labelled))
         if regular is not None and per_pass(regular, False) >= per_pass(mb, True):
             mb = regular
         else:
             ckpt = True
     act = prof.total(shape, mb.tokens, ckpt)
     logit_rows = mb.labelled if shape.labelled_logits else mb.tokens  # other heads: the stock loss
-    train_logits = logit_rows * shape.vocab * 4 * 3 + head_cast
+    train_logits = _train_logit_bytes(shape, setup, logit_rows) + head_cast
     eval_tokens = peak_eval_batch(b, setup.eval_batch_size, cfg.data.packing) if evaluation else 0
     eval_logits = eval_tokens * shape.vocab * _eval_logit_bytes(setup)
     parts: dict[str, int] = {}
@@ -179,7 +195,9 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
                                    "activations without checkpointing (measured)")
     parts["logits"] = max(train_logits, eval_logits)
     rows_are = "labelled" if shape.labelled_logits else "positions"
-    notes["logits"] = (f"training {fmt_bytes(train_logits)} ({logit_rows:,} {rows_are} × {shape.vocab:,} × 4 B × 3), "
+    how = (f"chunks of {HEAD_CHUNK} of {logit_rows:,} {rows_are} × {shape.vocab:,} × 6 B, their gradient kept"
+           if _chunked_head(shape, setup) else f"{logit_rows:,} {rows_are} × {shape.vocab:,} × 4 B × 3")
+    notes["logits"] = (f"training {fmt_bytes(train_logits)} ({how}), "
                        f"evaluation {fmt_bytes(eval_logits)} ({eval_tokens:,} tokens × {shape.vocab:,}"
                        f" × {_eval_logit_bytes(setup)} B); the larger counts")
     return Estimate(setup, parts, notes, mb, eval_tokens)

@@ -50,12 +50,64 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
                   **segment_kwargs(body, inputs)).last_hidden_state  # (B, T, H)
     keep = labels != -100
     rows = hidden[:, :-1][keep]
-    if head_weight is not None:
-        logits = F.linear(rows.to(head_weight.dtype), head_weight)  # (N, V): only positions that predict a label
-    else:
-        logits = head(rows)
+    if head_weight is not None:  # a frozen head: chunked, the gradient made in the forward
+        return head_cross_entropy(rows, head_weight, labels[keep]) / num_items
+    logits = head(rows)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return loss / num_items
+
+
+HEAD_CHUNK = 128
+"""Labelled positions per chunk of `head_cross_entropy`: 128 × 49,152 vocab is 24 MiB of fp32
+logits for SmolLM2, against N × V × 16 B for the whole pass in the unchunked loss. Under glibc's
+32 MiB ceiling for its mmap threshold, so a chunk's buffer is reused from the heap instead of
+mapped and faulted in afresh each time (BENCHMARKS.md)."""
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Σ CE(h_i · Wᵀ, y_i) over rows h_i of a frozen head W, in chunks of rows.
+
+    The unchunked loss keeps the pass's logits three times over for the backward (16-bit, fp32,
+    log-softmax) and makes a fourth, their gradient: N × V × 16 B, which at 500 labelled positions
+    is 375 MiB for a 49k vocabulary and grows with the longest pass. With W frozen the only
+    gradient needed is the rows', (softmax − onehot) · W, so each chunk computes it right after its
+    loss, while its logits are at hand, and only that N × H gradient is kept. The arithmetic is the
+    unchunked one: 16-bit logits from the same matmul, softmax in fp32, the gradient cast to 16 bits
+    before the matmul with W, so the two agree to 16-bit rounding (tests/test_loss.py).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, need_grad: bool, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad = torch.empty_like(rows) if need_grad else None
+        for s in range(0, rows.shape[0], chunk):
+            h = rows[s:s + chunk].to(weight.dtype)
+            t = targets[s:s + chunk]
+            logits = F.linear(h, weight).float()  # (c, V)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # one pass of exp, in place of the logits
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += (top.squeeze(1) + norm.log().squeeze(1) - picked).sum()  # log-sum-exp − target logit
+            if need_grad:
+                probs.div_(norm)  # softmax
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad[s:s + chunk] = probs.to(weight.dtype) @ weight
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None, None, None
+
+
+def head_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Sum of token cross-entropies of `rows` (N, H) through the frozen head `weight` (V, H)."""
+    need_grad = torch.is_grad_enabled() and rows.requires_grad
+    return _HeadCrossEntropy.apply(rows, weight.detach(), targets, need_grad, chunk)
 
 
 @torch.no_grad()
