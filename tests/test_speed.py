@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 from contextlib import nullcontext
 
 import pytest
@@ -573,3 +574,13 @@ def test_only_passes_longer_than_the_budget_recompute(tmp_path, tiny_model_dir, 
     assert seen and not any(ckpt for _, ckpt in seen)
     for k in auto:
         assert torch.allclose(auto[k], off[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_kernel_caches_are_bounded_unless_the_user_set_them(monkeypatch):
+    for name in speed.KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # the user's own choice stays
+    done = speed.bound_kernel_caches()
+    assert done == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": speed.KERNEL_CACHES["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]}
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64" and os.environ["LRU_CACHE_CAPACITY"] == "7"
+    assert speed.bound_kernel_caches() == {}

@@ -27,7 +27,7 @@ from lorakit.data.dataset import Prepared, prepare
 from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
-from lorakit.train import distributed
+from lorakit.train import distributed, speed
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
@@ -41,6 +41,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     adapter, optimizer, scheduler, RNG states and data position are restored by the Trainer,
     so the result equals an uninterrupted run's.
     """
+    speed.bound_kernel_caches()  # before the first 16-bit matmul of this process
     machine = machine or Machine.detect()
     world = distributed.start(machine.device)  # under torchrun / accelerate launch: join the group
     if world > 1:
@@ -284,8 +285,6 @@ def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list
     Returns what was done, for the log."""
     if not resolved.cfg.train.fast_path:
         return []
-    from lorakit.train import speed
-
     done = speed.apply(model, half, resolved.cfg.data.packing)
     notes = []
     if done["saved"] or done["fused"]:
