@@ -50,7 +50,9 @@ class Meter(TrainerCallback):
     def __init__(self, rss_interval_s: float = 0.05):
         self.trained = self.real = self.fed = self.micro_batches = self.rows = 0
         self.step_losses: list[float] = []
+        self.step_tokens: list[int] = []  # trained tokens per optimizer step: which examples a step held
         self._step_loss = 0.0
+        self._step_trained = 0
         self.t0: float | None = None
         self.t1: float | None = None
         self.params: dict[str, int] = {}
@@ -66,7 +68,9 @@ class Meter(TrainerCallback):
     def observe(self, inputs: dict[str, Any]) -> None:
         labels, ids = inputs["labels"], inputs["input_ids"]
         mask = inputs.get("attention_mask")
-        self.trained += int((labels[:, 1:] != -100).sum())
+        trained = int((labels[:, 1:] != -100).sum())
+        self.trained += trained
+        self._step_trained += trained
         self.real += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
         self.fed += ids.numel()
         self.micro_batches += 1
@@ -93,9 +97,11 @@ class Meter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_loss = 0.0
+        self._step_trained = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_losses.append(self._step_loss)
+        self.step_tokens.append(self._step_trained)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.t1 = time.perf_counter()
@@ -121,6 +127,7 @@ class Meter(TrainerCallback):
             "real_tokens_per_s": self.real / seconds if seconds > 0 else 0.0,
             "final_step_loss": self.step_losses[-1] if self.step_losses else None,
             "step_losses": self.step_losses,
+            "step_tokens": self.step_tokens,
             "params": self.params,
             "gradient_checkpointing": self.checkpointing,
             "rss_at_train_begin_bytes": self.rss_at_start,

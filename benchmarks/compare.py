@@ -246,7 +246,7 @@ def compare(a: argparse.Namespace) -> dict:
     print(table(recipe, lorakit, evals, rates, length_stats(a.model, train_file), a.matmul_size))
     keep = ("steps", "train_seconds", "trained_tokens", "real_tokens", "fed_tokens", "trained_tokens_per_s",
             "real_tokens_per_s", "peak_rss_bytes", "rss_peak_in_loop_bytes", "final_step_loss", "mean_train_loss",
-            "useful_flops_per_s", "fraction_of_bf16_matmul", "fraction_of_fp32_matmul")
+            "useful_flops_per_s", "fraction_of_bf16_matmul", "fraction_of_fp32_matmul", "step_losses")
     summary = {
         "throughput_ratio": lorakit["trained_tokens_per_s"] / recipe["trained_tokens_per_s"],
         "real_throughput_ratio": lorakit["real_tokens_per_s"] / recipe["real_tokens_per_s"],

@@ -88,7 +88,8 @@ class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
         self.meter = meter
 
 
-def create_trainer(model, tokenizer, train_dataset, output_dir: str, max_steps: int, meter: Meter):
+def create_trainer(model, tokenizer, train_dataset, output_dir: str, max_steps: int, meter: Meter,
+                   sampling: str = "group_by_length"):
     training_args = SFTConfig(
         output_dir=output_dir,
         # Batch size settings: effective batch 4 × 4 = 16
@@ -115,7 +116,7 @@ def create_trainer(model, tokenizer, train_dataset, output_dir: str, max_steps: 
         fp16=False,
         bf16=True,
         # Misc
-        train_sampling_strategy="group_by_length",  # was group_by_length=True
+        train_sampling_strategy=sampling,  # the guide's group_by_length=True; "random" for the order study
         report_to="tensorboard",
         run_name="lora-fine-tune",
         # SFTTrainer arguments that moved into SFTConfig
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="output folder; the adapter goes to OUT/adapter")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps")
     p.add_argument("--result", help="also write the result JSON here")
+    p.add_argument("--sampling", default="group_by_length", choices=["group_by_length", "random"],
+                   help="the Trainer's train_sampling_strategy: the guide's group_by_length, or random (the "
+                        "order lorakit's Trainer draws with the same seed, for comparing step by step)")
     a = p.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_for_training(a.model)
     model = configure_lora(model)
     meter = Meter()
-    trainer = create_trainer(model, tokenizer, dataset, a.out, a.steps, meter)
+    trainer = create_trainer(model, tokenizer, dataset, a.out, a.steps, meter, a.sampling)
     setup_seconds = time.perf_counter() - t_start
     train_result = trainer.train()
     adapter = Path(a.out) / "adapter"
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         "setup_seconds": setup_seconds,
         "adapter": str(adapter),
         "settings": {"precision": "fp32 weights + bf16 autocast" if trainer.args.bf16 else "fp32",
-                     "batches": "padded, length-grouped (group_by_length)", "loss": "TRL completion-only"},
+                     "batches": "padded, length-grouped (group_by_length)" if a.sampling == "group_by_length"
+                     else "padded, random order", "loss": "TRL completion-only"},
         "tokenization_matches_lorakit": tokenization_matches_lorakit(trainer, tokenizer, rows),
     }
     emit(result, a.result)

@@ -244,6 +244,9 @@ REAL_CONFIGS = [  # packing pinned: its default changed while these were measure
     ["--train.max_steps=3", "--data.packing=true", "--train.batch_size=8", "--model.gradient_checkpointing=on",
      "--lora.r=8", "--lora.alpha=16"],
     ["--train.max_steps=3", "--data.packing=false", "--train.batch_size=12", "--data.max_length=128"],
+    # long runs: the peak must not grow with the number of steps (speed.KERNEL_CACHES)
+    ["--train.max_steps=30", "--data.packing=true"],
+    ["--train.max_steps=30", "--data.packing=false"],
 ]
 
 _MAXRSS = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -264,7 +267,8 @@ def measured_peak_rss(args: list[str], cwd: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", REAL_CONFIGS, ids=["demo", "bs4-r64", "bs16-len64-r8", "padded-fp32",
                                                        "checkpointing-bs16", "bs2-fp32-r32",
-                                                       "checkpointing-packed-r8", "padded-bs12-len128"])
+                                                       "checkpointing-packed-r8", "padded-bs12-len128",
+                                                       "30-steps-packed", "30-steps-padded"])
 def test_predicted_peak_within_15_percent_of_a_real_run(overrides, tmp_path):
     from lorakit.demo.run import DEMO_CONFIG
 
