@@ -42,7 +42,8 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
     """Sum of token cross-entropies at labelled positions, divided by `num_items`.
 
     `head_weight`: a frozen head's weight already in the autocast dtype, so that it is not cast
-    again at every pass (the head is as large as the embedding: 56 MB for SmolLM2 in bf16).
+    again at every pass (the head is as large as the embedding: 56 MB for SmolLM2 in bf16); with it
+    the head runs in chunks (`head_cross_entropy`).
     """
     labels = inputs["labels"][:, 1:]
     hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
@@ -59,9 +60,8 @@ def labelled_loss(body, head, inputs: dict[str, torch.Tensor], num_items: torch.
 
 HEAD_CHUNK = 128
 """Labelled positions per chunk of `head_cross_entropy`: 128 × 49,152 vocab is 24 MiB of fp32
-logits for SmolLM2, against N × V × 16 B for the whole pass in the unchunked loss. Under glibc's
-32 MiB ceiling for its mmap threshold, so a chunk's buffer is reused from the heap instead of
-mapped and faulted in afresh each time (BENCHMARKS.md)."""
+logits for SmolLM2, against N × V × 16 B for the whole pass in the unchunked loss. Chunks of 64,
+128 and 256 timed within noise of each other; the smaller memory decided (BENCHMARKS.md)."""
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -398,8 +398,8 @@ KERNEL_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": 
 and ideep's LRU of computations, 1,024 entries each by default. Both key on the shape, and every
 packed pass has a length of its own, so they filled with entries that were never used again: heap
 in use grew by about 44 MiB a step and levelled off only when both were full, and a 30-step run
-peaked at 2,636 MiB against 1,747 MiB for 4 steps. With these capacities the heap in use stayed at
-452 MiB from step 1, the 30-step peak was 1,787 MiB, and the time was unchanged (BENCHMARKS.md).
+peaked at 2,636 MiB against 1,890 MiB for 4 steps. With these capacities the heap in use stayed at
+452 MiB from step 1, the peaks were 1,787 and 1,747 MiB, and the time was unchanged (BENCHMARKS.md).
 A pass needs about 15 GEMM shapes forward and backward, so 64 still reuses within a pass."""
 
 
@@ -407,7 +407,7 @@ def bound_kernel_caches() -> dict[str, str]:
     """Set `KERNEL_CACHES` in the environment where the user has not; returns what was set.
 
     Both libraries read the variable when they make their first entry, so this works when called
-    before the process's first 16-bit matmul (train() calls it first) and is a no-op after."""
+    before the process's first 16-bit matmul (train() calls it first) and has no effect after."""
     import os
 
     done = {}
