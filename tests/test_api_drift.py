@@ -169,6 +169,22 @@ def test_torch_autocast_queries_the_fast_path_reads():
     assert F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).shape == q.shape
 
 
+def test_cpu_flash_attention_ops_the_segment_node_calls():
+    """`speed._SegmentAttention` calls torch's CPU flash-attention ops directly (private aten ops):
+    forward (out, logsumexp, ...) with grouped-query k/v, and its backward, by these signatures."""
+    import torch
+    import torch.nn.functional as F
+
+    q, kv = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True, scale=0.5)[:2]
+    assert out.shape == q.shape and lse.shape == (1, 4, 5)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, kv, kv, is_causal=True, scale=0.5, enable_gqa=True),
+                          atol=1e-6)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        torch.ones_like(out), q, kv, kv, out, lse, 0.0, True, scale=0.5)
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
 def _tiny_llama(**cfg):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

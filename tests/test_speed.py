@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import ALPACA_ROWS, write_jsonl
@@ -70,6 +71,20 @@ def test_keep_mask_draws_bernoulli_from_every_lane():
     sparse = speed.keep_mask(torch.Size([4096, 1024]), 0.05, torch.device("cpu")).float().mean()
     assert abs(float(sparse) - speed.kept_fraction(0.05)) < 1e-3
     assert abs(speed.kept_fraction(0.05) - 0.95) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_keep_mask_in_a_16_bit_type_is_the_bool_mask_as_zeros_and_ones(dtype):
+    """The same random words give the same mask in either form: only the representation changes."""
+    for p in (0.05, 0.3, 0.5, 1 / 65536):
+        gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+        flags = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen())
+        ones = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen(), dtype=dtype)
+        assert ones.dtype == dtype and ones.shape == flags.shape
+        assert torch.equal(ones, flags.to(dtype)), p
+        other = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), torch.Generator().manual_seed(8), dtype=dtype)
+        assert p < 0.01 or not torch.equal(other, ones)  # another seed, another mask (the test can tell)
+    assert torch.equal(speed.keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"), dtype=dtype), torch.ones(3, 5, dtype=dtype))
 
 
 def test_fast_dropout_scales_kept_values_and_their_gradient():
@@ -433,6 +448,35 @@ def test_segment_attention_under_autocast_is_as_close_to_fp32_as_stock(tiny_mode
     assert abs(loss_g - loss_ref) <= 1.5 * abs(loss_s - loss_ref) + 1e-4
     err = lambda g: sum(float((g[k] - grads_ref[k]).norm()) for k in g)  # noqa: E731
     assert err(grads_g) <= 1.5 * err(grads_s)
+
+
+def test_segment_attention_node_equals_sdpa_per_example_in_fp32():
+    """The one-node CPU path (`_SegmentAttention`) against SDPA on each example's fp32 slices, through
+    autograd: same outputs and q/k/v gradients up to fp32 reordering. q/k/v are bf16 with the strides
+    the model passes (heads transposed out of a (b, t, h, d) projection), with grouped-query heads."""
+    torch.manual_seed(0)
+    bounds = (0, 7, 40, 41, 97)
+    t, d = bounds[-1], 16
+    q = torch.randn(1, t, 4, d).bfloat16().transpose(1, 2).requires_grad_()
+    k = torch.randn(1, t, 2, d).bfloat16().transpose(1, 2).requires_grad_()
+    v = torch.randn(1, t, 2, d).bfloat16().transpose(1, 2).requires_grad_()
+    up = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = torch.cat([F.scaled_dot_product_attention(up[0][:, :, s:e], up[1][:, :, s:e], up[2][:, :, s:e],
+                                                    is_causal=True, scale=0.3, enable_gqa=True)
+                     for s, e in zip(bounds[:-1], bounds[1:])], dim=2).transpose(1, 2)
+    out = speed._SegmentAttention.apply(q, k, v, bounds, 0.3)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, t, 4, d)
+    # the output is rounded to bf16 once: within half a bf16 ulp of the fp32 reference
+    assert torch.allclose(out.float(), ref, rtol=2**-8, atol=1e-6)
+    g = torch.randn(1, t, 4, d)
+    (out.float() * g).sum().backward()
+    (ref * g.bfloat16().float()).sum().backward()  # the node receives its gradient in bf16, as in a model
+    for got, want in zip((q.grad, k.grad, v.grad), (x.grad for x in up)):
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want, rtol=2**-8, atol=1e-5), float((got.float() - want).abs().max())
+    # negative control: the same comparison tells examples that attend across a boundary apart
+    joined = speed._SegmentAttention.apply(q.detach(), k.detach(), v.detach(), (0, 40, 41, 97), 0.3)
+    assert not torch.allclose(joined.float(), ref.detach(), rtol=2**-8, atol=1e-6)
 
 
 def test_segment_attention_keeps_examples_apart(tiny_model_dir):

@@ -5,7 +5,8 @@ each was kept because it measured faster on the benchmark (BENCHMARKS.md):
 
 - `fast_lora_dropout`: LoRA's dropout draws its keep-mask from 16-bit lanes of one 64-bit
   random word instead of `bernoulli_` per element (4× faster on CPU, where dropout was a fifth
-  of the step), keeps the mask as bytes for the backward, and hands the 16-bit copy that
+  of the step), makes the mask as 0/1 in the 16-bit type it multiplies (no widening copy) and
+  keeps it for the backward, and hands the 16-bit copy that
   autocast's matmul needs straight to `lora_A`.
 - `freeze_in_half`: frozen base `nn.Linear` weights stored in the autocast dtype. Under autocast
   every matmul reads a bf16 copy of them anyway, cast again at every forward; storing that
@@ -41,7 +42,7 @@ ATTENTION = SEGMENTS
 
 
 class _MaskedScale(torch.autograd.Function):
-    """y = x·keep·scale, saving only the byte mask for the backward."""
+    """y = x·keep·scale, saving only the mask (bytes, or 0/1 in a 16-bit output's type) for the backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float, out_dtype: torch.dtype):
@@ -56,17 +57,48 @@ class _MaskedScale(torch.autograd.Function):
         return (grad * keep * ctx.scale).to(ctx.in_dtype), None, None, None
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None):
-    """Bernoulli(1 - p) booleans from 16-bit lanes of full-range 64-bit random words.
+def random_words(count: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`count` uniform 64-bit words (int64) on `device`.
+
+    On the CPU they come from numpy's SFC64, seeded by one draw from torch's generator (the default
+    one unless `generator` is given), so a seeded run draws the same masks and a resumed run, whose
+    torch RNG state the Trainer restores, too. torch's CPU generator is a Mersenne Twister behind a
+    lock: serial code, 0.60 ms per 196,608 words here against SFC64's 0.30 ms, while the second
+    core waits (the dropout draw was 6 % of the main thread's time in a step)."""
+    if device.type != "cpu":
+        words = torch.empty(count, dtype=torch.int64, device=device)
+        return words.random_(-(2**63), 2**63 - 1, generator=generator)
+    import numpy as np
+
+    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+
+
+ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+"""The bit pattern of 1.0 in each 16-bit float type (0.0 is all zeros in every one)."""
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.bool):
+    """Bernoulli(1 - p) keep-mask from 16-bit lanes of full-range 64-bit random words.
 
     `random_()` with no bounds on int64 leaves the top bit 0, so the range is given explicitly;
     each lane is then uniform over [-32768, 32767] and p is rounded to a multiple of 1/65536.
+
+    `dtype` bfloat16 or float16 gives 0.0 / 1.0 in that type, made in place in the random words:
+    clamping a lane to [cut - 1, cut] leaves cut exactly where it is kept, so the lane minus
+    (cut - 1) is 1 or 0, and times 1.0's bit pattern it *is* that float. A bool mask multiplied
+    into a 16-bit tensor costs a widening copy of the mask first, which is scalar code in torch's
+    CPU kernels: 16× the time of the product itself at 512 × 1536 (BENCHMARKS.md, Speed II).
     """
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= (-32768 + round(p * 65536))
+    lanes = random_words((n + 3) // 4, device, generator).view(torch.int16)[:n].view(shape)
+    cut = -32768 + round(p * 65536)
+    if dtype not in ONE_BITS:
+        return lanes >= cut
+    if cut == -32768:  # p rounds to 0: every lane is kept (and cut - 1 is no int16)
+        return torch.ones(shape, dtype=dtype, device=device)
+    return lanes.clamp_(cut - 1, cut).sub_(cut - 1).mul_(ONE_BITS[dtype]).view(dtype)
 
 
 def kept_fraction(p: float) -> float:
@@ -87,7 +119,7 @@ class FastDropout(nn.Module):
         out_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type)
-        keep = keep_mask(x.shape, self.p, x.device)
+        keep = keep_mask(x.shape, self.p, x.device, dtype=out_dtype)
         return _MaskedScale.apply(x, keep, 1.0 / kept_fraction(self.p), out_dtype)
 
     def extra_repr(self) -> str:
@@ -118,7 +150,7 @@ class _LoraLinear(torch.autograd.Function):
 
     PEFT runs this as eight nodes (cast, base matmul, dropout, cast, A, B, scale, add), each
     keeping its own copy of what it needs. This one keeps the 16-bit input (shared by every
-    projection that reads the same hidden state), the byte keep-mask and the rank-r
+    projection that reads the same hidden state), the keep-mask and the rank-r
     intermediate, and returns the input's gradient in the input's dtype, so gradients from
     several projections still add up in fp32 as they do under autocast.
     """
@@ -242,7 +274,7 @@ def _fused_forward(module, stock_forward, where: str, logged: set, x: torch.Tens
     dtype = torch.get_autocast_dtype(x.device.type)
     drop = module.lora_dropout[name]
     p = drop.p if drop.training and not isinstance(drop, nn.Identity) else 0.0  # Identity: PEFT's lora_dropout 0
-    keep = keep_mask(x.shape, p, x.device) if p > 0 else None
+    keep = keep_mask(x.shape, p, x.device, dtype=dtype) if p > 0 else None
     drop_scale = 1.0 / kept_fraction(p) if p > 0 else 1.0
     return _LoraLinear.apply(x, _half_input(x, dtype), base.weight, base.bias, module.lora_A[name].weight,
                              module.lora_B[name].weight, keep, drop_scale, module.scaling[name])
@@ -326,6 +358,49 @@ backward in bf16 took twice the fp32 time at 64-128 tokens and 12% more at 256 (
 AVX512-BF16), and the quick benchmark's training loop went 28.3 s → 22.6 s with fp32."""
 
 
+class _SegmentAttention(torch.autograd.Function):
+    """Causal attention per example of a packed row, in fp32 on 16-bit q/k/v, as one autograd node.
+
+    The same kernel calls as SDPA per example (torch's CPU flash attention, forward and backward),
+    without what autograd builds around a loop of them: every example's q/k/v slice cast on its
+    own (a strided cast, which torch runs as scalar code), and in the backward one zero-filled
+    full-length gradient per slice and per tensor, added up (O(examples × length) per layer).
+    Here q/k/v are cast once per layer, each example's output and gradients are written into one
+    buffer, and the results are cast back once. Grouped-query k/v are passed as they are: the
+    kernel reads the shared heads.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bounds: tuple[int, ...], scaling):
+        up = CPU_ATTENTION_DTYPE
+        q, k, v = query.to(up), key.to(up), value.to(up)
+        b, h, t, d = q.shape
+        out = q.new_empty(b, t, h, d)  # the layout the attention output is returned in
+        lse = q.new_empty(b, h, t)
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scaling)[:2]
+            out[:, s:e] = o.transpose(1, 2)
+            lse[:, :, s:e] = l
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bounds, ctx.scaling, ctx.dtypes = bounds, scaling, (query.dtype, key.dtype, value.dtype)
+        return out.to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        g = grad.to(q.dtype).transpose(1, 2)  # (b, h, t, d) view
+        o = out.transpose(1, 2)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for s, e in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g[:, :, s:e], q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], o[:, :, s:e], lse[:, :, s:e], 0.0, True,
+                scale=ctx.scaling)
+            dq[:, :, s:e], dk[:, :, s:e], dv[:, :, s:e] = gq, gk, gv
+        qt, kt, vt = ctx.dtypes
+        return dq.to(qt), dk.to(kt), dv.to(vt), None, None
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """Causal SDPA per example of a packed row; the stock SDPA path for everything else."""
@@ -335,20 +410,17 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if query.device.type == "cpu" and value.dtype != CPU_ATTENTION_DTYPE and dropout == 0:
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        with torch.autocast("cpu", enabled=False):
+            return _SegmentAttention.apply(query, key, value, tuple(int(i) for i in bounds), scaling), None
     gqa = query.shape[1] != key.shape[1]  # grouped-query heads: SDPA reads the shared k/v, no copies
-    dtype = value.dtype
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if q.device.type == "cpu" and dtype != CPU_ATTENTION_DTYPE:
-            up = CPU_ATTENTION_DTYPE
-            with torch.autocast("cpu", enabled=False):
-                o = F.scaled_dot_product_attention(q.to(up), k.to(up), v.to(up), dropout_p=dropout,
-                                                   is_causal=True, scale=scaling, enable_gqa=gqa).to(dtype)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                               enable_gqa=gqa)
-        outs.append(o)
+        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                   enable_gqa=gqa))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
