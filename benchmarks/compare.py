@@ -10,8 +10,11 @@ In sequence, on this machine:
    same rows, whatever order its sampler picks) and the held-out rows, into `--data`
    (default benchmarks/data/).
 2. torch.matmul of 2048² squares in fp32 and bf16: the machine's matmul rate, the limit to
-   compare achieved FLOP/s with.
-3. `recipe.py` (the guide's configuration on TRL's SFTTrainer) in its own process.
+   compare achieved FLOP/s with (each side against the dtype it computes in, too).
+3. `recipe.py` (the guide's configuration on TRL's SFTTrainer) in its own process: with the
+   guide's bf16 autocast, or in fp32 on a CPU without native bf16 (AVX512-BF16 / AMX), where
+   torch emulates bf16 matmuls ~80× slower than fp32 and lorakit's mixed_precision auto picks
+   fp32 too.
 4. lorakit in its own process (`compare.py --side lorakit`): a config with data.template alpaca,
    the guide's LoRA settings and effective hyper-parameters (batch 4 × accumulation 4, lr 2e-4
    cosine, warmup 0.03, clip 0.3, weight decay 0.01, max length 2048), everything else lorakit's
@@ -101,6 +104,7 @@ def run_lorakit(model: str, train_file: str, out: Path, steps: int, result_path:
         **m,
         "mean_train_loss": mean_loss,
         "adapter": str(run_dir / "adapter"),
+        "compute_dtype": resolved.dtype if resolved.mixed_precision == "no" else resolved.mixed_precision,
         "settings": {
             "precision": f"{resolved.dtype} weights"
             + {"bf16": " + bf16 autocast", "fp16": " + fp16 autocast", "no": ""}[resolved.mixed_precision],
@@ -133,20 +137,43 @@ def run_worker(name: str, cmd: list[str], out: Path) -> dict:
 
 
 def derived(side: dict, rates: dict[str, float]) -> dict:
-    """Achieved useful FLOP/s (common.useful_flops) and its share of the measured matmul rates."""
+    """Achieved useful FLOP/s (common.useful_flops), its share of each measured matmul rate, and of
+    the rate of the dtype the side computed in (its limit: bf16 under autocast, fp32 without)."""
     from common import useful_flops
 
     flops = useful_flops(side["params"], side["real_tokens"], side["trained_tokens"])
     per_s = flops / side["train_seconds"]
     return {"useful_flops": flops, "useful_flops_per_s": per_s,
-            **{f"fraction_of_{k}_matmul": per_s / v for k, v in rates.items()}}
+            **{f"fraction_of_{k}_matmul": per_s / v for k, v in rates.items()},
+            "fraction_of_own_matmul": per_s / rates[side["compute_dtype"]]}
+
+
+def recipe_precision() -> str:
+    """The guide's bf16 autocast, except on a CPU that emulates bf16 (recipe.py's module doc)."""
+    import torch
+
+    from lorakit.resolve import cpu_has_native_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+
+def measure_rates(n: int, precision: str) -> dict[str, float]:
+    """fp32 and bf16 matmul rates of n² squares. Where bf16 is emulated one 512² product is enough
+    to show it: a 2048² one takes about 17 s there, and best-of-5 with a warm-up over a minute."""
+    import torch
+
+    from common import matmul_rate
+
+    bf16 = matmul_rate(n, torch.bfloat16) if precision == "bf16" else matmul_rate(min(n, 512), torch.bfloat16, reps=1)
+    return {"fp32": matmul_rate(n, torch.float32), "bf16": bf16}
 
 
 def fmt_int(x) -> str:
     return f"{x:,.0f}"
 
 
-def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dict, matmul_size: int) -> str:
+def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dict, matmul_size: int,
+          native_bf16: bool = True) -> str:
     mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     gf = lambda f: f"{f / 1e9:,.1f} GFLOP/s"  # noqa: E731
     loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
@@ -180,6 +207,7 @@ def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dic
         row("useful FLOP/s (common.py formula)", "useful_flops_per_s", gf),
         row("  share of bf16 matmul rate", "fraction_of_bf16_matmul", share, compared=False),
         row("  share of fp32 matmul rate", "fraction_of_fp32_matmul", share, compared=False),
+        row("  share of the rate of its compute dtype", "fraction_of_own_matmul", share, compared=False),
     ]
     width = max(len(r[0]) for r in rows) + 2
     lines = [f"{'':{width}}{'recipe (TRL+PEFT)':>20}{'lorakit':>20}{'lorakit/recipe':>16}"]
@@ -188,8 +216,9 @@ def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dic
     for name, side in (("recipe", recipe), ("lorakit", lorakit)):
         settings = {**side["settings"], "gradient checkpointing (observed)": side["gradient_checkpointing"]}
         lines.append(f"{name + ':':9}" + "; ".join(f"{k}: {v}" for k, v in settings.items()))
-    lines.append(f"matmul rate here ({matmul_size}² @ {matmul_size}², best of 5): "
-                 f"fp32 {gf(rates['fp32'])}, bf16 {gf(rates['bf16'])}")
+    lines.append(f"matmul rate here ({matmul_size}² @ {matmul_size}², best of 5): fp32 {gf(rates['fp32'])}, "
+                 + (f"bf16 {gf(rates['bf16'])}" if native_bf16 else
+                    f"bf16 {gf(rates['bf16'])} (emulated on this CPU: one {min(matmul_size, 512)}² product)"))
     lines.append(f"train data: {data_stats}")
     lines.append(f"held-out set: {evals['base']['rows']} rows, {evals['base']['tokens']:,} response+EOS tokens")
     rep = lorakit.get("lorakit_reported", {})
@@ -212,9 +241,7 @@ def length_stats(model: str, train_file: Path) -> dict:
 
 
 def compare(a: argparse.Namespace) -> dict:
-    import torch
-
-    from common import eval_loss, matmul_rate, read_jsonl
+    from common import eval_loss, read_jsonl
 
     wall = time.perf_counter()
     if a.model is None:
@@ -225,11 +252,15 @@ def compare(a: argparse.Namespace) -> dict:
     train_file, eval_file = make_data.write(a.data, a.steps * BATCH * ACCUM, a.eval_rows, a.seed)
     print(f"data: {a.steps * BATCH * ACCUM} train rows (one epoch of {a.steps} steps) and {a.eval_rows} "
           f"held-out rows in {a.data}", flush=True)
-    rates = {"fp32": matmul_rate(a.matmul_size, torch.float32), "bf16": matmul_rate(a.matmul_size, torch.bfloat16)}
+    precision = recipe_precision()
+    if precision != "bf16":
+        print("this CPU has no native bf16 (AVX512-BF16 / AMX): the recipe trains in fp32, as lorakit's "
+              "mixed_precision auto does here, instead of the guide's emulated bf16", flush=True)
+    rates = measure_rates(a.matmul_size, precision)
 
     common_args = ["--model", a.model, "--train", str(train_file), "--steps", str(a.steps)]
     recipe = run_worker("recipe", [sys.executable, str(HERE / "recipe.py"), *common_args,
-                                   "--out", str(a.out / "recipe")], a.out)
+                                   "--out", str(a.out / "recipe"), "--precision", precision], a.out)
     lorakit = run_worker("lorakit", [sys.executable, str(HERE / "compare.py"), "--side", "lorakit", *common_args,
                                      "--out", str(a.out)], a.out)
     for side in (recipe, lorakit):
@@ -243,10 +274,12 @@ def compare(a: argparse.Namespace) -> dict:
         print(f"[eval] {name}: {evals[name]['loss']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     print()
-    print(table(recipe, lorakit, evals, rates, length_stats(a.model, train_file), a.matmul_size))
+    print(table(recipe, lorakit, evals, rates, length_stats(a.model, train_file), a.matmul_size,
+                native_bf16=precision == "bf16"))
     keep = ("steps", "train_seconds", "trained_tokens", "real_tokens", "fed_tokens", "trained_tokens_per_s",
             "real_tokens_per_s", "peak_rss_bytes", "rss_peak_in_loop_bytes", "final_step_loss", "mean_train_loss",
-            "useful_flops_per_s", "fraction_of_bf16_matmul", "fraction_of_fp32_matmul", "step_losses")
+            "useful_flops_per_s", "fraction_of_bf16_matmul", "fraction_of_fp32_matmul", "fraction_of_own_matmul",
+            "compute_dtype", "step_losses")
     summary = {
         "throughput_ratio": lorakit["trained_tokens_per_s"] / recipe["trained_tokens_per_s"],
         "real_throughput_ratio": lorakit["real_tokens_per_s"] / recipe["real_tokens_per_s"],
@@ -258,6 +291,7 @@ def compare(a: argparse.Namespace) -> dict:
         "recipe": {k: recipe[k] for k in keep},
         "lorakit": {k: lorakit[k] for k in keep},
         "matmul_flops_per_s": rates,
+        "recipe_precision": precision,
         "steps": a.steps,
         "mode": "quick" if a.quick else "full",
         "wall_seconds": time.perf_counter() - wall,

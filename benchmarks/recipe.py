@@ -21,7 +21,10 @@ The guide's settings are kept; what had to change on transformers 5.x / TRL 1.x 
   For the same reason the guide's 10% train_test_split is not made: both sides train on the
   whole train file and are scored on the separate eval file.
 - No 4-bit base: bitsandbytes NF4 + prepare_model_for_kbit_training target CUDA. The base is
-  fp32 and bf16=True (as the guide sets it) is bf16 autocast on this CPU.
+  fp32 and bf16=True (as the guide sets it) is bf16 autocast on this CPU. `--precision fp32`
+  turns it off: on a CPU without AVX512-BF16 or AMX, torch emulates bf16 matmuls (about 1
+  GFLOP/s against 90 in fp32 on a 2-core AVX2 EPYC), and no user would train that way;
+  compare.py passes it there.
 - optim="adamw_torch" instead of "paged_adamw_32bit": paged optimizers need CUDA bitsandbytes.
 - trust_remote_code=True and device_map="auto" dropped: a local Llama needs neither.
 """
@@ -89,7 +92,7 @@ class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
 
 
 def create_trainer(model, tokenizer, train_dataset, output_dir: str, max_steps: int, meter: Meter,
-                   sampling: str = "group_by_length"):
+                   sampling: str = "group_by_length", precision: str = "bf16"):
     training_args = SFTConfig(
         output_dir=output_dir,
         # Batch size settings: effective batch 4 × 4 = 16
@@ -114,7 +117,7 @@ def create_trainer(model, tokenizer, train_dataset, output_dir: str, max_steps: 
         max_grad_norm=0.3,
         # Mixed precision
         fp16=False,
-        bf16=True,
+        bf16=precision == "bf16",  # the guide's bf16=True unless --precision fp32 (module doc)
         # Misc
         train_sampling_strategy=sampling,  # the guide's group_by_length=True; "random" for the order study
         report_to="tensorboard",
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sampling", default="group_by_length", choices=["group_by_length", "random"],
                    help="the Trainer's train_sampling_strategy: the guide's group_by_length, or random (the "
                         "order lorakit's Trainer draws with the same seed, for comparing step by step)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16 autocast as the guide sets it, or fp32 for CPUs that emulate bf16 (module doc)")
     a = p.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_model_for_training(a.model)
     model = configure_lora(model)
     meter = Meter()
-    trainer = create_trainer(model, tokenizer, dataset, a.out, a.steps, meter, a.sampling)
+    trainer = create_trainer(model, tokenizer, dataset, a.out, a.steps, meter, a.sampling, a.precision)
     setup_seconds = time.perf_counter() - t_start
     train_result = trainer.train()
     adapter = Path(a.out) / "adapter"
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_train_loss": train_result.training_loss,
         "setup_seconds": setup_seconds,
         "adapter": str(adapter),
+        "compute_dtype": "bf16" if trainer.args.bf16 else "fp32",
         "settings": {"precision": "fp32 weights + bf16 autocast" if trainer.args.bf16 else "fp32",
                      "batches": "padded, length-grouped (group_by_length)" if a.sampling == "group_by_length"
                      else "padded, random order", "loss": "TRL completion-only"},

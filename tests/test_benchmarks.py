@@ -103,6 +103,12 @@ def test_compare_runs_both_sides_end_to_end(tmp_path, tiny_model_dir):
     assert sides["recipe"]["trained_tokens"] == sides["lorakit"]["trained_tokens"]
     assert sides["recipe"]["tokenization_matches_lorakit"] == 1.0
     assert sides["recipe"]["gradient_checkpointing"] is True
+    # Both sides compute in the dtype this machine runs fast: bf16 only where the CPU has it natively.
+    from lorakit.resolve import cpu_has_native_bf16
+
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert summary["recipe_precision"] == native
+    assert sides["recipe"]["compute_dtype"] == native and sides["lorakit"]["compute_dtype"] == native
 
 
 def test_use_benchmark_runs_on_a_tiny_run(tmp_path, tiny_model_dir, capsys):
