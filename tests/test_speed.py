@@ -73,18 +73,20 @@ def test_keep_mask_draws_bernoulli_from_every_lane():
     assert abs(speed.kept_fraction(0.05) - 0.95) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_keep_mask_in_a_16_bit_type_is_the_bool_mask_as_zeros_and_ones(dtype):
-    """The same random words give the same mask in either form: only the representation changes."""
+@pytest.mark.parametrize("dtype,form", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                        (torch.float32, torch.uint8)])
+def test_keep_mask_for_a_float_type_is_the_bool_mask_as_zeros_and_ones(dtype, form):
+    """The same random words give the same mask in either form: only the representation changes
+    (0/1 in a 16-bit type itself; bytes for fp32, which torch multiplies faster than bools)."""
     for p in (0.05, 0.3, 0.5, 1 / 65536):
         gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
         flags = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen())
         ones = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen(), dtype=dtype)
-        assert ones.dtype == dtype and ones.shape == flags.shape
-        assert torch.equal(ones, flags.to(dtype)), p
+        assert ones.dtype == form and ones.shape == flags.shape
+        assert torch.equal(ones, flags.to(form)), p
         other = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), torch.Generator().manual_seed(8), dtype=dtype)
         assert p < 0.01 or not torch.equal(other, ones)  # another seed, another mask (the test can tell)
-    assert torch.equal(speed.keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"), dtype=dtype), torch.ones(3, 5, dtype=dtype))
+    assert torch.equal(speed.keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"), dtype=dtype), torch.ones(3, 5, dtype=form))
 
 
 def test_fast_dropout_scales_kept_values_and_their_gradient():
@@ -169,18 +171,54 @@ def test_fused_lora_with_dropout_matches_the_same_mask_by_hand(tiny_model_dir, m
         assert float((got - want).norm() / want.norm()) < 2e-2
 
 
-def test_fused_path_steps_aside_in_eval_and_fp32(tiny_model_dir):
-    m = _model(tiny_model_dir)
-    speed.fuse_lora_linears(m)  # weights still fp32: nothing to fuse with
-    feats = _examples(m.config.vocab_size)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_equals_peft_in_fp32(tiny_model_dir, dropout):
+    """An fp32 run fuses too (`speed.apply` without autocast) and computes PEFT's step in another
+    order of the same fp32 operations: the loss within 1e-5 and every gradient within 1e-4 of PEFT's
+    (fp32 rounding, ~6e-8 per operation, over sums of at most a few hundred terms, with room to
+    spare), the same dropout masks drawn from the same seed. In eval PEFT's own forward runs."""
+    ref, fused = _model(tiny_model_dir, dropout=dropout), _model(tiny_model_dir, dropout=dropout)
+    for m in (ref, fused):
+        speed.fast_lora_dropout(m)
+    done = speed.apply(fused, None, packing=False)
+    assert done["fused"] == 7 * fused.config.num_hidden_layers and done["saved"] == 0 and not done["unfused"]
+    feats = _examples(fused.config.vocab_size)
     batch = Collator(0)(feats)
     n = int((batch["labels"][:, 1:] != -100).sum())
-    ref = _model(tiny_model_dir)
-    assert _loss_and_grads(m, batch, n, autocast=False)[0] == pytest.approx(
-        _loss_and_grads(ref, batch, n, autocast=False)[0], rel=1e-6)
-    m.eval()
+    torch.manual_seed(5)
+    loss_r, grads_r = _loss_and_grads(ref, batch, n, autocast=False)
+    calls = []
+    real = speed._LoraLinear.apply
+    speed._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        torch.manual_seed(5)
+        loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=False)
+    finally:
+        speed._LoraLinear.apply = real
+    assert len(calls) == 7 * fused.config.num_hidden_layers, "every LoRA linear went through the fused node"
+    assert loss_f == pytest.approx(loss_r, rel=1e-5)
+    _close(grads_f, grads_r, rtol=1e-4)
+    # negative control: the same check rejects a fused path that forgot the LoRA term
+    scalings = {mod: mod.scaling for mod in fused.modules() if hasattr(mod, "lora_A")}
+    for mod in scalings:
+        mod.scaling = {k: 0.0 for k in mod.scaling}
+    torch.manual_seed(5)
+    _, grads_wrong = _loss_and_grads(fused, batch, n, autocast=False)
+    with pytest.raises(AssertionError):
+        _close(grads_wrong, grads_r, rtol=1e-4)
+    for mod, scaling in scalings.items():
+        mod.scaling = scaling
+    fused.eval()
     with torch.no_grad():
-        assert torch.allclose(m(**batch).logits, ref.eval()(**batch).logits, atol=1e-5)
+        assert torch.allclose(fused(**batch).logits, ref.eval()(**batch).logits, atol=1e-5)
+
+
+def test_fp32_fusion_leaves_quantized_and_16_bit_bases_alone(tiny_model_dir):
+    """Without autocast `speed.apply` fuses only a model whose LoRA bases are all fp32 nn.Linear."""
+    m = _model(tiny_model_dir)
+    for _, lin in speed._lora_linears(m)[:1]:
+        lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()
+    assert speed.apply(m, None, packing=False)["fused"] == 0
 
 
 # --------------------------------------------------------------------------- when the fused node steps aside
@@ -219,14 +257,14 @@ def _count_fused(monkeypatch) -> list:
 
 
 def _falls_back(monkeypatch, caplog, m, reason: str, *, level=logging.INFO, autocast=True, ctx=nullcontext,
-                **kwargs):
+                input_dtype=torch.float32, **kwargs):
     """q_proj then k_proj, twice each: PEFT's forward every time (same output, no fused node), and one
     log record, at `level`, naming the first module and `reason`."""
     calls = _count_fused(monkeypatch)
     caplog.set_level(logging.DEBUG, logger="lorakit")
     for proj in ("q_proj", "k_proj", "q_proj"):
         layer = _layer(m, proj)
-        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0)).to(input_dtype)
         with ctx(), torch.autocast(**BF16, enabled=autocast), torch.no_grad():
             got = layer(x, **kwargs)
             want = type(layer).forward(layer, x, **kwargs)  # PEFT's forward, past the instance's fused one
@@ -259,10 +297,10 @@ def test_eval_mode_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
     _falls_back(monkeypatch, caplog, _ready(_model(tiny_model_dir)).eval(), speed.EVAL, level=logging.DEBUG)
 
 
-def test_no_autocast_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
-    m = _model(tiny_model_dir)
-    speed.fuse_lora_linears(m)  # fp32 weights: PEFT's forward needs no autocast (a 16-bit base would)
-    _falls_back(monkeypatch, caplog, m, speed.NO_AUTOCAST, level=logging.DEBUG, autocast=False)
+def test_no_autocast_over_a_16_bit_base_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
+    m = _ready(_model(tiny_model_dir))  # bf16 base weights called without autocast: PEFT's own forward
+    _falls_back(monkeypatch, caplog, m, speed.NO_AUTOCAST, level=logging.DEBUG, autocast=False,
+                input_dtype=torch.bfloat16)
 
 
 def test_extra_arguments_fall_back(tiny_model_dir, monkeypatch, caplog):

@@ -287,11 +287,14 @@ def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list
         return []
     done = speed.apply(model, half, resolved.cfg.data.packing)
     notes = []
-    if done["saved"] or done["fused"]:
+    if done["saved"]:
         notes.append(f"fast path: frozen weights stored in {resolved.mixed_precision} "
-                     f"({done['saved'] / 2**20:,.0f} MiB saved), {done['fused']} LoRA linears fused")
+                     f"({done['saved'] / 2**20:,.0f} MiB saved)")
+    if done["fused"]:
+        notes.append(f"fast path: {done['fused']} LoRA linears fused"
+                     + ("" if half is not None else " (fp32)"))
     if done["dropouts"]:
-        notes.append(f"fast path: {done['dropouts']} LoRA dropouts draw 16-bit masks")
+        notes.append(f"fast path: {done['dropouts']} LoRA dropouts draw masks from 16-bit lanes")
     if done["segments"]:
         notes.append("fast path: attention per packed example")
     return notes

@@ -5,9 +5,11 @@ each was kept because it measured faster on the benchmark (BENCHMARKS.md):
 
 - `fast_lora_dropout`: LoRA's dropout draws its keep-mask from 16-bit lanes of one 64-bit
   random word instead of `bernoulli_` per element (4× faster on CPU, where dropout was a fifth
-  of the step), makes the mask as 0/1 in the 16-bit type it multiplies (no widening copy) and
-  keeps it for the backward, and hands the 16-bit copy that
-  autocast's matmul needs straight to `lora_A`.
+  of the step), makes the mask as 0/1 in the type it multiplies (uint8 bytes for fp32: no
+  widening copy) and keeps it for the backward, and hands the 16-bit copy that autocast's
+  matmul needs straight to `lora_A`.
+- `fuse_lora_linears`: each plain LoRA linear as one autograd node (`_LoraLinear`) instead of
+  PEFT's eight, under autocast or in an fp32 run.
 - `freeze_in_half`: frozen base `nn.Linear` weights stored in the autocast dtype. Under autocast
   every matmul reads a bf16 copy of them anyway, cast again at every forward; storing that
   copy once halves their memory and drops the cast. Only when training runs under autocast.
@@ -85,7 +87,10 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     `random_()` with no bounds on int64 leaves the top bit 0, so the range is given explicitly;
     each lane is then uniform over [-32768, 32767] and p is rounded to a multiple of 1/65536.
 
-    `dtype` bfloat16 or float16 gives 0.0 / 1.0 in that type, made in place in the random words:
+    `dtype` is the type the mask multiplies. float32 gives the bool mask viewed as uint8 0/1 (the
+    same byte): torch multiplies a uint8 into fp32 in vector code and a bool in scalar code, 0.15
+    against 0.52 ms at 512 × 1536 here. bfloat16 or float16 gives 0.0 / 1.0 in that type, made in
+    place in the random words:
     clamping a lane to [cut - 1, cut] leaves cut exactly where it is kept, so the lane minus
     (cut - 1) is 1 or 0, and times 1.0's bit pattern it *is* that float. A bool mask multiplied
     into a 16-bit tensor costs a widening copy of the mask first, which is scalar code in torch's
@@ -95,7 +100,8 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torc
     lanes = random_words((n + 3) // 4, device, generator).view(torch.int16)[:n].view(shape)
     cut = -32768 + round(p * 65536)
     if dtype not in ONE_BITS:
-        return lanes >= cut
+        keep = lanes >= cut
+        return keep.view(torch.uint8) if dtype == torch.float32 else keep
     if cut == -32768:  # p rounds to 0: every lane is kept (and cut - 1 is no int16)
         return torch.ones(shape, dtype=dtype, device=device)
     return lanes.clamp_(cut - 1, cut).sub_(cut - 1).mul_(ONE_BITS[dtype]).view(dtype)
@@ -146,12 +152,13 @@ def fast_lora_dropout(model: nn.Module) -> int:
 
 
 class _LoraLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·((x⊙keep·d)·Aᵀ)·Bᵀ in the autocast dtype, as one autograd node.
+    """y = x·Wᵀ + b + s·((x⊙keep·d)·Aᵀ)·Bᵀ in the autocast dtype (fp32 in an fp32 run), as one
+    autograd node.
 
     PEFT runs this as eight nodes (cast, base matmul, dropout, cast, A, B, scale, add), each
     keeping its own copy of what it needs. This one keeps the 16-bit input (shared by every
     projection that reads the same hidden state), the keep-mask and the rank-r
-    intermediate, and returns the input's gradient in the input's dtype, so gradients from
+    intermediate (PEFT keeps a dropped copy of the input per projection), and returns the input's gradient in the input's dtype, so gradients from
     several projections still add up in fp32 as they do under autocast.
     """
 
@@ -202,7 +209,7 @@ def _half_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 EVAL = "the module is in eval mode"
-NO_AUTOCAST = "autocast is off"
+NO_AUTOCAST = "autocast is off and the input or the base weight is not fp32"
 EXPECTED = frozenset({EVAL, NO_AUTOCAST})
 """Fallbacks that are the normal state outside a training step (evaluation, generation, a run
 without mixed precision): logged at DEBUG. Every other reason is logged at INFO, once per model
@@ -210,18 +217,32 @@ and reason, naming the first module it was seen on: it means a training step run
 the fast path promised, and says why."""
 
 
+def compute_dtype(module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a fused call of `module` on `x` computes in: autocast's, or fp32 for an fp32 input
+    over an fp32 base without autocast (an fp32 run, where PEFT's forward is fp32 throughout too);
+    None for any other call without autocast, which keeps PEFT's forward."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    weight = getattr(getattr(module, "base_layer", None), "weight", None)
+    if x.dtype == torch.float32 and weight is not None and weight.dtype == torch.float32:
+        return torch.float32
+    return None
+
+
 def fusable(module, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> str | None:
     """None when this call of a PEFT `lora.Linear` can run as one `_LoraLinear` node; else why not.
 
     The node computes PEFT's vanilla LoRA forward (peft/tuners/lora/layer.py, `Linear.forward`)
         y = base_layer(x) + lora_B(lora_A(dropout(x))) · scaling
-    for one adapter, under autocast, over a frozen base `nn.Linear` stored in the autocast dtype.
+    for one adapter, under autocast over a frozen base `nn.Linear` stored in the autocast dtype, or
+    in fp32 throughout (`compute_dtype`).
     Anything else PEFT's forward does differently is a reason here; the order puts the
     per-call state first, then the module's set-up (`fusable_setup`).
     """
     if not module.training:
         return EVAL
-    if not torch.is_autocast_enabled(x.device.type):
+    dtype = compute_dtype(module, x)
+    if dtype is None:
         return NO_AUTOCAST
     if args or kwargs:  # e.g. adapter_names (mixed-adapter batches), or a variant's keywords
         named = ([f"{len(args)} positional"] if args else []) + sorted(kwargs or ())
@@ -230,12 +251,12 @@ def fusable(module, x: torch.Tensor, args: tuple = (), kwargs: dict | None = Non
         return "adapters are disabled"
     if module.merged:
         return "the adapter is merged into the base weight"
-    return fusable_setup(module, torch.get_autocast_dtype(x.device.type))
+    return fusable_setup(module, dtype)
 
 
 def fusable_setup(module, dtype: torch.dtype) -> str | None:
     """The part of `fusable` that holds for every call until the model is changed: the active
-    adapter, its kind, its dropout and the base layer, against the autocast `dtype`."""
+    adapter, its kind, its dropout and the base layer, against the compute `dtype`."""
     active = module.active_adapters
     if len(active) != 1:
         return f"{len(active)} active adapters (the fused node computes one)"
@@ -271,7 +292,7 @@ def _fused_forward(module, stock_forward, where: str, logged: set, x: torch.Tens
         return stock_forward(x, *args, **kwargs)
     name = module.active_adapters[0]
     base = module.base_layer
-    dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = compute_dtype(module, x)
     drop = module.lora_dropout[name]
     p = drop.p if drop.training and not isinstance(drop, nn.Identity) else 0.0  # Identity: PEFT's lora_dropout 0
     keep = keep_mask(x.shape, p, x.device, dtype=dtype) if p > 0 else None
@@ -287,10 +308,11 @@ def _lora_linears(model: nn.Module):
 
 
 def fuse_lora_linears(model: nn.Module) -> int:
-    """Route plain LoRA linears through `_LoraLinear` while training under autocast; returns the count.
+    """Route plain LoRA linears through `_LoraLinear` while training (under autocast, or in fp32);
+    returns the count.
 
     Each call that `fusable` turns down runs PEFT's own forward (eval, several adapters, DoRA,
-    merged weights, fp32 training, ...) and is logged with its reason, so saving, loading and
+    merged weights, a 16-bit base without autocast, ...) and is logged with its reason, so saving, loading and
     generation are untouched and a slow step says why.
     """
     from functools import partial
@@ -307,7 +329,7 @@ def fuse_lora_linears(model: nn.Module) -> int:
 
 
 def unfusable(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
-    """How many LoRA linears `fusable_setup` turns down under autocast `dtype`, by reason: these
+    """How many LoRA linears `fusable_setup` turns down for compute `dtype`, by reason: these
     never run fused while the model stays as it is (DoRA, a LoRA bias, a base weight in another dtype)."""
     out: dict[str, int] = {}
     for _, module in _lora_linears(model):
@@ -450,14 +472,19 @@ def use_segment_attention(model: nn.Module) -> bool:
 
 def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict:
     """Everything above, on a PEFT model about to train: `half` is the autocast dtype (None without
-    autocast or over quantized weights), `packing` whether rows are packed. Returns what changed:
-    bytes saved by 16-bit weights, fused linears, replaced dropouts, per-example attention, and
-    `unfused`: LoRA linears that will never run fused, by reason (also logged at INFO)."""
+    autocast or over quantized weights), `packing` whether rows are packed. Without autocast the
+    LoRA linears are fused in fp32 when every one sits on a frozen fp32 `nn.Linear` (an fp32 run;
+    a quantized base has none). Returns what changed: bytes saved by 16-bit weights, fused linears,
+    replaced dropouts, per-example attention, and `unfused`: LoRA linears that will never run
+    fused, by reason (also logged at INFO)."""
+    linears = _lora_linears(model)
+    fp32 = half is None and bool(linears) and all(
+        type(m.base_layer) is nn.Linear and m.base_layer.weight.dtype == torch.float32 for _, m in linears)
     saved = freeze_in_half(model, half) if half is not None else 0
-    fused = fuse_lora_linears(model) if half is not None else 0
+    fused = fuse_lora_linears(model) if half is not None or fp32 else 0
     done = {"saved": saved, "fused": fused, "dropouts": fast_lora_dropout(model),
             "segments": packing and use_segment_attention(model)}
-    done["unfused"] = unfusable(model, half) if fused else {}
+    done["unfused"] = unfusable(model, half or torch.float32) if fused else {}
     for reason, n in done["unfused"].items():
         log.info("fast path: %d of %d LoRA linears keep PEFT's forward: %s", n, fused, reason)
     return done
