@@ -149,22 +149,26 @@ def derived(side: dict, rates: dict[str, float]) -> dict:
 
 
 def recipe_precision() -> str:
-    """The guide's bf16 autocast, except on a CPU that emulates bf16 (recipe.py's module doc)."""
-    import torch
+    """The guide's bf16 autocast, except on a machine that emulates bf16 (recipe.py's module doc):
+    lorakit's own test of native bf16, the one its mixed_precision auto follows."""
+    from lorakit.resolve import Machine
 
-    from lorakit.resolve import cpu_has_native_bf16
+    return "bf16" if Machine.detect().bf16 else "fp32"
 
-    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+EMULATED_BF16_SIZE = 512
+"""Square size of the bf16 rate where bf16 is emulated: one such product is enough to show it; a
+2048² one takes about 17 s there, and best-of-5 with a warm-up over a minute."""
 
 
 def measure_rates(n: int, precision: str) -> dict[str, float]:
-    """fp32 and bf16 matmul rates of n² squares. Where bf16 is emulated one 512² product is enough
-    to show it: a 2048² one takes about 17 s there, and best-of-5 with a warm-up over a minute."""
+    """fp32 and bf16 matmul rates of n² squares (bf16 smaller where it is emulated)."""
     import torch
 
     from common import matmul_rate
 
-    bf16 = matmul_rate(n, torch.bfloat16) if precision == "bf16" else matmul_rate(min(n, 512), torch.bfloat16, reps=1)
+    bf16 = (matmul_rate(n, torch.bfloat16) if precision == "bf16"
+            else matmul_rate(min(n, EMULATED_BF16_SIZE), torch.bfloat16, reps=1))
     return {"fp32": matmul_rate(n, torch.float32), "bf16": bf16}
 
 
@@ -218,7 +222,7 @@ def table(recipe: dict, lorakit: dict, evals: dict, rates: dict, data_stats: dic
         lines.append(f"{name + ':':9}" + "; ".join(f"{k}: {v}" for k, v in settings.items()))
     lines.append(f"matmul rate here ({matmul_size}² @ {matmul_size}², best of 5): fp32 {gf(rates['fp32'])}, "
                  + (f"bf16 {gf(rates['bf16'])}" if native_bf16 else
-                    f"bf16 {gf(rates['bf16'])} (emulated on this CPU: one {min(matmul_size, 512)}² product)"))
+                    f"bf16 {gf(rates['bf16'])} (emulated on this CPU: one {min(matmul_size, EMULATED_BF16_SIZE)}² product)"))
     lines.append(f"train data: {data_stats}")
     lines.append(f"held-out set: {evals['base']['rows']} rows, {evals['base']['tokens']:,} response+EOS tokens")
     rep = lorakit.get("lorakit_reported", {})

@@ -104,9 +104,9 @@ def test_compare_runs_both_sides_end_to_end(tmp_path, tiny_model_dir):
     assert sides["recipe"]["tokenization_matches_lorakit"] == 1.0
     assert sides["recipe"]["gradient_checkpointing"] is True
     # Both sides compute in the dtype this machine runs fast: bf16 only where the CPU has it natively.
-    from lorakit.resolve import cpu_has_native_bf16
+    from lorakit.resolve import Machine
 
-    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    native = "bf16" if Machine.detect().bf16 else "fp32"
     assert summary["recipe_precision"] == native
     assert sides["recipe"]["compute_dtype"] == native and sides["lorakit"]["compute_dtype"] == native
 

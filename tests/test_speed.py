@@ -216,8 +216,8 @@ def test_fused_lora_equals_peft_in_fp32(tiny_model_dir, dropout):
 def test_fp32_fusion_leaves_quantized_and_16_bit_bases_alone(tiny_model_dir):
     """Without autocast `speed.apply` fuses only a model whose LoRA bases are all fp32 nn.Linear."""
     m = _model(tiny_model_dir)
-    for _, lin in speed._lora_linears(m)[:1]:
-        lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()
+    _, lin = speed._lora_linears(m)[0]
+    lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()
     assert speed.apply(m, None, packing=False)["fused"] == 0
 
 

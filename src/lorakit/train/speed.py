@@ -156,10 +156,11 @@ class _LoraLinear(torch.autograd.Function):
     autograd node.
 
     PEFT runs this as eight nodes (cast, base matmul, dropout, cast, A, B, scale, add), each
-    keeping its own copy of what it needs. This one keeps the 16-bit input (shared by every
-    projection that reads the same hidden state), the keep-mask and the rank-r
-    intermediate (PEFT keeps a dropped copy of the input per projection), and returns the input's gradient in the input's dtype, so gradients from
-    several projections still add up in fp32 as they do under autocast.
+    keeping its own copy of what it needs. This one keeps the input in the compute dtype (shared
+    by every projection that reads the same hidden state), the keep-mask and the rank-r
+    intermediate (PEFT keeps a dropped copy of the input per projection), and returns the input's
+    gradient in the input's dtype, so gradients from several projections still add up in fp32 as
+    they do under autocast.
     """
 
     @staticmethod
@@ -312,8 +313,8 @@ def fuse_lora_linears(model: nn.Module) -> int:
     returns the count.
 
     Each call that `fusable` turns down runs PEFT's own forward (eval, several adapters, DoRA,
-    merged weights, a 16-bit base without autocast, ...) and is logged with its reason, so saving, loading and
-    generation are untouched and a slow step says why.
+    merged weights, a 16-bit base without autocast, ...) and is logged with its reason, so saving,
+    loading and generation are untouched and a slow step says why.
     """
     from functools import partial
 
