@@ -207,3 +207,77 @@ def test_recipe_in_random_order_sees_lorakits_steps(tmp_path, tiny_model_dir):
     assert results["grouped"]["step_tokens"] != lorakit["step_tokens"]
     assert sum(results["grouped"]["step_tokens"]) == sum(lorakit["step_tokens"])  # same epoch, other steps
     assert recipe["step_losses"][0] == pytest.approx(lorakit["step_losses"][0], rel=1e-2)
+
+
+def _summary(throughput=5.0, share=0.31, rss=0.3, lorakit_loss=1.80, recipe_loss=1.90, precision="bf16") -> dict:
+    """A compare.py summary with the fields targets.py reads (the shape compare.compare returns)."""
+    side = lambda s, own: {"train_seconds": s, "peak_rss_bytes": 2**30, "fraction_of_bf16_matmul": own,  # noqa: E731
+                           "fraction_of_own_matmul": own, "compute_dtype": precision}
+    return {"throughput_ratio": throughput, "peak_rss_ratio": rss, "eval_loss_lorakit": lorakit_loss,
+            "eval_loss_recipe": recipe_loss, "eval_loss_base": 2.4, "recipe_precision": precision,
+            "recipe": side(100.0, 0.07), "lorakit": side(100.0 / throughput, share)}
+
+
+def test_targets_judge_each_target_and_the_machine():
+    import targets
+
+    names = list(targets.RUN_NAMES)
+    assert targets.judge(dict.fromkeys(names, _summary()), names)["verdict"] == "met"
+    # Each bound is inclusive, the way the issue writes it (≥ 4×, ≥ 30 %, ≤ 0.5×, ≤ × 1.005).
+    edge = _summary(throughput=4.0, share=0.30, rss=0.5, lorakit_loss=1.005, recipe_loss=1.0)
+    assert targets.judge(dict.fromkeys(names, edge), names)["verdict"] == "met"
+    misses = {"throughput_ratio": _summary(throughput=3.99), "bf16_share": _summary(share=0.299),
+              "peak_rss_ratio": _summary(rss=0.51), "eval_loss_ratio": _summary(lorakit_loss=1.006, recipe_loss=1.0)}
+    for key, bad in misses.items():
+        result = targets.judge({**dict.fromkeys(names, _summary()), "quick-1": bad}, names)
+        assert result["verdict"] == "missed", key
+        assert [k for k, ok in result["runs"]["quick-1"]["checks"].items() if not ok] == [key]
+        assert all(all(j["checks"].values()) for n, j in result["runs"].items() if n != "quick-1")
+    # Without native bf16 the recipe trained in fp32: the bf16 share is not judged, nor can the verdict be met.
+    fp32 = targets.judge(dict.fromkeys(names, _summary(precision="fp32")), names)
+    assert fp32["verdict"] == "undecided" and "no native bf16" in fp32["reasons"][0]
+    assert all(j["checks"]["bf16_share"] is None for j in fp32["runs"].values())
+    # A comparison not measured, or not asked for, leaves the verdict open.
+    assert targets.judge({**dict.fromkeys(names, _summary()), "full-1": None}, names)["verdict"] == "undecided"
+    assert targets.judge({"quick-0": _summary()}, ["quick-0"])["verdict"] == "undecided"
+
+
+def test_targets_keep_what_was_measured(tmp_path, monkeypatch, capsys):
+    """Each comparison's summary is kept in --out: a second call runs nothing, --rerun runs again,
+    --judge runs nothing and reports what is missing."""
+    import targets
+
+    calls = []
+
+    def fake(mode, seed, out, model):
+        calls.append((mode, seed))
+        return _summary(throughput=4.5 + seed)
+
+    monkeypatch.setattr(targets, "run_compare", fake)
+    assert targets.main(["--out", str(tmp_path)])["verdict"] == "met"
+    assert sorted(calls) == [("full", 0), ("full", 1), ("quick", 0), ("quick", 1)]
+    assert json.loads((tmp_path / "full-1.json").read_text())["throughput_ratio"] == 5.5
+    calls.clear()
+    assert targets.main(["--out", str(tmp_path)])["runs"]["quick-1"]["figures"]["throughput_ratio"] == 5.5
+    assert calls == []
+    targets.main(["--out", str(tmp_path), "--runs", "quick:0", "--rerun"])
+    assert calls == [("quick", 0)]
+    (tmp_path / "full-0.json").unlink()
+    calls.clear()
+    result = targets.main(["--out", str(tmp_path), "--judge"])
+    assert calls == [] and result["verdict"] == "undecided" and result["reasons"] == ["not measured: full-0"]
+    out = capsys.readouterr().out
+    assert "| full-0 | not measured |" in out and json.loads(out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow  # one compare.py --quick on the tiny model: three processes, about a minute on 2 cores
+def test_targets_runs_compare_and_keeps_its_summary(tmp_path, tiny_model_dir):
+    cmd = [sys.executable, str(BENCH / "targets.py"), "--runs", "quick:0", "--model", str(tiny_model_dir),
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept = json.loads((tmp_path / "quick-0.json").read_text())
+    assert kept["mode"] == "quick" and kept["steps"] == 4
+    assert result["runs"]["quick-0"]["figures"]["throughput_ratio"] == kept["throughput_ratio"] > 0
+    assert result["verdict"] in ("missed", "undecided")  # one comparison of four can never be "met"
