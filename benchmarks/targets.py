@@ -30,7 +30,6 @@ its last line, one JSON object with the verdict and each comparison's figures.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import operator
 import subprocess
@@ -149,7 +148,7 @@ def run_compare(mode: str, seed: int, out: Path, model: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lorakit.artifacts import atomic_write_json
+    from lorakit.artifacts import atomic_write_json, now_iso
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             summaries[n] = None
         else:
             summaries[n] = {**run_compare(mode, seed, a.out, a.model),
-                            "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                            "measured": now_iso()}
             atomic_write_json(path, summaries[n])
             print(f"[{n}] throughput {summaries[n]['throughput_ratio']:.2f}×, "
                   f"peak RSS {summaries[n]['peak_rss_ratio']:.2f}×", flush=True)
