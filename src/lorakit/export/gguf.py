@@ -36,8 +36,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lorakit.errors import LorakitError
+from lorakit.export.quantize import FTYPES  # the quantized types: one owner
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")
+TYPES = ("f32", "f16", "bf16", *FTYPES)
 _FLOAT_FTYPE = {"f32": 0, "f16": 1, "bf16": 32}  # LlamaFileType ALL_F32, MOSTLY_F16, MOSTLY_BF16
 
 
@@ -108,20 +109,25 @@ def trained_metadata(model_dir: Path, template_meta) -> dict[str, object]:
 
 
 def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: dict[str, object] | None = None,
-                 log: Callable[[str], None] = print) -> Path:
+                 imatrix: dict[str, np.ndarray] | None = None, log: Callable[[str], None] = print) -> Path:
     """Copy the GGUF `src` to `out_file` (atomically) with `metadata` overriding KV keys and, for
-    q8_0 / q4_k_m, its tensors quantized by llama-quantize's mix; `src` must then be an f32 file.
+    a quantized type, its tensors quantized by llama-quantize's mix; `src` must then be an f32 file.
+
+    `imatrix` ({GGUF tensor name: importance per input column}, as `libgguf.load_imatrix` returns
+    it) weights each quantized tensor's rounding error, as `llama-quantize --imatrix` does; a
+    tensor without an entry is quantized unweighted, as there.
 
     One f32 conversion can so give several types without running the converter again."""
     _check_type(type)
     out_file = Path(out_file)
     with _atomic_file(out_file) as tmp:
-        _rewrite(Path(src), tmp, dict(metadata or {}), type, log)
+        _rewrite(Path(src), tmp, dict(metadata or {}), type, dict(imatrix or {}), log)
     return out_file
 
 
-def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, log: Callable[[str], None]) -> None:
-    """Copy `src` into `dst` with `overrides` for KV keys and, for q8_0 / q4_k_m, quantized tensors.
+def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imatrix: dict[str, np.ndarray],
+             log: Callable[[str], None]) -> None:
+    """Copy `src` into `dst` with `overrides` for KV keys and, for a quantized type, quantized tensors.
 
     Metadata is read with libgguf's header parser (0.1 s for a 49k-token vocabulary, where
     gguf.GGUFReader takes 5 s) and tensors are memory-mapped, so a tensor is in memory only
@@ -178,7 +184,14 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, log:
     writer.write_ti_data_to_file()
     for t in info.tensors:
         new, raw = targets[t.name], source(t)
-        writer.write_tensor_data(raw if new == t.qtype_value else libgguf.quantize_rows(raw, int(new)))
+        if new == t.qtype_value:
+            writer.write_tensor_data(raw)
+            continue
+        weights = imatrix.get(t.name)
+        if weights is not None and len(weights) != t.shape[0]:
+            raise LorakitError(f"the importance matrix has {len(weights)} values for {t.name}, whose rows hold "
+                               f"{t.shape[0]}", hint="collect the importance matrix on this model")
+        writer.write_tensor_data(libgguf.quantize_rows(raw, int(new), imatrix=weights))
     writer.close()
     if type in FTYPES:
         counts: dict[str, int] = {}
