@@ -132,3 +132,18 @@ def make_adapter(base_dir: Path, tokenizer, folder: Path, seed: int, *, lora=Non
                        {k: v for k, v in vars(lora).items()}, {}, {}, {})
     save_adapter(model, tokenizer, folder / "adapter", meta)
     return folder
+
+
+EVAL_ROWS = [("What is the capital of France?", "Paris"), ("Name a primary colour.", "Red"),
+             ("How many days are in a week?", "Seven"), ("Reply with the word yes.", "yes")]
+
+
+def eval_rows_file(folder: Path, rows: list[tuple[str, str]] | None = None) -> Path:
+    """A small Alpaca JSONL with answers, for checks that answer held-out rows (export's task check)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in rows or EVAL_ROWS),
+                    encoding="utf-8")
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_adapter
+from conftest import eval_rows_file, make_adapter
 
 from lorakit.cli import main
 from lorakit.config import LoraConfig
@@ -39,7 +39,7 @@ def test_merged_f32_with_ollama(base, tmp_path, capsys):
     # f32: llama.cpp must agree on every greedy token, so a random model is a fair test here.
     model_dir, tok = base
     run = make_adapter(model_dir, tok, tmp_path / "run", 1, template="chatml", scale=0.05)
-    assert main(["export", str(run), "--gguf", "f32", "--ollama"]) == 0
+    assert main(["export", str(run), "--gguf", "f32", "--ollama", "--eval-data", str(eval_rows_file(tmp_path))]) == 0
     out = capsys.readouterr().out
     export = run / "export"
     gguf, verdict = export / "run-f32.gguf", json.loads((export / "run-f32.gguf.verify.json").read_text())
@@ -56,7 +56,8 @@ def test_adapter_only_is_verified_as_base_plus_lora_against_the_merged_model(bas
     model_dir, tok = base
     run = make_adapter(model_dir, tok, tmp_path / "rs", 2, lora=LoraConfig(r=4, alpha=8, dropout=0.0, use_rslora=True),
                        scale=0.05)
-    assert main(["export", str(run), "--gguf", "f32", "--adapter-only", "--out", str(tmp_path / "x")]) == 0
+    assert main(["export", str(run), "--gguf", "f32", "--adapter-only", "--out", str(tmp_path / "x"),
+                 "--eval-data", str(eval_rows_file(tmp_path))]) == 0
     names = sorted(p.name for p in (tmp_path / "x").iterdir())
     assert names == ["model-f32.gguf", "model-f32.gguf.verify.json", "rs-lora.gguf"], names
     verdict = json.loads((tmp_path / "x" / "model-f32.gguf.verify.json").read_text())
@@ -89,7 +90,7 @@ def test_a_failed_verification_leaves_no_finished_file(base, tmp_path, monkeypat
         return real(tmp_path / "other-merged", out_file, type, **kw)
 
     monkeypatch.setattr(G, "convert_merged", wrong)
-    assert main(["export", str(run), "--gguf", "f32"]) == 2
+    assert main(["export", str(run), "--gguf", "f32", "--eval-data", str(eval_rows_file(tmp_path))]) == 2
     assert "does not answer as the model" in capsys.readouterr().err
     export = run / "export"
     assert not (export / "w-f32.gguf").exists()
@@ -110,7 +111,7 @@ def test_smollm2_exports_and_verifies(type, tmp_path):
     folder = embedded_model_dir()
     run = make_adapter(folder, AutoTokenizer.from_pretrained(folder), tmp_path / "smol", 7, template="model",
                        scale=0.02)
-    result = export(run, gguf=type, ollama=True, log=lambda s: None)
+    result = export(run, gguf=type, ollama=True, eval_data=[str(eval_rows_file(tmp_path))], log=lambda s: None)
     (v,) = result.verifications
     assert v.passed, v.failures
     assert v.tokens_equal is True  # llama.cpp's tokenizer from the GGUF = transformers' (proxy env set: bypassed)

@@ -84,6 +84,15 @@ class RunPaths:
     def eval_summary(self, name: str) -> Path:
         return self.eval_dir / f"{name}.summary.json"
 
+    @property
+    def export_dir(self) -> Path:
+        """export/: `lorakit export`'s default output (GGUFs, their .verify.json, ollama/)."""
+        return self.root / "export"
+
+    def verifications(self) -> list[Path]:
+        """export/*.verify.json: one per exported GGUF (lorakit.export.verify.Verification), by name."""
+        return sorted(self.export_dir.glob("*.verify.json")) if self.export_dir.is_dir() else []
+
     def eval_summaries(self) -> list["EvalSummary"]:
         """Every summary in eval/, oldest first."""
         if not self.eval_dir.is_dir():
@@ -113,6 +122,17 @@ def fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(*, folder: bool = False) -> int:
+    """The mode `open()` / `mkdir()` would give under the process umask (0644 / 0755 usually).
+
+    `tempfile.mkstemp` / `mkdtemp` create 0600 / 0700 entries on purpose; an artifact staged in
+    one and renamed into place would keep that, and another user (the Ollama service, a web
+    server) could not read it. Staged artifacts are set to this mode before they are published."""
+    current = os.umask(0)
+    os.umask(current)
+    return (0o777 if folder else 0o666) & ~current
+
+
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
@@ -123,7 +143,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, umask_mode(folder=True))
         yield tmp
+        # libraries stage files through mkstemp too (safetensors' model file is 0600): the whole tree
+        # gets the umask's modes, so what is published is readable as any file the user writes
+        for p in tmp.rglob("*"):
+            if not p.is_symlink():
+                os.chmod(p, umask_mode(folder=p.is_dir()))
         fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

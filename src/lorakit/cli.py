@@ -7,6 +7,7 @@ User mistakes arrive as `LorakitError` and are printed as message + fix with exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -171,13 +172,32 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _refresh_report(run: str, files: list) -> None:
+    """The run's report.html shows what export/ holds; a report that fails never costs the export."""
+    from lorakit.artifacts import RunPaths, find_adapter_dir
+    from lorakit.report import write_report
+
+    paths = RunPaths.of(find_adapter_dir(run))
+    if paths.adapter.is_dir() and any(f.parent == paths.export_dir for f in files):
+        try:
+            print(f"report: {write_report(paths.root)}")
+        except Exception as e:  # noqa: BLE001 - the files are published; the page is a view of them
+            print(f"warning: report.html not updated ({e})")
+
+
 def cmd_export(args) -> int:
     from lorakit.export.run import export
 
     result = export(args.run, gguf=args.gguf, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, max_drop=args.max_drop, eval_data=args.eval_data,
+                    eval_limit=args.eval_limit, metric=args.metric, max_new_tokens=args.max_new_tokens,
+                    imatrix=args.imatrix,
+                    imatrix_text=args.imatrix_text)
     for f in result.files:
         print(f"wrote {f}")
+    if result.imatrix_file:
+        print(f"wrote {result.imatrix_file}")
+    _refresh_report(args.run, result.files)
     if result.ollama_command:
         print(f"Ollama folder: {result.ollama_dir}\nimport it with: {result.ollama_command}")
     return 0
@@ -316,13 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="Export to GGUF for llama.cpp / Ollama (merged or adapter-only), verified in "
                        "llama.cpp against transformers.")
     x.add_argument("run", help="run folder (runs/<name>) or adapter folder")
-    x.add_argument("--gguf", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"],
-                   help="GGUF type: q4_k_m (llama.cpp's mix, smallest), q8_0, or f16 / bf16 / f32 (no quantization)")
+    from lorakit.config import ExportConfig
+
+    def schema(key: str) -> str:  # the flag's help is the schema's (one owner), its default the run's config
+        f = ExportConfig.__dataclass_fields__[key]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return f"{f.metadata['help']} (default: export.{key} of the run's config, else {default})"
+
+    x.add_argument("--gguf", help=schema("gguf"))
+    x.add_argument("--max-drop", type=float, metavar="POINTS", help=schema("max_drop"))
+    x.add_argument("--eval-data", action="append", metavar="FILE", help=schema("eval_data") + "; repeatable")
+    x.add_argument("--eval-limit", type=int, metavar="N", help=schema("eval_limit"))
+    x.add_argument("--max-new-tokens", type=int, metavar="N", help=schema("max_new_tokens"))
+    x.add_argument("--metric", choices=["auto", "exact_match", "json_field_accuracy", "rouge_l"], help=schema("metric"))
+    x.add_argument("--imatrix", choices=["auto", "on", "off"], help=schema("imatrix"))
+    x.add_argument("--imatrix-text", metavar="FILE", help=schema("imatrix_text"))
     x.add_argument("--adapter-only", action="store_true",
                    help="the base as GGUF plus the adapter in llama.cpp's LoRA format, instead of one merged file")
     x.add_argument("--ollama", action="store_true", help="also write an Ollama folder (GGUF + Modelfile)")
     x.add_argument("--out", help="output folder (default: RUN/export)")
-    x.add_argument("--no-verify", action="store_true", help="skip loading the GGUF in llama.cpp and comparing")
+    x.add_argument("--no-verify", action="store_true",
+                   help="skip both checks in llama.cpp (token-level and task-level): the explicit way out")
     x.set_defaults(func=cmd_export, overrides=[])
 
     sv = sub.add_parser("serve", help="Serve the base and any number of adapters behind an OpenAI-compatible API "

@@ -233,6 +233,57 @@ class TrainConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`lorakit export`: what a GGUF must keep of the fine-tune, and how it is quantized. Read from
+    the run's config.yaml (so a training config can set it once); the export command's flags win."""
+
+    gguf: str = _help(
+        "GGUF type: f32, f16, bf16 (no quantization), q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, q4_0 "
+        "(llama-quantize's per-tensor mixes), or 'auto': export the candidates (export.auto_types) "
+        "from the smallest file up and keep the first whose task-level drop is within export.max_drop.",
+        "q4_k_m",
+    )
+    max_drop: float = _help(
+        "Task-level check: the GGUF's metric on the eval set (answered greedily in llama.cpp) may be at "
+        "most this many points (percent) below the merged model's in transformers; a larger drop fails "
+        "the export and nothing is published. Negative: report only, never fail.",
+        3.0,
+    )
+    eval_data: list[str] = _help(
+        "Files answered by the task-level check; []: the run's validation split (data.validation, or "
+        "the seeded split of data.train).",
+        factory=list,
+    )
+    eval_limit: int = _help("Answer at most this many rows in the task-level check; 0: all of them.", 0)
+    max_new_tokens: int = _help(
+        "Longest answer of the task-level check, in tokens; 0: room for the longest reference plus 16 "
+        "(as lorakit eval).", 0)
+    metric: Literal["auto", "exact_match", "json_field_accuracy", "rouge_l"] = _help(
+        "The task-level check's metric (the eval stage's scorer): 'auto' is JSON field accuracy when "
+        "every reference is a JSON object, else exact match.",
+        "auto",
+    )
+    imatrix: Literal["auto", "on", "off"] = _help(
+        "Importance-weighted quantization (llama.cpp's imatrix): the mean squared activation of every "
+        "input column, collected on the merged model over the run's training rows rendered with the "
+        "trained template, weights each tensor's rounding error. 'auto': on for 4-bit and smaller types "
+        "(q4_k_m, iq4_xs, q4_0). Written beside the GGUF as <file>.imatrix.gguf (llama-quantize --imatrix).",
+        "auto",
+    )
+    imatrix_rows: int = _help("Training rows the importance matrix is collected on (the first N of a seeded shuffle).",
+                              256)
+    imatrix_text: str | None = _help(
+        "A plain-text file of general text to collect on as well (chunks of 512 tokens), so the "
+        "quantization does not trade general ability for the task; null: the run's rows only.",
+        None,
+    )
+    auto_types: list[str] = _help(
+        "The candidates of --gguf auto, tried from the smallest file to the largest.",
+        factory=lambda: ["q4_0", "iq4_xs", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"],
+    )
+
+
+@dataclass
 class OutputConfig:
     dir: str = _help("Folder that holds run folders.", "runs")
     name: str | None = _help("Run folder name; default: the config file's stem.", None)
@@ -245,6 +296,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -423,6 +475,14 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.lr: {t.lr} must be positive")
     if t.warmup < 0:
         problems.append(f"train.warmup: {t.warmup} must be 0 or more")
+    if cfg.export.eval_limit < 0:
+        problems.append(f"export.eval_limit: {cfg.export.eval_limit} must be 0 (all rows) or more")
+    if cfg.export.max_new_tokens < 0:
+        problems.append(f"export.max_new_tokens: {cfg.export.max_new_tokens} must be 0 (auto) or more")
+    if cfg.export.imatrix_rows < 1:
+        problems.append(f"export.imatrix_rows: {cfg.export.imatrix_rows} must be at least 1")
+    if not cfg.export.auto_types:
+        problems.append("export.auto_types: empty; name the GGUF types --gguf auto may choose from")
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bf16":
         problems.append("train.mixed_precision: fp16 autocast over bf16 weights loses range; use 'bf16' or 'auto'")
     if cfg.model.quantization != "none" and cfg.model.dtype == "fp32":

@@ -160,11 +160,14 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
     from lorakit import config as config_mod
     from lorakit.data.dataset import encode_sources, prepare
 
-    if not paths.config.is_file():
-        raise LorakitError(f"no config.yaml in {paths.root}: the run's data rules are unknown",
-                           hint="point at a run folder made by `lorakit train` (runs/<name>)")
-    cfg = config_mod.load(paths.config)
     template, tok = session.template, session.tokenizer
+    if not paths.config.is_file():
+        if not data:
+            raise LorakitError(f"no config.yaml in {paths.root}: the run's data rules and splits are unknown",
+                               hint="point at a run folder made by `lorakit train` (runs/<name>), or pass --data FILE")
+        cfg = config_mod.Config()  # a bare adapter folder: --data files are read by the default data rules
+    else:
+        cfg = config_mod.load(paths.config)
 
     def encoded(name: str, specs: list[str], which: str) -> EvalSet:
         e = encode_sources(specs, template, tok, cfg.data, which)

@@ -295,11 +295,17 @@ def _generation_kwargs(tokenizer, template: Template, s: Sampling) -> dict[str, 
     return kwargs
 
 
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """The text of an answer's token ids (stop token excluded), as every stage shows and scores it;
+    an answer from another engine (llama.cpp) decoded here compares with ours as text."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def _completion(tokenizer, generated: list[int], prompt_len: int, stop_ids: list[int],
                 cancelled: bool = False) -> Completion:
     stop_at = next((i for i, t in enumerate(generated) if t in stop_ids), None)
     ids = generated if stop_at is None else generated[:stop_at]
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    text = answer_text(tokenizer, ids)
     if stop_at is None:
         return Completion(text, ids, prompt_len, len(ids), "cancelled" if cancelled else "length")
     return Completion(text, ids, prompt_len, len(ids) + 1, "stop")
@@ -360,6 +366,8 @@ def _mixable(session: Session) -> bool:
 
 def _run_generate(session: Session, name: str, input_ids, attention_mask, kwargs: dict):
     model = session.model
+    if not hasattr(model, "peft_config"):  # a plain model (a merged folder): nothing to switch
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     if _mixable(session):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               adapter_names=[name] * input_ids.shape[0], **kwargs)

@@ -45,6 +45,7 @@ class RunFiles:
     diagnostics: list[Diagnostic] | None = None
     evals: list[tuple[EvalSummary, list[EvalRecord] | None]] = field(default_factory=list)
     merge: dict[str, Any] | None = None
+    exports: list[dict[str, Any]] = field(default_factory=list)  # export/*.verify.json
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -81,6 +82,10 @@ def read_run(run: str | Path) -> RunFiles:
     _read_evals(f)
     if paths.merge.is_file():
         f.merge = _read_json(paths.merge, "merge.json", "unreadable", f.missing)
+    for p in paths.verifications():
+        v = _read_json(p, f"export/{p.name}", "unreadable", f.missing)
+        if v is not None:
+            f.exports.append(v)
     return f
 
 
@@ -669,6 +674,40 @@ def _merge(f: RunFiles) -> str:
            f'<code>lorakit merge</code>.</p>{kv_table(rows, "merge-table")}</section>'
 
 
+def _export_row(v: dict[str, Any]) -> list[str]:
+    t = v.get("task") or {}
+    passed = '<span class="good">passed</span>' if v.get("passed") else '<span class="bad">FAILED (not published)</span>'
+    token = f"top-1 {num(v.get('top1_agreement'), 3)}, greedy {esc(v.get('greedy_identical'))}/{len(v.get('prompts') or [])}"
+    if t:
+        metric = esc(str(t.get("metric", "")).replace("_", " "))
+        task = (f"{metric} {num(100 * t['reference'], 3)} % → {num(100 * t['gguf'], 3)} % (drop {num(t['drop'], 3)} "
+                f"points, allowed {num(t['max_drop'], 3)}); {esc(t['changed'])}/{esc(t['rows'])} answers changed "
+                f"on <code>{esc(t.get('data'))}</code>")
+    else:
+        task = '<span class="missing">not run</span>'
+    return [f"<code>{esc(Path(str(v.get('gguf', ''))).name)}</code>", esc(v.get("type")), token, task, passed]
+
+
+def _exports(f: RunFiles) -> str:
+    if not f.exports:
+        return ""
+    rows = [_export_row(v) for v in f.exports]
+    auto = "".join(
+        f'<h3>--gguf auto for <code>{esc(Path(str(v.get("gguf", ""))).name)}</code></h3>' + table(
+            ["type", "MiB", "imatrix", "metric", "drop", "answers changed", "top-1", "seconds", ""],
+            [[esc(r["type"]), num(r["mib"], 4), "yes" if r["imatrix"] else "no",
+              "-" if r.get("gguf") is None else f"{num(100 * r['gguf'], 3)} %",
+              "-" if r.get("drop") is None else num(r["drop"], 3), esc(r.get("changed", "-")),
+              num(r["top1_agreement"], 3), num(r["seconds"], 3), "kept" if r["passed"] else "too lossy"]
+             for r in v["auto"]], "num")
+        for v in f.exports if v.get("auto"))
+    return ('<section id="export"><h2>GGUF exports</h2><p>From <code>export/*.verify.json</code>: each file '
+            'checked in llama.cpp against the merged model in transformers, token by token on fixed prompts and '
+            'on the run\'s own held-out rows (greedy answers scored with the eval metric).</p>'
+            + table(["file", "type", "token-level", "task-level", "verdict"], rows, "", "export-table") + auto
+            + "</section>")
+
+
 def _missing(f: RunFiles) -> str:
     if not f.missing:
         return ""
@@ -748,7 +787,7 @@ footer { margin-top: 36px; color: var(--dim); font-size: 12px; border-top: 1px s
 
 SECTION_TITLES = {"_missing": "Missing files", "_summary": "Summary", "_charts": "Training curves",
                   "_diagnostics": "Diagnostics", "_evals": "Evaluation", "_data": "Data", "_config": "Configuration",
-                  "_merge": "Merge parity check"}
+                  "_merge": "Merge parity check", "_exports": "GGUF exports"}
 
 
 def _drawn(section, f: RunFiles) -> str:
@@ -769,7 +808,7 @@ def render_report(run: str | Path) -> str:
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     by = "lorakit " + versions.get("lorakit", "") if versions else "lorakit"
     libs = ", ".join(f"{esc(k)} {esc(v)}" for k, v in versions.items() if k != "lorakit")
-    sections = [_missing, _summary, _charts, _diagnostics, _evals, _data, _config, _merge]
+    sections = [_missing, _summary, _charts, _diagnostics, _evals, _data, _config, _merge, _exports]
     body = "".join([
         f'<header><h1>lorakit run: {esc(name)}</h1><p><code>{esc(f.paths.root.resolve())}</code></p></header>',
         *(_drawn(section, f) for section in sections),

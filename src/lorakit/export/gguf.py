@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from lorakit.artifacts import umask_mode
 from lorakit.errors import LorakitError
 from lorakit.export.quantize import FTYPES  # the quantized types: one owner
 
@@ -55,6 +56,7 @@ def _atomic_file(target: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would keep the Ollama service from reading the file
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -125,6 +127,45 @@ def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: 
     return out_file
 
 
+def _targets(info, type: str, *, has_imatrix: bool = False) -> dict[str, object]:
+    """{tensor name: GGML type} of a `type` file made from the GGUF `info` (libgguf's inspect_gguf):
+    llama-quantize's mix for a quantized type, the source's own types otherwise."""
+    import gguf
+
+    from lorakit.export.quantize import TensorInfo, tensor_types
+
+    Q = gguf.GGMLQuantizationType
+    arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
+    tensors = [TensorInfo(t.name, int(t.shape[0]), len(t.shape), Q(t.qtype_value)) for t in info.tensors]
+    if type not in FTYPES:
+        return {t.name: t.type for t in tensors}
+    experts = info.metadata.get(f"{arch}.expert_count")
+    targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
+                           n_expert=int(experts.value) if experts else 0)
+    if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
+        raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
+    return targets
+
+
+def planned_size(f32: str | Path, type: str) -> int:
+    """Bytes of tensor data a `type` file made from the f32 conversion `f32` will hold (for ordering
+    candidates by size before writing any); f16 / bf16 as the converter writes them (2-D weights in
+    16 bits, norms f32)."""
+    import libgguf
+    from libgguf.inspect import inspect_gguf
+
+    info = inspect_gguf(f32)
+    targets = _targets(info, type)
+    total = 0
+    for t in info.tensors:
+        n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
+        if type in _FLOAT_FTYPE and type != "f32":
+            total += (2 if len(t.shape) >= 2 else 4) * math.prod(t.shape)
+        else:
+            total += n_rows * libgguf.row_size(int(targets[t.name]), int(t.shape[0]))
+    return total
+
+
 def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imatrix: dict[str, np.ndarray],
              log: Callable[[str], None]) -> None:
     """Copy `src` into `dst` with `overrides` for KV keys and, for a quantized type, quantized tensors.
@@ -136,21 +177,12 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imat
     import libgguf
     from libgguf.inspect import inspect_gguf
 
-    from lorakit.export.quantize import FTYPES, TensorInfo, tensor_types
-
     Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
     info = inspect_gguf(src)
     arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
-    tensors = [TensorInfo(t.name, int(t.shape[0]), len(t.shape), Q(t.qtype_value)) for t in info.tensors]
+    targets = _targets(info, type, has_imatrix=bool(imatrix))
     if type in FTYPES:
-        experts = info.metadata.get(f"{arch}.expert_count")
-        targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
-                               n_expert=int(experts.value) if experts else 0)
-        if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
-            raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
         overrides = {**overrides, gguf.Keys.General.FILE_TYPE: int(FTYPES[type][0])}
-    else:
-        targets = {t.name: t.type for t in tensors}
     writer = gguf.GGUFWriter(dst, arch)
     pending = dict(overrides)
     for key, v in info.metadata.items():
@@ -200,36 +232,47 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imat
         log(f"  tensor types: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}")
 
 
+def convert_raw(model_dir: str | Path, out_file: str | Path, outtype: str = "f32", *,
+                log: Callable[[str], None] = print) -> Path:
+    """llama.cpp's converter on a transformers folder, as it writes it (its template and EOS): the
+    f32 source that `rewrite_gguf` quantizes, once for any number of types."""
+    from lorakit.export import require_toolchain
+
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if not (model_dir / "config.json").is_file():
+        raise LorakitError(f"{model_dir} is not a transformers model folder (no config.json)",
+                           hint="pass the folder written by `lorakit merge`")
+    log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
+    _run_converter(require_toolchain().convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(out_file)])
+    return out_file
+
+
 def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, template_meta=None,
+                   imatrix: dict[str, np.ndarray] | None = None, f32: str | Path | None = None,
                    log: Callable[[str], None] = print) -> Path:
     """Convert a transformers folder (as `lorakit merge` writes it) to one GGUF file of `type`.
 
     `template_meta` (an `AdapterMeta`) names the trained template when the folder has no
     lorakit.json of its own; without either, the converter's template and EOS are kept (a base
-    model exported for use with an adapter GGUF)."""
+    model exported for use with an adapter GGUF). `imatrix` weights a quantized type's rounding
+    (`rewrite_gguf`); `f32`, an f32 conversion of the same folder (`convert_raw`), is reused
+    instead of running the converter again."""
     _check_type(type)
     model_dir, out_file = Path(model_dir), Path(out_file)
-    if not (model_dir / "config.json").is_file():
-        raise LorakitError(f"{model_dir} is not a transformers model folder (no config.json)",
-                           hint="pass the folder written by `lorakit merge`")
-    from lorakit.export import require_toolchain
-
-    tc = require_toolchain()
     start = time.perf_counter()
     overrides = trained_metadata(model_dir, template_meta)
     outtype = type if type in _FLOAT_FTYPE else "f32"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.convert-", dir=out_file.parent) as work:
-        raw = Path(work) / f"model-{outtype}.gguf"
-        log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
-        _run_converter(tc.convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(raw)])
+        raw = Path(f32) if f32 is not None and outtype == "f32" else \
+            convert_raw(model_dir, Path(work) / f"model-{outtype}.gguf", outtype, log=log)
         if type in _FLOAT_FTYPE and not overrides:
             with _atomic_file(out_file) as tmp:
                 shutil.copyfile(raw, tmp)
         else:
             log(f"writing {type}" + (" (llama-quantize's per-tensor mix)" if type not in _FLOAT_FTYPE else "")
-                + " with the trained template" * bool(overrides))
-            rewrite_gguf(raw, out_file, type, metadata=overrides, log=log)
+                + " with the trained template" * bool(overrides) + " and the importance matrix" * bool(imatrix))
+            rewrite_gguf(raw, out_file, type, metadata=overrides, imatrix=imatrix, log=log)
     log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     return out_file
 

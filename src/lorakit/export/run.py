@@ -1,29 +1,41 @@
-"""`lorakit export RUN --gguf TYPE [--adapter-only] [--ollama] [--out DIR] [--no-verify]`.
+"""`lorakit export RUN --gguf TYPE|auto [--adapter-only] [--ollama] [--out DIR] [--no-verify] ...`.
 
-The order is the contract, as in training: every check that can fail on bad input (the toolchain,
-the type, the adapter's shape for llama.cpp's LoRA format, the Ollama template) runs before
-anything is converted; a merged export goes through `lorakit.merge` (the full-precision base
-reloaded from disk, parity-checked); each GGUF is verified in llama.cpp against transformers
-before it keeps its name — a file that failed is renamed `<file>.failed`, so nothing that looks
-finished is left behind.
+The order is the contract, as in training: every check that can fail on bad input (the settings,
+the toolchain, the type, the adapter's shape for llama.cpp's LoRA format, the Ollama template,
+the rows the task check will answer) runs before anything is converted; a merged export goes
+through `lorakit.merge` (the full-precision base reloaded from disk, parity-checked); each GGUF
+is checked in llama.cpp — token by token against transformers (export/verify.py), then on the
+run's own task (export/task.py) — before it keeps its name. A file that fails is removed and its
+`.verify.json` (passed: false) says why, so nothing that looks finished is left behind.
+
+Settings come from the run's config.yaml `export:` section (`lorakit.config.ExportConfig`, one
+owner for every default), the command's flags overriding it.
 
 Layout of `--out` (default `runs/<name>/export/`):
   <name>-<type>.gguf              merged model            + .verify.json
+  <name>-<type>.imatrix.gguf      the importance matrix it was quantized with (llama.cpp's format)
   <base>-<type>.gguf, <name>-lora.gguf   with --adapter-only (base + llama.cpp LoRA adapter)
   ollama/                          with --ollama: the GGUF(s) and a Modelfile
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from lorakit.artifacts import RunPaths, find_adapter_dir, read_meta
 from lorakit.errors import LorakitError
+
+AUTO = "auto"
+IMATRIX_BY_DEFAULT = ("q4_k_m", "iq4_xs", "q4_0")
+"""The types `export.imatrix: auto` weights (4 bits and fewer per weight: where the rounding error
+is large enough for the weighting to matter; measured in BENCHMARKS.md)."""
 
 
 @dataclass
@@ -32,6 +44,8 @@ class ExportResult:
     verifications: list = field(default_factory=list)  # lorakit.export.verify.Verification
     ollama_dir: Path | None = None
     ollama_command: str | None = None
+    imatrix_file: Path | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # --gguf auto: what was measured
 
 
 def _slug(text: str) -> str:
@@ -43,21 +57,53 @@ def _partial(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
-def export(run: str | Path, *, gguf: str, adapter_only: bool = False, ollama: bool = False,
-           out: str | Path | None = None, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+def settings(paths: RunPaths, **flags: Any):
+    """The run's `export:` section (schema defaults for a run made before it existed) with every
+    flag that was given (not None) in its place, checked."""
+    from lorakit import config as C
+    from lorakit.export.gguf import TYPES
+
+    s = C.load(paths.config).export if paths.config.is_file() else C.ExportConfig()
+    s = dataclasses.replace(s, **{k: v for k, v in flags.items() if v is not None})
+    where = f"--gguf / export.gguf in {paths.config}"
+    if s.gguf != AUTO and s.gguf not in TYPES:
+        raise LorakitError(f"GGUF type {s.gguf!r} is not one of {', '.join(TYPES)} or 'auto'", where=where,
+                           hint="q4_k_m is the usual choice for llama.cpp / Ollama; f16 keeps full quality; auto "
+                           "keeps the smallest that passes the task check")
+    bad = [t for t in s.auto_types if t not in TYPES]
+    if bad:
+        raise LorakitError(f"export.auto_types names {', '.join(map(repr, bad))}, not GGUF types",
+                           where=str(paths.config), hint=f"use some of {', '.join(TYPES)}")
+    for key in ("eval_limit", "max_new_tokens"):
+        if getattr(s, key) < 0:
+            raise LorakitError(f"--{key.replace('_', '-')} {getattr(s, key)} is negative", hint="0 means: all / auto")
+    return s
+
+
+def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = False, ollama: bool = False,
+           out: str | Path | None = None, verify: bool = True, max_drop: float | None = None,
+           eval_data: list[str] | None = None, eval_limit: int | None = None, metric: str | None = None,
+           max_new_tokens: int | None = None, imatrix: str | None = None, imatrix_text: str | None = None,
+           log: Callable[[str], None] = print) -> ExportResult:
     from lorakit.export import require_toolchain
     from lorakit.export import gguf as G
+    from lorakit.infer import base_model_config
+    from lorakit.model.load import load_tokenizer
 
-    if gguf not in G.TYPES:
-        raise LorakitError(f"--gguf {gguf!r} is not one of {', '.join(G.TYPES)}",
-                           hint="q4_k_m is the usual choice for llama.cpp / Ollama; f16 keeps full quality")
-    require_toolchain(runtime=verify)
     adapter_dir = find_adapter_dir(run)
     paths = RunPaths.of(adapter_dir)
+    s = settings(paths, gguf=gguf, max_drop=max_drop, eval_data=eval_data, eval_limit=eval_limit, metric=metric,
+                 max_new_tokens=max_new_tokens, imatrix=imatrix, imatrix_text=imatrix_text)
+    if adapter_only and s.gguf == AUTO:
+        raise LorakitError("--gguf auto chooses the type of a merged file", where="--adapter-only",
+                           hint="name the base's type with --gguf TYPE, or drop --adapter-only")
+    if s.imatrix_text and not Path(s.imatrix_text).is_file():
+        raise LorakitError(f"no such file: {s.imatrix_text}", where="--imatrix-text / export.imatrix_text",
+                           hint="a plain-text file of general text, or leave it unset")
+    require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
     name = _slug(paths.root.name if adapter_dir.name == "adapter" else adapter_dir.name)
     out_dir = Path(out) if out is not None else paths.root / "export"
-    out_dir.mkdir(parents=True, exist_ok=True)
     if adapter_only:  # DoRA / modules_to_save / rank patterns: refused before any work
         import json
 
@@ -67,6 +113,14 @@ def export(run: str | Path, *, gguf: str, adapter_only: bool = False, ollama: bo
         from lorakit.export import ollama as O
 
         O.turn_texts(template)  # a template Ollama cannot express: refused before any work
+    tokenizer = load_tokenizer(base_model_config(meta))
+    task_rows = None
+    if verify:
+        from lorakit.export.task import task_set
+
+        task_rows = task_set(adapter_dir, tokenizer, eval_data=s.eval_data, limit=s.eval_limit, metric=s.metric,
+                             max_new_tokens=s.max_new_tokens, log=log)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     result = ExportResult(files=[])
     with tempfile.TemporaryDirectory(prefix=".lorakit-export-", dir=out_dir) as tmp:
@@ -76,41 +130,137 @@ def export(run: str | Path, *, gguf: str, adapter_only: bool = False, ollama: bo
 
             log("merging into the full-precision base (reloaded from disk) ...")
             merge(adapter_dir, merged, dtype="fp32", log=log)
+        if task_rows is not None:
+            from lorakit.export.task import answer_reference
+
+            answer_reference(task_rows, merged, log=log)
         if adapter_only:
-            base_dir = Path(meta.base.path)
-            model_file = out_dir / f"{_slug(Path(meta.base.name).name)}-{gguf}.gguf"
-            lora_file = out_dir / f"{name}-lora.gguf"
-            log(f"converting the base to {gguf} (with the trained template) ...")
-            G.convert_merged(base_dir, _partial(model_file), gguf, template_meta=meta, log=log)
-            log("converting the adapter to llama.cpp's LoRA format ...")
-            G.convert_adapter(adapter_dir, base_dir, _partial(lora_file), log=log)
+            model_file, lora_file = _adapter_only(adapter_dir, meta, merged, out_dir, name, s, task_rows, verify,
+                                                  result, log)
         else:
-            model_file, lora_file = out_dir / f"{name}-{gguf}.gguf", None
-            log(f"converting to {gguf} ...")
-            G.convert_merged(merged, _partial(model_file), gguf, log=log)
-        files = [f for f in (model_file, lora_file) if f is not None]
-        try:
-            if verify:
-                from lorakit.export.verify import publish_verified
-
-                # Adapter-only: the base GGUF with the LoRA GGUF applied must answer as the merged model.
-                result.verifications.append(publish_verified(
-                    _partial(model_file), model_file, merged, gguf,
-                    adapter_gguf=_partial(lora_file) if lora_file else None, adapter_final=lora_file, log=log))
-            else:
-                os.replace(_partial(model_file), model_file)
-            if lora_file is not None:
-                os.replace(_partial(lora_file), lora_file)
-        finally:
-            for f in files:
-                _partial(f).unlink(missing_ok=True)
-    result.files = files
+            model_file, lora_file = _merged(merged, Path(tmp), out_dir, name, s, task_rows, verify, result, log)
+    result.files = [f for f in (model_file, lora_file) if f is not None]
     if ollama:  # O was imported for the check above
-        from lorakit.infer import base_model_config
-        from lorakit.model.load import load_tokenizer
-
-        tokenizer = load_tokenizer(base_model_config(meta))
         folder = O.write_ollama_folder(out_dir / "ollama", model_file, template, tokenizer, adapter_gguf=lora_file,
                                        max_length=meta.max_length, name=name)
         result.ollama_dir, result.ollama_command = folder, O.create_command(folder, name)
     return result
+
+
+def _task(task_rows, max_drop: float, log, adapter: Path | None = None):
+    """The task-level check of a candidate file, for `verify.check_file` (None: not asked for)."""
+    if task_rows is None:
+        return None
+    from lorakit.export.task import check
+
+    return lambda path: check(task_rows, path, max_drop=max_drop, adapter_gguf=adapter, log=log)
+
+
+def _adapter_only(adapter_dir: Path, meta, merged: Path, out_dir: Path, name: str, s, task_rows, verify: bool,
+                  result: ExportResult, log) -> tuple[Path, Path]:
+    """The base as `s.gguf` (unweighted: the imatrix describes the merged model) plus the LoRA GGUF;
+    verified together against the merged model."""
+    from lorakit.export import gguf as G
+    from lorakit.export.verify import check_file, publish
+
+    base_dir = Path(meta.base.path)
+    model_file = out_dir / f"{_slug(Path(meta.base.name).name)}-{s.gguf}.gguf"
+    lora_file = out_dir / f"{name}-lora.gguf"
+    try:
+        log(f"converting the base to {s.gguf} (with the trained template) ...")
+        G.convert_merged(base_dir, _partial(model_file), s.gguf, template_meta=meta, log=log)
+        log("converting the adapter to llama.cpp's LoRA format ...")
+        G.convert_adapter(adapter_dir, base_dir, _partial(lora_file), log=log)
+        if verify:
+            v = check_file(_partial(model_file), model_file, merged, s.gguf, adapter_gguf=_partial(lora_file),
+                           adapter_final=lora_file, task=_task(task_rows, s.max_drop, log, _partial(lora_file)),
+                           log=log)
+            result.verifications.append(publish(_partial(model_file), model_file, v))
+        else:
+            os.replace(_partial(model_file), model_file)
+        os.replace(_partial(lora_file), lora_file)
+    finally:
+        for f in (model_file, lora_file):
+            _partial(f).unlink(missing_ok=True)
+    return model_file, lora_file
+
+
+def _merged(merged: Path, work: Path, out_dir: Path, name: str, s, task_rows, verify: bool, result: ExportResult,
+            log) -> tuple[Path, None]:
+    """One merged file of `s.gguf`, or with `auto` the smallest of `s.auto_types` that passes both
+    checks (each candidate measured; the table kept in the chosen file's .verify.json)."""
+    from lorakit.export import gguf as G
+    from lorakit.export.quantize import FTYPES
+    from lorakit.export.verify import check_file, publish
+
+    auto = s.gguf == AUTO
+    types = list(dict.fromkeys(s.auto_types)) if auto else [s.gguf]
+    f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if any(t in FTYPES for t in types) else None
+    if auto and f32 is not None:
+        types.sort(key=lambda t: G.planned_size(f32, t))
+        log(f"--gguf auto: trying {', '.join(types)} (smallest file first), keeping the first within "
+            f"{s.max_drop:g} points of the merged model")
+    weighted = {t for t in types if t in FTYPES and (s.imatrix == "on" or (s.imatrix == AUTO and t in IMATRIX_BY_DEFAULT))}
+    importance = _collect_imatrix(merged, f32, s, log) if weighted else None
+    v = final = None
+    for t in types:
+        final = out_dir / f"{name}-{t}.gguf"
+        start = time.perf_counter()
+        try:
+            G.convert_merged(merged, _partial(final), t, f32=f32,
+                             imatrix=importance.vectors() if importance is not None and t in weighted else None, log=log)
+            if not verify:
+                os.replace(_partial(final), final)
+                break
+            v = check_file(_partial(final), final, merged, t, task=_task(task_rows, s.max_drop, log), log=log)
+        except BaseException:
+            _partial(final).unlink(missing_ok=True)
+            raise
+        if auto:
+            result.candidates.append(_candidate_row(t, _partial(final), v, t in weighted, time.perf_counter() - start))
+        if v.passed or not auto:
+            break
+        _partial(final).unlink(missing_ok=True)
+    if auto:
+        log(format_candidates(result.candidates))
+        if v is not None and not v.passed:
+            raise LorakitError(f"no candidate of --gguf auto ({', '.join(types)}) stays within {s.max_drop:g} points "
+                               "of the merged model on the task", where=str(out_dir),
+                               hint="add a wider type to export.auto_types (f16 always passes), or allow a larger "
+                               "drop with --max-drop POINTS")
+        v = dataclasses.replace(v, auto=result.candidates) if v is not None else None
+    if v is not None:
+        result.verifications.append(publish(_partial(final), final, v))
+    if importance is not None and t in weighted:  # `t`: the type published
+        result.imatrix_file = importance.write(out_dir / f"{name}-{t}.imatrix.gguf")
+        log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
+    return final, None
+
+
+def _collect_imatrix(merged: Path, f32: Path, s, log):
+    """The importance matrix of the merged model over the run's training rows (and `imatrix_text`)."""
+    from lorakit.export import imatrix as I
+
+    return I.collect_for_run(merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, log=log)
+
+
+def _candidate_row(type: str, path: Path, v, weighted: bool, seconds: float) -> dict[str, Any]:
+    task = v.task or {}
+    return {"type": type, "mib": round(path.stat().st_size / 2**20, 1), "imatrix": weighted,
+            "metric": task.get("metric"), "reference": task.get("reference"), "gguf": task.get("gguf"),
+            "drop": task.get("drop"), "changed": task.get("changed"), "top1_agreement": round(v.top1_agreement, 3),
+            "passed": v.passed, "seconds": round(seconds, 1)}
+
+
+def format_candidates(rows: list[dict[str, Any]]) -> str:
+    """The table --gguf auto prints: what each candidate measured."""
+    head = ("type", "MiB", "imatrix", "metric", "drop", "changed", "top-1", "s", "")
+    lines = [head]
+    for r in rows:
+        metric = "-" if r["gguf"] is None else f"{r['gguf']:.1%}"
+        drop = "-" if r["drop"] is None else f"{r['drop']:+.1f}"
+        lines.append((r["type"], f"{r['mib']:.1f}", "yes" if r["imatrix"] else "no", metric, drop,
+                      "-" if r["changed"] is None else str(r["changed"]), f"{r['top1_agreement']:.3f}",
+                      f"{r['seconds']:.0f}", "kept" if r["passed"] else "too lossy"))
+    w = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in lines)

@@ -89,6 +89,7 @@ THRESHOLDS: dict[str, dict[str, Any]] = {
     "q5_k_m": {"top1": 0.8},
     "q4_k_m": {"top1": 0.75},
     "q4_0": {"top1": 0.7},
+    "iq4_xs": {"top1": 0.7},
 }
 """What each type must meet (module docstring: how the floors were set, and the measured figures).
 Measured on the tiny Llama of tests/test_export_verify.py (hidden 256, 2 layers, peaky) and on
@@ -132,6 +133,8 @@ class Verification:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     created: str = ""
+    task: dict[str, Any] | None = None  # lorakit.export.task.TaskCheck.to_dict(), when the task check ran
+    auto: list[dict[str, Any]] | None = None  # --gguf auto: every candidate measured, in the order tried
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -451,24 +454,53 @@ def write_verification(v: Verification, path: str | Path | None = None) -> Path:
     return path
 
 
-def publish_verified(tmp_gguf: str | Path, final: str | Path, reference_dir: str | Path, type: str, *,
-                     adapter_final: str | Path | None = None, **kwargs) -> Verification:
-    """Verify `tmp_gguf` (written under a name that does not look finished), then move it to `final`
-    with `final`.verify.json beside it; on failure the file is removed, the JSON (passed: false) is
-    kept to say why, and a LorakitError is raised: a failed export leaves no file that looks done."""
-    tmp_gguf, final = Path(tmp_gguf), Path(final)
-    try:
-        v = verify(tmp_gguf, reference_dir, type, **kwargs)
-    except BaseException:
-        tmp_gguf.unlink(missing_ok=True)
-        raise
+def check_file(tmp_gguf: str | Path, final: str | Path, reference_dir: str | Path, type: str, *,
+               adapter_final: str | Path | None = None, task: Callable[[Path], Any] | None = None,
+               log: Callable[[str], None] = print, **kwargs) -> Verification:
+    """Both checks of `tmp_gguf` (a file under a name that does not look finished): the token-level
+    `verify`, then — when it passed and `task` is given — the task-level check `task(tmp_gguf)` (a
+    `lorakit.export.task.TaskCheck`), folded into one verdict. Names in the result are `final`'s."""
+    from lorakit.export.task import format_check
+
+    tmp_gguf = Path(tmp_gguf)
+    v = verify(tmp_gguf, reference_dir, type, log=log, **kwargs)
     v = dataclasses.replace(v, gguf=str(final), adapter=str(adapter_final) if adapter_final else v.adapter)
+    if v.passed and task is not None:
+        t = task(tmp_gguf)
+        log(format_check(t, type))
+        failures = [] if t.passed else [f"the task metric drops {t.drop:.1f} points, more than the {t.max_drop:g} "
+                                        "allowed (--max-drop)"]
+        v = dataclasses.replace(v, task=t.to_dict(), passed=t.passed, failures=v.failures + failures)
+    return v
+
+
+def publish(tmp_gguf: str | Path, final: str | Path, v: Verification) -> Verification:
+    """Store `v` as `final`.verify.json; a passed file is moved to `final`, a failed one removed with
+    a LorakitError (the JSON, passed: false, kept to say why): a failed export leaves no file that
+    looks done."""
+    tmp_gguf, final = Path(tmp_gguf), Path(final)
     write_verification(v, verification_path(final))
     if not v.passed:
+        from lorakit.export.task import failure_hint
+
         tmp_gguf.unlink(missing_ok=True)
-        raise LorakitError(f"the {type} GGUF does not answer as the model it was exported from: "
-                           + "; ".join(v.failures), where=str(final),
-                           hint=f"see {verification_path(final)}; a correct f32/f16 conversion always passes, so "
-                           "report it if those fail; for a quantized type, use a larger one (q8_0)")
+        what = ("loses too much of what the fine-tune learned" if v.task and not v.task["passed"] else
+                "does not answer as the model it was exported from")
+        hint = (failure_hint(v.type) if v.task and not v.task["passed"] else
+                "a correct f32/f16 conversion always passes, so report it if those fail; for a quantized type, "
+                "use a larger one (q8_0)")
+        raise LorakitError(f"the {v.type} GGUF {what}: " + "; ".join(v.failures), where=str(final),
+                           hint=f"see {verification_path(final)}; {hint}")
     os.replace(tmp_gguf, final)
     return v
+
+
+def publish_verified(tmp_gguf: str | Path, final: str | Path, reference_dir: str | Path, type: str, **kwargs
+                     ) -> Verification:
+    """`check_file` then `publish`; the file is removed when a check raises."""
+    try:
+        v = check_file(tmp_gguf, final, reference_dir, type, **kwargs)
+    except BaseException:
+        Path(tmp_gguf).unlink(missing_ok=True)
+        raise
+    return publish(tmp_gguf, final, v)
