@@ -346,7 +346,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
         convert_merged(folder, out, "q8_0", log=lambda s: None)
     assert not out.exists() and list(out.parent.iterdir()) == []
     with pytest.raises(LorakitError, match="q4_k_m"):
-        convert_merged(folder, out, "q4_0", log=lambda s: None)
+        convert_merged(folder, out, "q3_k_m", log=lambda s: None)
     assert "q4_k_m" in TYPES
 
 
@@ -424,7 +424,7 @@ def test_require_toolchain(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0"])
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q8_0", "q6_k", "q5_k_m", "q4_0", "iq4_xs"])
 def test_same_bytes_as_llama_quantize(llama, tmp_path, ftype):
     """Against llama.cpp's own `llama-quantize` built from the vendored tree (set
     LORAKIT_LLAMA_QUANTIZE to the binary; skipped otherwise): same type and bytes for every tensor."""

@@ -279,7 +279,7 @@ class ExportConfig:
     )
     auto_types: list[str] = _help(
         "The candidates of --gguf auto, tried from the smallest file to the largest.",
-        factory=lambda: ["q4_0", "iq4_xs", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"],
+        factory=lambda: ["iq4_xs", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"],
     )
 
 

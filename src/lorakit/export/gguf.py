@@ -1,4 +1,5 @@
-"""Write GGUF files: a merged model (f32 / f16 / bf16 / q8_0 / q4_k_m) or an adapter alone.
+"""Write GGUF files: a merged model (f32 / f16 / bf16, or a quantized type of export/quantize.py) or an
+adapter alone.
 
 Conversion is llama.cpp's own `convert_hf_to_gguf.py` (a subprocess, offline, with the gguf-py
 of the same llama.cpp commit first on its path).  We then rewrite the file once with gguf's
@@ -7,11 +8,12 @@ reader/writer, to
 - carry the TRAINED chat template (`tokenizer.chat_template`) and its stop tokens as
   `tokenizer.ggml.eos_token_id` / `tokenizer.ggml.eot_token_id`, from the folder's lorakit.json,
   so llama.cpp / Ollama render prompts as training did and stop where the model learned to stop;
-- quantize for q8_0 / q4_k_m with llama.cpp's row quantizers (libgguf) and llama-quantize's
-  per-tensor mix (export/quantize.py), from the f32 conversion.
+- quantize (q8_0, q6_k, q5_k_m, q4_k_m, q4_0, iq4_xs) with llama.cpp's row quantizers (libgguf),
+  llama-quantize's per-tensor mix (export/quantize.py) and, optionally, an importance matrix
+  (export/imatrix.py), from the f32 conversion.
 
 q8_0 goes through the same path rather than the converter's `--outtype q8_0`: one rule, one
-quantizer for both quantized types, and the same types as `llama-quantize ... Q8_0` (the
+quantizer for every quantized type, and the same types as `llama-quantize ... Q8_0` (the
 converter would choose per tensor on its own; its numpy Q8_0 is byte-identical to libgguf's on
 the rows it quantizes, which tests/test_export_gguf.py checks).
 
@@ -46,7 +48,8 @@ _FLOAT_FTYPE = {"f32": 0, "f16": 1, "bf16": 32}  # LlamaFileType ALL_F32, MOSTLY
 def _check_type(type: str) -> None:
     if type not in TYPES:
         raise LorakitError(f"GGUF type {type!r} is not one of {', '.join(TYPES)}",
-                           hint="use --gguf q4_k_m (smallest), q8_0, f16, bf16 or f32")
+                           hint=f"use --gguf one of {', '.join(TYPES)} (q4_k_m is the usual choice, iq4_xs the "
+                           "smallest)")
 
 
 @contextlib.contextmanager
@@ -132,7 +135,7 @@ def _targets(info, type: str, *, has_imatrix: bool = False) -> dict[str, object]
     llama-quantize's mix for a quantized type, the source's own types otherwise."""
     import gguf
 
-    from lorakit.export.quantize import TensorInfo, tensor_types
+    from lorakit.export.quantize import TensorInfo, n_gqa_from_heads, tensor_types
 
     Q = gguf.GGMLQuantizationType
     arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
@@ -140,14 +143,17 @@ def _targets(info, type: str, *, has_imatrix: bool = False) -> dict[str, object]
     if type not in FTYPES:
         return {t.name: t.type for t in tensors}
     experts = info.metadata.get(f"{arch}.expert_count")
+    heads, heads_kv = (info.metadata.get(f"{arch}.attention.{k}") for k in ("head_count", "head_count_kv"))
     targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
-                           n_expert=int(experts.value) if experts else 0)
+                           n_expert=int(experts.value) if experts else 0,
+                           n_gqa=n_gqa_from_heads(heads.value if heads else None, heads_kv.value if heads_kv else None),
+                           has_imatrix=has_imatrix)
     if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
         raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
     return targets
 
 
-def planned_size(f32: str | Path, type: str) -> int:
+def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False) -> int:
     """Bytes of tensor data a `type` file made from the f32 conversion `f32` will hold (for ordering
     candidates by size before writing any); f16 / bf16 as the converter writes them (2-D weights in
     16 bits, norms f32)."""
@@ -155,7 +161,7 @@ def planned_size(f32: str | Path, type: str) -> int:
     from libgguf.inspect import inspect_gguf
 
     info = inspect_gguf(f32)
-    targets = _targets(info, type)
+    targets = _targets(info, type, has_imatrix=has_imatrix)
     total = 0
     for t in info.tensors:
         n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1

@@ -196,11 +196,11 @@ def _merged(merged: Path, work: Path, out_dir: Path, name: str, s, task_rows, ve
     auto = s.gguf == AUTO
     types = list(dict.fromkeys(s.auto_types)) if auto else [s.gguf]
     f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if any(t in FTYPES for t in types) else None
+    weighted = {t for t in types if t in FTYPES and (s.imatrix == "on" or (s.imatrix == AUTO and t in IMATRIX_BY_DEFAULT))}
     if auto and f32 is not None:
-        types.sort(key=lambda t: G.planned_size(f32, t))
+        types.sort(key=lambda t: G.planned_size(f32, t, has_imatrix=t in weighted))
         log(f"--gguf auto: trying {', '.join(types)} (smallest file first), keeping the first within "
             f"{s.max_drop:g} points of the merged model")
-    weighted = {t for t in types if t in FTYPES and (s.imatrix == "on" or (s.imatrix == AUTO and t in IMATRIX_BY_DEFAULT))}
     importance = _collect_imatrix(merged, f32, s, log) if weighted else None
     v = final = None
     for t in types:
