@@ -1,76 +1,137 @@
-"""GGUF export on a trained run: time and size per type, the llama.cpp verification per type, and
-the held-out exact match answered by llama.cpp from the q4_k_m file next to transformers'.
+"""What each GGUF type keeps of a fine-tune, measured on the run's own task: size, time, the task
+metric through llama.cpp, answers changed against transformers, and KL on held-out text — for
+f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 and iq4_xs, each quantized type with and without the
+importance matrix (collected as `lorakit export` collects it).
 
-    python benchmarks/export.py [RUN] [--types f16 q8_0 q4_k_m] [--out DIR]
+    python benchmarks/export.py RUN --eval-data FILE [--types ...] [--kl-rows 8] [--auto] [--json OUT]
 
-RUN defaults to runs/demo (make it with `lorakit demo`, which also writes eval/test.jsonl: the
-transformers answers this compares with). Each type is one `lorakit export` (merge, convert,
-verify). Run it on an otherwise idle machine. Last line: JSON.
+One merge, one f32 conversion, one set of transformers answers and one importance matrix per run;
+then, per file, export/task.py's check (the same code `lorakit export` runs) and the KL. With
+--auto, `lorakit export RUN --gguf auto` itself runs afterwards and its choice is printed.
+Run it on an otherwise idle machine. Last line: JSON.
+
+KL: at every position of the first --kl-rows held-out rows (prompt and reference answer, teacher-
+forced), KL(transformers || llama.cpp) over llama.cpp's top-20 tokens with the rest of each
+distribution lumped into one outcome. Coarsening can only lower a KL (data-processing
+inequality), so this is a lower bound, tight when the mass outside the top 20 is small.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+TYPES = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q4_0"]
+TOP = 20
+
+
+def kl_rows(merged: Path, gguf: Path, sequences: list[list[int]], starts: list[int]) -> float:
+    """Mean coarsened KL(transformers || llama.cpp) per position (module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export.verify import Llama
+
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    total, n = 0.0, 0
+    with Llama(gguf, n_ctx=max(256, max(map(len, sequences)) + 8)) as llm, torch.no_grad():
+        for ids, start in zip(sequences, starts):
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+            for pos in range(start, len(ids)):
+                top = llm.complete(ids[:pos], 1, n_probs=TOP)[0]["top_logprobs"]
+                q = {t["id"]: math.exp(t["logprob"]) for t in top}
+                p = {t: math.exp(float(lp[pos - 1, t])) for t in q}
+                kl = sum(p[t] * (math.log(p[t]) - math.log(q[t])) for t in q if p[t] > 0)
+                p_rest, q_rest = max(0.0, 1 - sum(p.values())), max(1e-12, 1 - sum(q.values()))
+                if p_rest > 0:
+                    kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+                total, n = total + kl, n + 1
+    return total / max(n, 1)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", nargs="?", default="runs/demo")
-    p.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k_m"])
-    p.add_argument("--out", help="keep the files here (default: a temporary folder)")
-    p.add_argument("--limit", type=int, help="exact match on the first N test rows only")
+    p.add_argument("run")
+    p.add_argument("--eval-data", required=True, help="held-out rows with answers (e.g. the run's test file)")
+    p.add_argument("--types", nargs="+", default=TYPES)
+    p.add_argument("--kl-rows", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="answer only the first N rows")
+    p.add_argument("--auto", action="store_true", help="also run `lorakit export --gguf auto` and report its pick")
+    p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
-    from lorakit.artifacts import RunPaths, find_adapter_dir, read_jsonl, read_meta
+    from lorakit.artifacts import find_adapter_dir, read_meta
     from lorakit.cli import _quiet_libraries
-    from lorakit.export.run import export
-    from lorakit.export.verify import answer_with_gguf
+    from lorakit.export import gguf as G
+    from lorakit.export import run as E
+    from lorakit.export import task as T
+    from lorakit.export.quantize import FTYPES
     from lorakit.infer import base_model_config
-    from lorakit.metrics import exact_match
+    from lorakit.merge import merge
     from lorakit.model.load import load_tokenizer
 
     _quiet_libraries()
-    run = RunPaths.of(find_adapter_dir(args.run))
-    result: dict = {"run": str(run.root), "types": []}
+    quiet = lambda s: None  # noqa: E731
+    adapter = find_adapter_dir(args.run)
+    meta = read_meta(adapter)
+    tok = load_tokenizer(base_model_config(meta))
+    result: dict = {"run": str(adapter.parent), "eval_data": args.eval_data, "files": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-export-bench-") as tmp:
-        out = Path(args.out or tmp)
-        files = {}
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        merge(adapter, work / "merged", dtype="fp32", log=quiet)
+        result["merge_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        f32 = G.convert_raw(work / "merged", work / "f32.gguf", log=quiet)
+        result["convert_f32_s"] = round(time.perf_counter() - t0, 1)
+        rows = T.task_set(adapter, tok, eval_data=[args.eval_data], limit=args.limit, metric="auto", log=quiet)
+        T.answer_reference(rows, work / "merged", log=quiet)
+        result["transformers_answer_s"] = rows.reference_seconds
+        t0 = time.perf_counter()
+        importance = E.importance(adapter, work / "merged", f32, rows=256, text=None, tokenizer=tok, log=quiet)
+        result["imatrix_s"] = round(time.perf_counter() - t0, 1)
+        template = meta.template_object()
+        kl_seq = [template.encode_prompt(tok, pr) for pr in rows.prompts[:args.kl_rows]]
+        answers = [tok(r, add_special_tokens=False)["input_ids"] for r in rows.references[:args.kl_rows]]
+        print(f"{adapter.parent.name}: {len(rows.prompts)} rows, metric {rows.metric}; merge {result['merge_s']} s, "
+              f"f32 {result['convert_f32_s']} s, transformers answers {rows.reference_seconds} s, imatrix "
+              f"{result['imatrix_s']} s")
+        print(f"{'type':8} {'imatrix':7} {'MiB':>7} {'write s':>7} {'metric':>7} {'drop':>6} {'changed':>7} {'KL':>8}")
         for t in args.types:
+            for weighted in ([False, True] if t in FTYPES else [False]):
+                out = work / f"{t}{'-imatrix' if weighted else ''}.gguf"
+                t0 = time.perf_counter()
+                G.convert_merged(work / "merged", out, t, f32=f32, imatrix=importance.vectors() if weighted else None,
+                                 log=quiet)
+                write_s = time.perf_counter() - t0
+                check = T.check(rows, out, max_drop=3.0, log=quiet)
+                kl = kl_rows(work / "merged", out, [s + a for s, a in zip(kl_seq, answers)], [len(s) for s in kl_seq])
+                row = {"type": t, "imatrix": weighted, "mib": round(out.stat().st_size / 2**20, 1),
+                       "write_s": round(write_s, 1), "metric": rows.metric, "transformers": check.reference,
+                       "gguf": check.gguf, "drop": check.drop, "changed": check.changed, "lost": check.lost,
+                       "gained": check.gained, "kl": round(kl, 5), "answer_s": check.seconds["llama.cpp"]}
+                result["files"].append(row)
+                print(f"{t:8} {'yes' if weighted else 'no':7} {row['mib']:7.1f} {row['write_s']:7.1f} "
+                      f"{row['gguf']:7.1%} {row['drop']:+6.1f} {row['changed']:7d} {row['kl']:8.5f}", flush=True)
+                out.unlink()
+        result["transformers"] = rows.reference_answers and result["files"][0]["transformers"]
+    if args.auto:
+        from lorakit.export.run import export
+
+        with tempfile.TemporaryDirectory(prefix="lorakit-export-auto-") as out:
             t0 = time.perf_counter()
-            r = export(run.root, gguf=t, out=out, log=lambda s: None)
-            seconds = time.perf_counter() - t0
-            v = r.verifications[0]
-            files[t] = r.files[0]
-            result["types"].append({"type": t, "seconds": round(seconds, 1), "mib": round(r.files[0].stat().st_size / 2**20, 1),
-                                    "greedy_identical": f"{v.greedy_identical}/{len(v.prompts)}",
-                                    "top1_agreement": round(v.top1_agreement, 3),
-                                    "max_logprob_diff": v.max_logprob_diff, "passed": v.passed})
-            row = result["types"][-1]
-            print(f"{t:7} {row['seconds']:6.1f} s {row['mib']:7.1f} MiB  greedy {row['greedy_identical']}  top-1 "
-                  f"{row['top1_agreement']:.3f}  max |dlogprob| {row['max_logprob_diff']:.3g}")
-        records = read_jsonl(run.eval_records("test"))[:args.limit]
-        if records and "q4_k_m" in files:
-            meta = read_meta(run.adapter)
-            tok, template = load_tokenizer(base_model_config(meta)), meta.template_object()
-            prompts = [template.encode_prompt(tok, r["prompt"]) for r in records]
-            t0 = time.perf_counter()
-            ids = answer_with_gguf(files["q4_k_m"], prompts, 20, template.stop_token_ids(tok))
-            seconds = time.perf_counter() - t0
-            gguf_answers = [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
-            refs = [r["reference"] for r in records]
-            em = lambda answers: sum(exact_match(a, b) for a, b in zip(answers, refs)) / len(refs)  # noqa: E731
-            result["exact_match"] = {"rows": len(refs), "transformers": em([r["answers"]["tuned"] for r in records]),
-                                     "llama.cpp q4_k_m": em(gguf_answers), "gguf_seconds": round(seconds, 1),
-                                     "same_answers": sum(a == r["answers"]["tuned"] for a, r in zip(gguf_answers, records))}
-            e = result["exact_match"]
-            print(f"test exact match ({e['rows']} rows, 20 new tokens): transformers {e['transformers']:.1%}, "
-                  f"llama.cpp q4_k_m {e['llama.cpp q4_k_m']:.1%}; identical answers {e['same_answers']}/{e['rows']}")
-    print(json.dumps(result, default=str))
+            r = export(args.run, gguf="auto", out=out, eval_data=[args.eval_data], eval_limit=args.limit, log=quiet)
+            result["auto"] = {"picked": r.files[0].name, "seconds": round(time.perf_counter() - t0, 1),
+                              "candidates": r.candidates}
+            print(f"--gguf auto picked {r.files[0].name} in {result['auto']['seconds']} s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
     return 0
 
 

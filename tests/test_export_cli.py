@@ -111,7 +111,8 @@ def test_smollm2_exports_and_verifies(type, tmp_path):
     folder = embedded_model_dir()
     run = make_adapter(folder, AutoTokenizer.from_pretrained(folder), tmp_path / "smol", 7, template="model",
                        scale=0.02)
-    result = export(run, gguf=type, ollama=True, eval_data=[str(eval_rows_file(tmp_path))], log=lambda s: None)
+    result = export(run, gguf=type, ollama=True, eval_data=[str(eval_rows_file(tmp_path))], imatrix="off",
+                    log=lambda s: None)  # no run config: no training rows to collect an importance matrix on
     (v,) = result.verifications
     assert v.passed, v.failures
     assert v.tokens_equal is True  # llama.cpp's tokenizer from the GGUF = transformers' (proxy env set: bypassed)

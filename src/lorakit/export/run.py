@@ -100,6 +100,12 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
     if s.imatrix_text and not Path(s.imatrix_text).is_file():
         raise LorakitError(f"no such file: {s.imatrix_text}", where="--imatrix-text / export.imatrix_text",
                            hint="a plain-text file of general text, or leave it unset")
+    candidates = s.auto_types if s.gguf == AUTO else [s.gguf]
+    if not adapter_only and not paths.config.is_file() and \
+            (s.imatrix == "on" or (s.imatrix == AUTO and any(t in IMATRIX_BY_DEFAULT for t in candidates))):
+        raise LorakitError(f"the importance matrix is collected on the run's training rows, and {adapter_dir} is "
+                           "not in a run folder with a config.yaml", where="--imatrix / export.imatrix",
+                           hint="pass --imatrix off (plain quantization), or export from the run folder")
     require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
     name = _slug(paths.root.name if adapter_dir.name == "adapter" else adapter_dir.name)
@@ -138,7 +144,8 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
             model_file, lora_file = _adapter_only(adapter_dir, meta, merged, out_dir, name, s, task_rows, verify,
                                                   result, log)
         else:
-            model_file, lora_file = _merged(merged, Path(tmp), out_dir, name, s, task_rows, verify, result, log)
+            model_file, lora_file = _merged(adapter_dir, tokenizer, merged, Path(tmp), out_dir, name, s, task_rows,
+                                            verify, result, log)
     result.files = [f for f in (model_file, lora_file) if f is not None]
     if ollama:  # O was imported for the check above
         folder = O.write_ollama_folder(out_dir / "ollama", model_file, template, tokenizer, adapter_gguf=lora_file,
@@ -185,8 +192,8 @@ def _adapter_only(adapter_dir: Path, meta, merged: Path, out_dir: Path, name: st
     return model_file, lora_file
 
 
-def _merged(merged: Path, work: Path, out_dir: Path, name: str, s, task_rows, verify: bool, result: ExportResult,
-            log) -> tuple[Path, None]:
+def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Path, name: str, s, task_rows,
+            verify: bool, result: ExportResult, log) -> tuple[Path, None]:
     """One merged file of `s.gguf`, or with `auto` the smallest of `s.auto_types` that passes both
     checks (each candidate measured; the table kept in the chosen file's .verify.json)."""
     from lorakit.export import gguf as G
@@ -201,14 +208,15 @@ def _merged(merged: Path, work: Path, out_dir: Path, name: str, s, task_rows, ve
         types.sort(key=lambda t: G.planned_size(f32, t, has_imatrix=t in weighted))
         log(f"--gguf auto: trying {', '.join(types)} (smallest file first), keeping the first within "
             f"{s.max_drop:g} points of the merged model")
-    importance = _collect_imatrix(merged, f32, s, log) if weighted else None
+    matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
+                        log=log) if weighted else None
     v = final = None
     for t in types:
         final = out_dir / f"{name}-{t}.gguf"
         start = time.perf_counter()
         try:
             G.convert_merged(merged, _partial(final), t, f32=f32,
-                             imatrix=importance.vectors() if importance is not None and t in weighted else None, log=log)
+                             imatrix=matrix.vectors() if matrix is not None and t in weighted else None, log=log)
             if not verify:
                 os.replace(_partial(final), final)
                 break
@@ -231,17 +239,29 @@ def _merged(merged: Path, work: Path, out_dir: Path, name: str, s, task_rows, ve
         v = dataclasses.replace(v, auto=result.candidates) if v is not None else None
     if v is not None:
         result.verifications.append(publish(_partial(final), final, v))
-    if importance is not None and t in weighted:  # `t`: the type published
-        result.imatrix_file = importance.write(out_dir / f"{name}-{t}.imatrix.gguf")
+    if matrix is not None and t in weighted:  # `t`: the type published
+        result.imatrix_file = matrix.write(out_dir / f"{name}-{t}.imatrix.gguf")
         log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
     return final, None
 
 
-def _collect_imatrix(merged: Path, f32: Path, s, log):
-    """The importance matrix of the merged model over the run's training rows (and `imatrix_text`)."""
+def importance(adapter_dir: Path, merged: Path, f32: Path, *, rows: int, text: str | None, tokenizer=None,
+               log: Callable[[str], None] = print):
+    """The importance matrix (`export.imatrix.Imatrix`) of the merged model over the run's training
+    rows rendered with the trained template (and `text`), named as in the f32 conversion `f32`."""
+    import torch
+    from libgguf.inspect import inspect_gguf
+    from transformers import AutoModelForCausalLM
+
     from lorakit.export import imatrix as I
 
-    return I.collect_for_run(merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, log=log)
+    calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=rows, text=text, log=log)
+    log(f"collecting the importance matrix over {calibration.rows} training rows"
+        + (f" and {calibration.text_chunks} chunks of general text" if calibration.text_chunks else "") + " ...")
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    arch = inspect_gguf(f32).metadata["general.architecture"].value
+    return I.collect(model, calibration.chunks, gguf_names=arch, datasets=calibration.datasets,
+                     chunk_size=calibration.chunk_size, log=log)
 
 
 def _candidate_row(type: str, path: Path, v, weighted: bool, seconds: float) -> dict[str, Any]:
