@@ -137,3 +137,67 @@ def test_published_files_follow_the_umask(base, tmp_path):
     assert mode(run / "export" / "ollama" / "model.gguf") == 0o644
     assert mode(tmp_path / "merged") == 0o755
     assert all(mode(p) == 0o644 for p in (tmp_path / "merged").iterdir())
+
+
+def _run_with_config(base, tmp_path, name, seed):
+    """A run folder as `lorakit train` leaves one for export: adapter + config.yaml naming its data."""
+    model_dir, tok = base
+    run = make_adapter(model_dir, tok, tmp_path / name, seed, template="chatml", scale=0.05)
+    train = eval_rows_file(tmp_path / f"{name}-data", EVAL_ROWS * 5)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model_dir)},
+                                                      "data": {"train": [str(train)], "template": "chatml"}}))
+    return run, train
+
+
+def test_importance_matrix_is_used_and_written(base, tmp_path):
+    """q4_k_m with --imatrix auto (on for 4-bit): the matrix beside the file in llama.cpp's format,
+    one entry per blk.* weight, and the quantized bytes differ from the unweighted file's."""
+    import libgguf
+    from libgguf.inspect import inspect_gguf
+
+    run, _ = _run_with_config(base, tmp_path, "im", 15)
+    assert main(["export", str(run), "--gguf", "q4_k_m", "--no-verify", "--out", str(tmp_path / "w")]) == 0
+    assert main(["export", str(run), "--gguf", "q4_k_m", "--no-verify", "--imatrix", "off",
+                 "--out", str(tmp_path / "plain")]) == 0
+    weighted, plain = tmp_path / "w" / "im-q4_k_m.gguf", tmp_path / "plain" / "im-q4_k_m.gguf"
+    matrix = libgguf.load_imatrix(tmp_path / "w" / "im-q4_k_m.imatrix.gguf")
+    assert not (tmp_path / "plain" / "im-q4_k_m.imatrix.gguf").exists()
+    a, b = inspect_gguf(weighted), inspect_gguf(plain)
+    blk = {t.name for t in a.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    assert set(matrix) == blk and all((v > 0).all() for v in matrix.values())
+    assert [(t.name, t.qtype) for t in a.tensors] == [(t.name, t.qtype) for t in b.tensors]  # same mix
+    changed = [t.name for t in a.tensors if a.read_tensor_bytes(t) != b.read_tensor_bytes(b.get_tensor(t.name))]
+    assert changed and set(changed) <= blk  # the weighting moved blk.* tensors only (token_embd is not recorded)
+
+
+def test_auto_keeps_the_smallest_candidate_that_passes(base, tmp_path, monkeypatch, capsys):
+    """--gguf auto over three candidates: tried smallest first; the checks (faked here: the real ones
+    are tested above) fail q4_0, pass q4_k_m; q8_0 is never written; the table is kept."""
+    import dataclasses
+
+    from lorakit.export import verify as V
+
+    run, _ = _run_with_config(base, tmp_path, "au", 16)
+    tried = []
+
+    def fake_check(tmp_gguf, final, reference_dir, type, **kwargs):
+        tried.append(type)
+        ok = type != "q4_0"
+        task = {"metric": "exact_match", "reference": 0.5, "gguf": 0.5 if ok else 0.25, "drop": 0.0 if ok else 25.0,
+                "changed": 0 if ok else 1, "passed": ok, "max_drop": 3.0}
+        fields = {f.name: None for f in dataclasses.fields(V.Verification)}
+        return V.Verification(**{**fields, "gguf": str(final), "type": type, "prompts": [], "top1_agreement": 1.0,
+                                 "passed": ok, "failures": [] if ok else ["drop"], "task": task})
+
+    monkeypatch.setattr(V, "check_file", fake_check)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + yaml.safe_dump(
+        {"export": {"auto_types": ["q8_0", "q4_k_m", "q4_0"], "eval_data": [str(eval_rows_file(tmp_path))]}}))
+    assert main(["export", str(run), "--gguf", "auto"]) == 0
+    assert tried == ["q4_0", "q4_k_m"]
+    out = capsys.readouterr().out
+    assert "too lossy" in out and "kept" in out
+    export = run / "export"
+    assert sorted(p.name for p in export.iterdir() if p.suffix == ".gguf") == ["au-q4_k_m.gguf",
+                                                                                "au-q4_k_m.imatrix.gguf"]
+    v = json.loads((export / "au-q4_k_m.gguf.verify.json").read_text())
+    assert [r["type"] for r in v["auto"]] == ["q4_0", "q4_k_m"] and [r["passed"] for r in v["auto"]] == [False, True]
