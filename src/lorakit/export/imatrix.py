@@ -12,21 +12,21 @@ general text so the quantized model keeps what the adapter did not touch.
 
 What is matched, in the vendored llama.cpp's tools/imatrix/imatrix.cpp:
 
-- which products are counted (collect_imatrix, 313-320): every dense matmul whose weight is named
+- which products are counted (collect_imatrix, 245-252): every dense matmul whose weight is named
   `blk.*`, plus `output.weight` only with --process-output; none with fewer than 16 token rows
   (`src1->ne[1] < 16`).  A tied lm_head is `token_embd.weight` in the GGUF, neither `blk.*` nor
   `output.weight`, so it is never recorded;
-- what is accumulated (381-394, 406-408): per input column j, sum over token rows of x_tj^2,
+- what is accumulated (385-397, 408): per input column j, sum over token rows of x_tj^2,
   and one count per tensor, += the number of token rows;
-- how text is chunked (compute_imatrix, 787, 811-853): the whole file tokenized once, BOS
+- how text is chunked (compute_imatrix, 804, 832, 866-893): the whole file tokenized once, BOS
   first when the vocabulary adds one, special-token text not parsed; n_ctx-token chunks, the
   first token of each replaced by BOS, the remainder dropped; positions 0..n_ctx-1, one
   sequence per chunk (attention never crosses chunks);
-- what is saved (save_imatrix, 591-640): general.type = "imatrix", imatrix.datasets,
-  imatrix.chunk_count (u32, max count // chunk_size, as m_last_chunk), imatrix.chunk_size (u32),
+- what is saved (save_imatrix, 583-628): general.type = "imatrix", imatrix.datasets,
+  imatrix.chunk_count (u32, max count // chunk_size: m_last_chunk, 409-413), imatrix.chunk_size (u32),
   then per tensor in sorted name order `<name>.in_sum2` (f32, ne = (n, n_mat)) and
   `<name>.counts` (f32, ne = (1, n_mat)), 1-D when n_mat = 1 (gguf.cpp writes ggml_n_dims);
-- what llama-quantize uses (tools/quantize/quantize.cpp load_imatrix, 196-211):
+- what llama-quantize uses (tools/quantize/quantize.cpp load_imatrix, 197-211):
   float(sum_j) / float(count), in float32, or 1 where a count is 0.  `Imatrix.vectors()` does
   exactly that, so `rewrite_gguf(imatrix=m.vectors())` and `llama-quantize --imatrix FILE` see
   the same numbers.
@@ -50,9 +50,17 @@ import numpy as np
 from lorakit.errors import LorakitError
 
 MIN_TOKENS = 16
-"""llama-imatrix ignores a matmul over fewer token rows (imatrix.cpp:317); so does `collect`."""
+"""llama-imatrix ignores a matmul over fewer token rows (imatrix.cpp:249); `collect` skips a chunk
+that short, as llama-imatrix would skip it decoded on its own."""
+
+PACK_TOKENS = 512
+"""Tokens per forward pass of `collect`: enough rows for full-speed matrix products, few enough
+that the block-diagonal attention over the packed row (quadratic in it) stays a small part."""
 
 OUTPUT = "output.weight"
+
+GgufNames = str | Mapping[str, str] | Callable[[str], str | None]
+"""The GGUF general.architecture (names from gguf-py's table), or module name -> GGUF tensor name."""
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -78,7 +86,7 @@ class Imatrix:
     def vectors(self) -> dict[str, np.ndarray]:
         """{GGUF tensor name: float32 importance per input column (n_mat * n values)}, computed as
         llama-quantize computes it from the saved file: float32(sum) / float32(count), or 1 for
-        an expert with no tokens (quantize.cpp:196-211)."""
+        an expert with no tokens (quantize.cpp:197-211)."""
         out = {}
         for name, sums in self.sums.items():
             s = sums.astype(np.float32)
@@ -132,7 +140,7 @@ def _imatrix_writer(path: Path):
 
 def read(path: str | Path) -> Imatrix:
     """An imatrix GGUF file (ours or llama-imatrix's) as an `Imatrix`; counts rounded as
-    llama.cpp's loader rounds them (lround of the stored float)."""
+    llama.cpp's loader rounds them (lround of the stored float, common/imatrix-loader.cpp:166)."""
     import gguf
 
     path = Path(path)
@@ -190,8 +198,7 @@ def tensor_names(model, arch: str) -> dict[str, str]:
     return out
 
 
-def _recorded(model, gguf_names: str | Mapping[str, str] | Callable[[str], str | None],
-              process_output: bool) -> dict[str, str]:
+def _recorded(model, gguf_names: GgufNames, process_output: bool) -> dict[str, str]:
     """The modules llama-imatrix would record, by GGUF name: `blk.*` weights, plus an untied
     `output.weight` with `process_output`.  A GGUF name two modules claim is left out: the
     converter must have combined them, and how is not known here."""
@@ -216,12 +223,20 @@ def _recorded(model, gguf_names: str | Mapping[str, str] | Callable[[str], str |
 # --------------------------------------------------------------------------- collecting
 
 
-def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: str | Mapping[str, str] | Callable[[str], str | None],
-            datasets: Sequence[str] = (), chunk_size: int | None = None, process_output: bool = False,
-            min_tokens: int = MIN_TOKENS, log: Callable[[str], None] | None = None) -> Imatrix:
-    """Run `model` (a transformers causal LM) over `chunks` of token ids, one forward pass per
-    chunk (batch 1, so no padding ever enters the statistics), and accumulate per recorded
-    `nn.Linear`:  sums[j] += sum_t x_tj^2  and  count += T  for its input x of T token rows.
+def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: GgufNames, datasets: Sequence[str] = (),
+            chunk_size: int | None = None, process_output: bool = False, min_tokens: int = MIN_TOKENS,
+            pack_tokens: int | None = PACK_TOKENS, log: Callable[[str], None] | None = None) -> Imatrix:
+    """Run `model` (a transformers causal LM) over `chunks` of token ids, each chunk its own
+    sequence, and accumulate per recorded `nn.Linear`:  sums[j] += sum_t x_tj^2  and
+    count += T  for its input x of T token rows.
+
+    Chunks are packed into forward passes of up to `pack_tokens` tokens (first-fit decreasing,
+    `lorakit.data.collate.pack_bins`), one after another in a batch of one with positions
+    restarting at 0 for each and no attention mask: transformers then builds a block-diagonal
+    causal mask (the mechanism lorakit's padding-free training uses, tests/test_packing.py), so
+    each chunk is computed as if alone, at its own positions, and no padding enters the sums.
+    Packing only gives the matrix products enough rows to run at speed (on CPU a 90-row GEMM
+    runs ~5x slower per row than a 512-row one).  `pack_tokens` None: one chunk per pass.
 
     `gguf_names` is the GGUF architecture name (names via `tensor_names`), or a mapping or
     function from module name to GGUF tensor name.  `chunk_size` (default: the longest chunk)
@@ -234,6 +249,8 @@ def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: str | Mapping
     import time
 
     import torch
+
+    from lorakit.data.collate import pack_bins
 
     recorded = _recorded(model, gguf_names, process_output)
     if not recorded:
@@ -254,38 +271,42 @@ def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: str | Mapping
 
     # only the last position's logits are needed unless lm_head itself is recorded
     kwargs = {"use_cache": False}
-    if OUTPUT not in counts and "logits_to_keep" in inspect.signature(model.forward).parameters:
+    accepts = inspect.signature(model.forward).parameters
+    if OUTPUT not in counts and "logits_to_keep" in accepts:
         kwargs["logits_to_keep"] = 1
+    given = [list(c) for c in chunks]
+    kept = [c for c in given if len(c) >= min_tokens]
+    if not kept:
+        raise LorakitError(f"no chunk of at least {min_tokens} tokens to collect the importance matrix on",
+                           hint="give more (or longer) rows or a general-text file")
+    lengths = [len(c) for c in kept]
+    passes = pack_bins(lengths, pack_tokens) if pack_tokens and "position_ids" in accepts else \
+        [[i] for i in range(len(kept))]
     handles = [modules[m].register_forward_pre_hook(hook(g)) for m, g in recorded.items()]
     was_training = model.training
-    n_chunks = skipped = longest = 0
     start = time.perf_counter()
     try:
         model.eval()
         with torch.no_grad():
-            for chunk in chunks:
-                if len(chunk) < min_tokens:
-                    skipped += 1
-                    continue
-                model(input_ids=torch.tensor([list(chunk)], dtype=torch.long, device=device), **kwargs)
-                n_chunks, longest = n_chunks + 1, max(longest, len(chunk))
+            for group in passes:
+                ids = torch.tensor([[t for i in group for t in kept[i]]], dtype=torch.long, device=device)
+                positions = torch.tensor([[p for i in group for p in range(lengths[i])]], device=device)
+                packed = {"position_ids": positions} if len(group) > 1 else {}  # only where accepted
+                model(input_ids=ids, **packed, **kwargs)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if not n_chunks:
-        raise LorakitError(f"no chunk of at least {min_tokens} tokens to collect the importance matrix on",
-                           hint="give more (or longer) rows or a general-text file")
     out = {g: s.cpu().numpy()[None, :] for g, s in sums.items()}
     for g, s in out.items():
         if not np.isfinite(s).all():
             raise LorakitError(f"non-finite activations entering {g}", hint="the model overflows on this data; "
                                "check the merged weights (lorakit merge prints a parity check)")
-    chunk_size = chunk_size or longest
+    chunk_size = chunk_size or max(lengths)
     tokens = max(counts.values())
     if log:
-        log(f"importance matrix: {len(out)} tensors over {n_chunks} chunks ({tokens} tokens"
-            + (f", {skipped} chunks under {min_tokens} tokens skipped" if skipped else "")
+        log(f"importance matrix: {len(out)} tensors over {len(kept)} chunks ({tokens} tokens, {len(passes)} passes"
+            + (f", {len(given) - len(kept)} chunks under {min_tokens} tokens skipped" if len(given) > len(kept) else "")
             + f") in {time.perf_counter() - start:.1f} s")
     return Imatrix(out, {g: np.array([c], dtype=np.int64) for g, c in counts.items()}, tokens // chunk_size,
                    chunk_size, list(datasets))
@@ -338,11 +359,12 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
 
     Rows: up to `max_rows` drawn at random (seeded by train.seed, so the matrix is
     reproducible) and kept in file order, until `max_tokens`.  Each row is its own chunk, as
-    long as it is, at positions from 0: the statistics are then those of the model's real
-    use, one conversation per context.  Packing rows into n_ctx chunks (what llama-imatrix
-    would do with them in a text file) would let later rows attend to earlier, unrelated ones
-    and see positions they never see in use; it gives the same numbers only with per-row
-    positions and attention masks, which is what one forward per row is.
+    long as it is, at positions from 0 and attending only to itself: the statistics are then
+    those of the model's real use, one conversation per context.  Concatenating rows into
+    n_ctx chunks (what llama-imatrix would make of them in a text file) would let later rows
+    attend to earlier, unrelated ones at positions they never take in use; it gives the same
+    numbers only with per-row positions and a block-diagonal mask, which is how `collect`
+    packs chunks into its forward passes.
 
     Text: up to `text_tokens` (default: as many tokens as the rows gave, so the mean
     importance is an even mix; every token weighs the same in it) in n_ctx chunks."""
@@ -354,8 +376,7 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
     paths, meta = RunPaths.of(adapter_dir), read_meta(adapter_dir)
     if not paths.config.is_file():
         raise LorakitError(f"no config.yaml in {paths.root}: the run's training data is unknown",
-                           hint="point at a run folder made by `lorakit train` (runs/<name>), or collect on a "
-                           "general-text file alone")
+                           hint="point at a run folder made by `lorakit train` (runs/<name>)")
     cfg = config_mod.load(paths.config)
     if tokenizer is None:
         from lorakit.infer import base_model_config
@@ -369,13 +390,14 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
     items = prepared.train
     picked = sorted(random.Random(cfg.train.seed).sample(range(len(items)), min(max_rows, len(items))))
     chunks: list[list[int]] = []
+    row_tokens = 0
     for i in picked:
         ids = list(items[i]["input_ids"])
-        if chunks and sum(map(len, chunks)) + len(ids) > max_tokens:
+        if chunks and row_tokens + len(ids) > max_tokens:
             break
         chunks.append(ids)
-    datasets = [f"{spec} ({len(chunks)} of {len(items)} training rows, template {prepared.template.name})"
-                for spec in cfg.data.train]
+        row_tokens += len(ids)
+    datasets = list(cfg.data.train)  # file names, as llama-imatrix records its text file
     n_rows, n_text = len(chunks), 0
     if text is not None:
         text = Path(text)
@@ -388,7 +410,7 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
         if not general:
             raise LorakitError(f"the general-text file holds fewer than n_ctx = {n_ctx} tokens", where=str(text),
                                hint="pass a longer file or a smaller n_ctx")
-        budget = sum(map(len, chunks)) if text_tokens is None else text_tokens
+        budget = row_tokens if text_tokens is None else text_tokens
         n_text = max(1, min(len(general), math.ceil(budget / n_ctx)))
         chunks += general[:n_text]
         datasets.append(str(text))
