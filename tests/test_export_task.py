@@ -91,7 +91,7 @@ def test_a_drop_beyond_max_drop_publishes_nothing(base, tmp_path, monkeypatch, c
     assert main(["export", str(run), "--gguf", "f32", "--eval-data", str(rows), *budget]) == 2
     err = capsys.readouterr().err
     assert "loses too much of what the fine-tune learned" in err and "25.0 points" in err
-    assert "--imatrix" in err and "--max-drop" in err
+    assert "--max-drop" in err and "verify.json" in err
     export = run / "export"
     v = json.loads((export / "d-f32.gguf.verify.json").read_text())
     assert v["passed"] is False and v["task"]["drop"] == 25.0 and v["task"]["lost"] == 1
@@ -171,8 +171,9 @@ def test_importance_matrix_is_used_and_written(base, tmp_path):
 
 
 def test_auto_keeps_the_smallest_candidate_that_passes(base, tmp_path, monkeypatch, capsys):
-    """--gguf auto over three candidates: tried smallest first; the checks (faked here: the real ones
-    are tested above) fail q4_0, pass q4_k_m; q8_0 is never written; the table is kept."""
+    """--gguf auto over three candidates: tried smallest first, 4-bit ones with and without the
+    importance matrix; the checks (faked here: the real ones are tested above) fail q4_0, pass
+    q4_k_m; q8_0 is never written; the table is kept."""
     import dataclasses
 
     from lorakit.export import verify as V
@@ -193,11 +194,20 @@ def test_auto_keeps_the_smallest_candidate_that_passes(base, tmp_path, monkeypat
     (run / "config.yaml").write_text((run / "config.yaml").read_text() + yaml.safe_dump(
         {"export": {"auto_types": ["q8_0", "q4_k_m", "q4_0"], "eval_data": [str(eval_rows_file(tmp_path))]}}))
     assert main(["export", str(run), "--gguf", "auto"]) == 0
-    assert tried == ["q4_0", "q4_k_m"]
+    assert tried == ["q4_0", "q4_0", "q4_k_m"]  # 4-bit: with the importance matrix, then without
     out = capsys.readouterr().out
     assert "too lossy" in out and "kept" in out
     export = run / "export"
     assert sorted(p.name for p in export.iterdir() if p.suffix == ".gguf") == ["au-q4_k_m.gguf",
                                                                                 "au-q4_k_m.imatrix.gguf"]
     v = json.loads((export / "au-q4_k_m.gguf.verify.json").read_text())
-    assert [r["type"] for r in v["auto"]] == ["q4_0", "q4_k_m"] and [r["passed"] for r in v["auto"]] == [False, True]
+    assert [(r["type"], r["imatrix"], r["passed"]) for r in v["auto"]] == \
+        [("q4_0", True, False), ("q4_0", False, False), ("q4_k_m", True, True)]
+
+
+def test_failure_advice_names_the_next_wider_types():
+    from lorakit.export.task import failure_hint
+
+    hint = failure_hint("q4_k_m")
+    assert "--gguf q5_k_m, --gguf q6_k" in hint and "--imatrix" in hint and "--gguf auto" in hint
+    assert "--gguf f16" in failure_hint("q8_0")  # nothing quantized is wider than q8_0

@@ -188,8 +188,12 @@ def failure_hint(type: str) -> str:
     """What to try when a file loses too much on the task."""
     from lorakit.export.quantize import FTYPES
 
+    if type not in FTYPES:
+        return ("an unquantized file should answer as transformers does: compare the two engines' answers in the "
+                ".verify.json, and allow the difference with --max-drop POINTS if it is the engines, not the file")
     order = list(FTYPES)  # largest file first
-    wider = order[max(0, order.index(type) - 2):order.index(type)] if type in order else []
+    wider = order[max(0, order.index(type) - 2):order.index(type)]
     tries = ", ".join(f"--gguf {w}" for w in reversed(wider)) or "--gguf f16"
-    return (f"try a larger type ({tries}, or --gguf auto to keep the smallest that passes), keep the importance "
-            "matrix on (--imatrix on; the default for 4-bit types), or allow a larger drop with --max-drop POINTS")
+    return (f"try a larger type ({tries}, or --gguf auto to keep the smallest that passes, trying 4-bit types with "
+            "and without the importance matrix), the other --imatrix setting (on / off), or allow a larger drop "
+            "with --max-drop POINTS")
