@@ -195,8 +195,6 @@ def cmd_export(args) -> int:
                     imatrix_text=args.imatrix_text)
     for f in result.files:
         print(f"wrote {f}")
-    if result.imatrix_file:
-        print(f"wrote {result.imatrix_file}")
     _refresh_report(args.run, result.files)
     if result.ollama_command:
         print(f"Ollama folder: {result.ollama_dir}\nimport it with: {result.ollama_command}")
