@@ -186,3 +186,32 @@ def test_installed_serve_answers_the_openai_client_and_stops_cleanly(installed, 
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert f"lorakit serve: http://127.0.0.1:{port}/v1" in out, out
+
+
+def test_installed_export_checks_the_task_and_weights_4_bit_types(installed, venv, tmp_path):
+    """train -> export q4_k_m (importance matrix from the run's rows, llama.cpp's format) -> export f32
+    with the task-level check, with the wheel's CLI. The model carries SmolLM2's tokenizer, which
+    llama.cpp's converter knows (tests/test_export_gguf.py::build)."""
+    import json
+
+    from conftest import EVAL_ROWS, eval_rows_file
+    from test_export_gguf import build
+    from transformers import AutoTokenizer
+
+    from lorakit.model.embedded import embedded_model_dir
+
+    model = build(tmp_path / "model", AutoTokenizer.from_pretrained(embedded_model_dir()), layers=2, template=None)
+    lk = venv / "bin/lorakit"
+    data = eval_rows_file(tmp_path / "data", EVAL_ROWS * 4)
+    (tmp_path / "e.yaml").write_text(
+        f"model: {{name: {model}}}\ndata: {{train: {data}, template: chatml, max_length: 64}}\n"
+        "lora: {r: 4, alpha: 8}\ntrain: {max_steps: 1, batch_size: 4, eval_steps: 0, save_steps: 0}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n", encoding="utf-8")
+    _ok(_run([lk, "train", tmp_path / "e.yaml"], cwd=tmp_path))
+    run = tmp_path / "runs" / "e"
+    _ok(_run([lk, "export", run, "--gguf", "q4_k_m", "--no-verify"], cwd=tmp_path))
+    assert (run / "export" / "e-q4_k_m.gguf").is_file() and (run / "export" / "e-q4_k_m.imatrix.gguf").is_file()
+    out = _ok(_run([lk, "export", run, "--gguf", "f32", "--eval-data", data], cwd=tmp_path))
+    assert "task check on 'heldout'" in out.stdout
+    task = json.loads((run / "export" / "e-f32.gguf.verify.json").read_text(encoding="utf-8"))["task"]
+    assert task["passed"] and task["changed"] == 0 and task["rows"] == len(EVAL_ROWS) * 4
