@@ -278,3 +278,20 @@ def test_smollm2_same_bytes_as_llama_quantize(smollm2_f32, tmp_path, ftype):
     for t in a.tensors:
         assert a.read_tensor_bytes(t) == b.read_tensor_bytes(b.get_tensor(t.name)), t.name
     assert a.metadata["general.file_type"].value == b.metadata["general.file_type"].value == int(FTYPES[ftype].file_type)
+
+
+def test_raised_tensors_get_one_type_wider_then_the_fallback():
+    """`raised`: the named tensors one step up (UP), the rest as the mix; rows of 576 that cannot hold
+    Q5_K fall back to Q5_1 (llama.cpp's fallback applies to the raised type too)."""
+    from lorakit.export.quantize import UP
+
+    tensors = [TensorInfo("blk.0.attn_q.weight", 256, 2, Q.F32), TensorInfo("blk.0.ffn_up.weight", 576, 2, Q.F32),
+               TensorInfo("blk.0.ffn_gate.weight", 256, 2, Q.F32), TensorInfo("output.weight", 256, 2, Q.F32)]
+    plain = tensor_types(tensors, "q4_k_m", 8)
+    up = tensor_types(tensors, "q4_k_m", 8, raised=frozenset({"blk.0.attn_q.weight", "blk.0.ffn_up.weight"}))
+    assert plain["blk.0.attn_q.weight"] == Q.Q4_K and up["blk.0.attn_q.weight"] == Q.Q5_K
+    assert plain["blk.0.ffn_up.weight"] == Q.Q5_0 and up["blk.0.ffn_up.weight"] == Q.Q8_0  # Q5_0 -> Q8_0
+    assert up["blk.0.ffn_gate.weight"] == plain["blk.0.ffn_gate.weight"] == Q.Q4_K
+    assert up["output.weight"] == plain["output.weight"]
+    per_weight = {q: GGML_QUANT_SIZES[q][1] / GGML_QUANT_SIZES[q][0] for q in (*UP, *UP.values())}
+    assert all(per_weight[b] > per_weight[a] for a, b in UP.items())  # wider: more bytes per weight

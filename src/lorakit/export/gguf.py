@@ -114,7 +114,8 @@ def trained_metadata(model_dir: Path, template_meta) -> dict[str, object]:
 
 
 def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: dict[str, object] | None = None,
-                 imatrix: dict[str, np.ndarray] | None = None, log: Callable[[str], None] = print) -> Path:
+                 imatrix: dict[str, np.ndarray] | None = None, raised: frozenset[str] = frozenset(),
+                 log: Callable[[str], None] = print) -> Path:
     """Copy the GGUF `src` to `out_file` (atomically) with `metadata` overriding KV keys and, for
     a quantized type, its tensors quantized by llama-quantize's mix; `src` must then be an f32 file.
 
@@ -126,11 +127,11 @@ def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: 
     _check_type(type)
     out_file = Path(out_file)
     with _atomic_file(out_file) as tmp:
-        _rewrite(Path(src), tmp, dict(metadata or {}), type, dict(imatrix or {}), log)
+        _rewrite(Path(src), tmp, dict(metadata or {}), type, dict(imatrix or {}), frozenset(raised), log)
     return out_file
 
 
-def _targets(info, type: str, *, has_imatrix: bool = False) -> dict[str, object]:
+def _targets(info, type: str, *, has_imatrix: bool = False, raised: frozenset[str] = frozenset()) -> dict[str, object]:
     """{tensor name: GGML type} of a `type` file made from the GGUF `info` (libgguf's inspect_gguf):
     llama-quantize's mix for a quantized type, the source's own types otherwise."""
     import gguf
@@ -147,13 +148,13 @@ def _targets(info, type: str, *, has_imatrix: bool = False) -> dict[str, object]
     targets = tensor_types(tensors, type, int(info.metadata[f"{arch}.block_count"].value), arch=arch,
                            n_expert=int(experts.value) if experts else 0,
                            n_gqa=n_gqa_from_heads(heads.value if heads else None, heads_kv.value if heads_kv else None),
-                           has_imatrix=has_imatrix)
+                           has_imatrix=has_imatrix, raised=raised)
     if any(t.type != Q.F32 for t in tensors if targets[t.name] != t.type):
         raise AssertionError("quantization expects an f32 conversion")  # a bug, not a user mistake
     return targets
 
 
-def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False) -> int:
+def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False, raised: frozenset[str] = frozenset()) -> int:
     """Bytes of tensor data a `type` file made from the f32 conversion `f32` will hold (for ordering
     candidates by size before writing any); f16 / bf16 as the converter writes them (2-D weights in
     16 bits, norms f32)."""
@@ -161,7 +162,7 @@ def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False) -> in
     from libgguf.inspect import inspect_gguf
 
     info = inspect_gguf(f32)
-    targets = _targets(info, type, has_imatrix=has_imatrix)
+    targets = _targets(info, type, has_imatrix=has_imatrix, raised=raised)
     total = 0
     for t in info.tensors:
         n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
@@ -173,7 +174,7 @@ def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False) -> in
 
 
 def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imatrix: dict[str, np.ndarray],
-             log: Callable[[str], None]) -> None:
+             raised: frozenset[str], log: Callable[[str], None]) -> None:
     """Copy `src` into `dst` with `overrides` for KV keys and, for a quantized type, quantized tensors.
 
     Metadata is read with libgguf's header parser (0.1 s for a 49k-token vocabulary, where
@@ -186,7 +187,7 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imat
     Q, V = gguf.GGMLQuantizationType, gguf.GGUFValueType
     info = inspect_gguf(src)
     arch = info.metadata[gguf.Keys.General.ARCHITECTURE].value
-    targets = _targets(info, type, has_imatrix=bool(imatrix))
+    targets = _targets(info, type, has_imatrix=bool(imatrix), raised=raised)
     if type in FTYPES:
         overrides = {**overrides, gguf.Keys.General.FILE_TYPE: int(FTYPES[type][0])}
     writer = gguf.GGUFWriter(dst, arch)
@@ -255,14 +256,15 @@ def convert_raw(model_dir: str | Path, out_file: str | Path, outtype: str = "f32
 
 def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, template_meta=None,
                    imatrix: dict[str, np.ndarray] | None = None, f32: str | Path | None = None,
-                   log: Callable[[str], None] = print) -> Path:
+                   raised: frozenset[str] = frozenset(), log: Callable[[str], None] = print) -> Path:
     """Convert a transformers folder (as `lorakit merge` writes it) to one GGUF file of `type`.
 
     `template_meta` (an `AdapterMeta`) names the trained template when the folder has no
     lorakit.json of its own; without either, the converter's template and EOS are kept (a base
     model exported for use with an adapter GGUF). `imatrix` weights a quantized type's rounding
     (`rewrite_gguf`); `f32`, an f32 conversion of the same folder (`convert_raw`), is reused
-    instead of running the converter again."""
+    instead of running the converter again; `raised` names tensors kept one type wider
+    (`export.quantize.UP`)."""
     _check_type(type)
     model_dir, out_file = Path(model_dir), Path(out_file)
     start = time.perf_counter()
@@ -278,7 +280,7 @@ def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, te
         else:
             log(f"writing {type}" + (" (llama-quantize's per-tensor mix)" if type not in _FLOAT_FTYPE else "")
                 + " with the trained template" * bool(overrides) + " and the importance matrix" * bool(imatrix))
-            rewrite_gguf(raw, out_file, type, metadata=overrides, imatrix=imatrix, log=log)
+            rewrite_gguf(raw, out_file, type, metadata=overrides, imatrix=imatrix, raised=raised, log=log)
     log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     return out_file
 

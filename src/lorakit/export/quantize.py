@@ -205,15 +205,24 @@ def _fallback(t: TensorInfo, qtype: Q) -> Q:
     return new if t.n_per_row % BLOCK[new] == 0 else Q.F16
 
 
+UP = {Q.Q4_0: Q.Q5_0, Q.Q4_1: Q.Q5_1, Q.IQ4_NL: Q.Q5_0, Q.IQ4_XS: Q.Q5_K, Q.Q4_K: Q.Q5_K, Q.Q5_0: Q.Q8_0,
+      Q.Q5_1: Q.Q8_0, Q.Q5_K: Q.Q6_K, Q.Q6_K: Q.Q8_0}
+"""One type wider, for the tensors a file keeps wider than its mix (`raised`): the next type with
+more bits per weight of the same family, Q8_0 above the legacy 5-bit and K types. Not llama.cpp's
+rule: lorakit's, for sensitivity-guided mixes (benchmarks/sensitivity.py)."""
+
+
 def tensor_types(tensors: list[TensorInfo], ftype: str, n_layer: int, *, arch: str = "llama",
-                 n_expert: int = 0, n_gqa: int = 1, has_imatrix: bool = False) -> dict[str, Q]:
+                 n_expert: int = 0, n_gqa: int = 1, has_imatrix: bool = False,
+                 raised: frozenset[str] = frozenset()) -> dict[str, Q]:
     """The GGML type of every tensor in a `ftype` (a key of FTYPES) file.
 
     `n_layer` is the model's block count (`{arch}.block_count`), `n_expert` its
     `{arch}.expert_count`, `n_gqa` its `{arch}.attention.head_count // head_count_kv` (llama.cpp's
     `n_gqa()`, see `n_gqa_from_heads`; only iq4_xs depends on it, so the default 1 is exact for
     the other types on any model), and `has_imatrix` whether the tensors will be quantized with
-    an importance matrix (iq4_xs and q4_0 then choose other ffn_down types, as llama-quantize does)."""
+    an importance matrix (iq4_xs and q4_0 then choose other ffn_down types, as llama-quantize does).
+    The tensors named in `raised` get the type `UP` of what the mix gives them (then the fallback)."""
     if ftype not in FTYPES:
         raise ValueError(f"unknown quantized file type {ftype!r}")
     if arch == "falcon" or n_expert > 1:
@@ -241,5 +250,6 @@ def tensor_types(tensors: list[TensorInfo], ftype: str, n_layer: int, *, arch: s
             if bump is not None and bump.when(At(seen[cat], count[cat], n_gqa, has_imatrix)):
                 new = bump.type
             seen[cat] += 1
-        out[t.name] = _fallback(t, new)
+        new = _fallback(t, new)
+        out[t.name] = _fallback(t, UP.get(new, new)) if t.name in raised else new
     return out
