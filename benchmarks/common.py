@@ -263,3 +263,33 @@ def emit(result: dict, path: str | Path | None) -> None:
     if path:
         Path(path).write_text(text + "\n", encoding="utf-8")
     print(text, flush=True)
+
+
+def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0) -> dict[str, Any]:
+    """What the export benchmarks share: the run's adapter, metadata and tokenizer, its merged fp32
+    folder and f32 GGUF in `work`, and the task rows of `eval_data` with the merged model's answers
+    (lorakit.export.task), each step timed ("seconds")."""
+    from lorakit.artifacts import find_adapter_dir, read_meta
+    from lorakit.cli import _quiet_libraries
+    from lorakit.export import gguf as G
+    from lorakit.export import task as T
+    from lorakit.infer import base_model_config
+    from lorakit.merge import merge
+    from lorakit.model.load import load_tokenizer
+
+    _quiet_libraries()
+    quiet = lambda s: None  # noqa: E731
+    adapter = find_adapter_dir(run)
+    meta = read_meta(adapter)
+    tok = load_tokenizer(base_model_config(meta))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    merge(adapter, work / "merged", dtype="fp32", log=quiet)
+    seconds["merge"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
+    f32 = G.convert_raw(work / "merged", work / "f32.gguf", log=quiet)
+    seconds["convert_f32"] = round(time.perf_counter() - t0, 1)
+    rows = T.task_set(adapter, tok, eval_data=[eval_data], limit=limit, metric="auto", log=quiet)
+    T.answer_reference(rows, work / "merged", log=quiet)
+    seconds["transformers_answer"] = rows.reference_seconds
+    return {"adapter": adapter, "meta": meta, "tokenizer": tok, "merged": work / "merged", "f32": f32, "rows": rows,
+            "seconds": seconds}

@@ -65,33 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
-    from lorakit.artifacts import find_adapter_dir, read_meta
-    from lorakit.cli import _quiet_libraries
+    from common import export_setup
+
     from lorakit.export import gguf as G
     from lorakit.export import run as E
     from lorakit.export import task as T
     from lorakit.export.quantize import FTYPES
-    from lorakit.infer import base_model_config
-    from lorakit.merge import merge
-    from lorakit.model.load import load_tokenizer
 
-    _quiet_libraries()
     quiet = lambda s: None  # noqa: E731
-    adapter = find_adapter_dir(args.run)
-    meta = read_meta(adapter)
-    tok = load_tokenizer(base_model_config(meta))
-    result: dict = {"run": str(adapter.parent), "eval_data": args.eval_data, "files": []}
+    result: dict = {"run": args.run, "eval_data": args.eval_data, "files": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-export-bench-") as tmp:
         work = Path(tmp)
-        t0 = time.perf_counter()
-        merge(adapter, work / "merged", dtype="fp32", log=quiet)
-        result["merge_s"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        f32 = G.convert_raw(work / "merged", work / "f32.gguf", log=quiet)
-        result["convert_f32_s"] = round(time.perf_counter() - t0, 1)
-        rows = T.task_set(adapter, tok, eval_data=[args.eval_data], limit=args.limit, metric="auto", log=quiet)
-        T.answer_reference(rows, work / "merged", log=quiet)
-        result["transformers_answer_s"] = rows.reference_seconds
+        setup = export_setup(args.run, args.eval_data, work, limit=args.limit)
+        adapter, meta, tok, f32, rows = (setup[k] for k in ("adapter", "meta", "tokenizer", "f32", "rows"))
+        result.update({f"{k}_s": v for k, v in setup["seconds"].items()})
         t0 = time.perf_counter()
         importance = E.importance(adapter, work / "merged", f32, rows=256, text=None, tokenizer=tok, log=quiet)
         result["imatrix_s"] = round(time.perf_counter() - t0, 1)
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         kl_seq = [template.encode_prompt(tok, pr) for pr in rows.prompts[:args.kl_rows]]
         answers = [tok(r, add_special_tokens=False)["input_ids"] for r in rows.references[:args.kl_rows]]
         print(f"{adapter.parent.name}: {len(rows.prompts)} rows, metric {rows.metric}; merge {result['merge_s']} s, "
-              f"f32 {result['convert_f32_s']} s, transformers answers {rows.reference_seconds} s, imatrix "
+              f"f32 {result['convert_f32_s']} s, transformers answers {result['transformers_answer_s']} s, imatrix "
               f"{result['imatrix_s']} s")
         print(f"{'type':8} {'imatrix':7} {'MiB':>7} {'write s':>7} {'metric':>7} {'drop':>6} {'changed':>7} {'KL':>8}")
         for t in args.types:
@@ -119,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{t:8} {'yes' if weighted else 'no':7} {row['mib']:7.1f} {row['write_s']:7.1f} "
                       f"{row['gguf']:7.1%} {row['drop']:+6.1f} {row['changed']:7d} {row['kl']:8.5f}", flush=True)
                 out.unlink()
-        result["transformers"] = rows.reference_answers and result["files"][0]["transformers"]
     if args.auto:
         from lorakit.export.run import export
 

@@ -34,31 +34,22 @@ def main(argv: list[str] | None = None) -> int:
 
     import libgguf
     import torch
+
+    from common import export_setup
     from libgguf.inspect import inspect_gguf
     from transformers import AutoModelForCausalLM
 
-    from lorakit.artifacts import find_adapter_dir, read_meta
-    from lorakit.cli import _quiet_libraries
     from lorakit.export import gguf as G
     from lorakit.export import imatrix as I
     from lorakit.export import run as E
     from lorakit.export import task as T
-    from lorakit.infer import base_model_config
-    from lorakit.merge import merge
-    from lorakit.model.load import load_tokenizer
 
-    _quiet_libraries()
     quiet = lambda s: None  # noqa: E731
-    adapter = find_adapter_dir(args.run)
-    meta = read_meta(adapter)
-    tok = load_tokenizer(base_model_config(meta))
-    out: dict = {"run": str(adapter.parent), "type": args.type, "imatrix": args.imatrix, "files": []}
+    out: dict = {"run": args.run, "type": args.type, "imatrix": args.imatrix, "files": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-sensitivity-") as tmp:
         work = Path(tmp)
-        merge(adapter, work / "merged", dtype="fp32", log=quiet)
-        f32 = G.convert_raw(work / "merged", work / "f32.gguf", log=quiet)
-        rows = T.task_set(adapter, tok, eval_data=[args.eval_data], limit=0, metric="auto", log=quiet)
-        T.answer_reference(rows, work / "merged", log=quiet)
+        setup = export_setup(args.run, args.eval_data, work)
+        adapter, tok, f32, rows = (setup[k] for k in ("adapter", "tokenizer", "f32", "rows"))
         vectors = E.importance(adapter, work / "merged", f32, rows=256, text=None, tokenizer=tok,
                                log=quiet).vectors() if args.imatrix else {}
         targets = G._targets(inspect_gguf(f32), args.type, has_imatrix=args.imatrix)
