@@ -213,12 +213,13 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
             f"keeping the first within {s.max_drop:g} points of the merged model")
     matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
                         log=log) if any(w for _, w in plans) else None
+    vectors = matrix.vectors() if matrix is not None else None  # one division for every weighted candidate
     v = final = None
     for t, weighted in plans:
         final = out_dir / f"{name}-{t}.gguf"
         start = time.perf_counter()
         try:
-            G.convert_merged(merged, _partial(final), t, f32=f32, imatrix=matrix.vectors() if weighted else None,
+            G.convert_merged(merged, _partial(final), t, f32=f32, imatrix=vectors if weighted else None,
                              log=log)
             if not verify:
                 os.replace(_partial(final), final)
