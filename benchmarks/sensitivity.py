@@ -2,10 +2,9 @@
 
     python benchmarks/sensitivity.py RUN --eval-data FILE [--type q4_k_m] [--imatrix] [--raise 8 16 32]
 
-Issue 22's step 4, measured before it is built into `lorakit export`: per-tensor sensitivity is
-the mean KL(merged || merged with only that tensor quantized) per position over the first --rows
-held-out rows (transformers, fp32; the tensor is quantized and dequantized by llama.cpp's row
-code, per row, so the q/k row permutation of the conversion does not matter). The K most
+Issue 22's step 4, measured before it was built into `lorakit export --max-size`: per-tensor
+sensitivity (export/sensitivity.py's `rank`, here over the first --rows held-out rows, where the
+export ranks on training rows). The K most
 sensitive tensors are then raised one type (`export.quantize.UP`) and each file goes through the
 task check of `lorakit export` (export/task.py), beside the plain mixes of the same and the next
 larger types. Last line: JSON.
@@ -32,17 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", nargs="*", default=["q5_k_m", "q6_k"])
     args = p.parse_args(argv)
 
-    import libgguf
-    import torch
-
     from common import export_setup
     from libgguf.inspect import inspect_gguf
-    from transformers import AutoModelForCausalLM
 
     from lorakit.export import gguf as G
-    from lorakit.export import imatrix as I
     from lorakit.export import run as E
     from lorakit.export import task as T
+    from lorakit.export.sensitivity import rank
 
     quiet = lambda s: None  # noqa: E731
     out: dict = {"run": args.run, "type": args.type, "imatrix": args.imatrix, "files": []}
@@ -53,33 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         vectors = E.importance(adapter, work / "merged", f32, rows=256, text=None, tokenizer=tok,
                                log=quiet).vectors() if args.imatrix else {}
         targets = G._targets(inspect_gguf(f32), args.type, has_imatrix=args.imatrix)
-        model = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
-        names = I.tensor_names(model, inspect_gguf(f32).metadata["general.architecture"].value)
-        seqs = [torch.tensor([ids + tok(r, add_special_tokens=False)["input_ids"]])
+        seqs = [ids + tok(r, add_special_tokens=False)["input_ids"]
                 for ids, r in zip(rows.prompt_ids[:args.rows], rows.references[:args.rows])]
-        with torch.no_grad():
-            ref = [torch.log_softmax(model(input_ids=s).logits[0].float(), -1) for s in seqs]
-        modules = dict(model.named_modules())
         t0 = time.perf_counter()
-        scores = {}
-        for module, gname in names.items():
-            if gname not in targets:
-                continue
-            w = modules[module].weight
-            q = int(targets[gname])
-            keep = w.data.clone()
-            deq = libgguf.dequantize_rows(libgguf.quantize_rows(keep.numpy(), q, imatrix=vectors.get(gname)), q)
-            w.data.copy_(torch.from_numpy(deq.reshape(keep.shape)))
-            with torch.no_grad():
-                kl = [torch.nn.functional.kl_div(torch.log_softmax(model(input_ids=s).logits[0].float(), -1), r,
-                                                 log_target=True, reduction="sum").item() / s.shape[1]
-                      for s, r in zip(seqs, ref)]
-            w.data.copy_(keep)
-            scores[gname] = sum(kl) / len(kl)
+        scores = dict(rank(work / "merged", f32, args.type, seqs, imatrix=vectors or None, log=quiet))
         out["sensitivity_s"] = round(time.perf_counter() - t0, 1)
         ranked = sorted(scores, key=scores.get, reverse=True)
         out["top"] = [(n, targets[n].name, round(scores[n], 5)) for n in ranked[:32]]
-        print(f"per-tensor KL over {len(seqs)} rows, {len(scores)} tensors in {out['sensitivity_s']} s; most sensitive:")
+        print(f"per-tensor KL over {len(seqs)} held-out rows, {len(scores)} tensors in {out['sensitivity_s']} s; most sensitive:")
         for n, qt, v in out["top"][:12]:
             print(f"  {n:28} {qt:6} {v:.5f}")
         plans = [(args.type, frozenset())] + [(args.type, frozenset(ranked[:k])) for k in args.counts] + \

@@ -191,8 +191,7 @@ def cmd_export(args) -> int:
     result = export(args.run, gguf=args.gguf, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
                     verify=not args.no_verify, max_drop=args.max_drop, eval_data=args.eval_data,
                     eval_limit=args.eval_limit, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                    imatrix=args.imatrix,
-                    imatrix_text=args.imatrix_text)
+                    imatrix=args.imatrix, imatrix_text=args.imatrix_text, max_size=args.max_size)
     for f in result.files:
         print(f"wrote {f}")
     _refresh_report(args.run, result.files)
@@ -349,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--metric", choices=["auto", "exact_match", "json_field_accuracy", "rouge_l"], help=schema("metric"))
     x.add_argument("--imatrix", choices=["auto", "on", "off"], help=schema("imatrix"))
     x.add_argument("--imatrix-text", metavar="FILE", help=schema("imatrix_text"))
+    x.add_argument("--max-size", type=float, metavar="MIB", help=schema("max_size"))
     x.add_argument("--adapter-only", action="store_true",
                    help="the base as GGUF plus the adapter in llama.cpp's LoRA format, instead of one merged file")
     x.add_argument("--ollama", action="store_true", help="also write an Ollama folder (GGUF + Modelfile)")

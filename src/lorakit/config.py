@@ -277,6 +277,14 @@ class ExportConfig:
         "quantization does not trade general ability for the task; null: the run's rows only.",
         None,
     )
+    max_size: float | None = _help(
+        "The largest GGUF file to write, in MiB; null: no limit. Types whose file would be larger are "
+        "not written, and the largest quantized type that fits gets its most sensitive tensors (KL on "
+        "the run's training rows when only that tensor is quantized) one type wider until the file "
+        "reaches the size: with a named type in place of its plain mix, with auto as the last candidate.",
+        None,
+    )
+    sensitivity_rows: int = _help("Training rows the per-tensor sensitivity of --max-size is measured on.", 8)
     auto_types: list[str] = _help(
         "The candidates of --gguf auto, tried from the smallest file to the largest.",
         factory=lambda: ["iq4_xs", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"],

@@ -158,19 +158,32 @@ def planned_size(f32: str | Path, type: str, *, has_imatrix: bool = False, raise
     """Bytes of tensor data a `type` file made from the f32 conversion `f32` will hold (for ordering
     candidates by size before writing any); f16 / bf16 as the converter writes them (2-D weights in
     16 bits, norms f32)."""
-    import libgguf
     from libgguf.inspect import inspect_gguf
 
-    info = inspect_gguf(f32)
+    return sum(tensor_bytes(inspect_gguf(f32), type, has_imatrix=has_imatrix, raised=raised).values())
+
+
+def header_bytes(f32: str | Path) -> int:
+    """What a file holds besides tensor data (metadata, vocabulary, tensor infos, alignment): that of
+    the f32 conversion, which every file made from it shares up to a few alignment bytes a tensor."""
+    from libgguf.inspect import inspect_gguf
+
+    return Path(f32).stat().st_size - planned_size(f32, "f32") + 32 * len(inspect_gguf(f32).tensors)
+
+
+def tensor_bytes(info, type: str, *, has_imatrix: bool = False, raised: frozenset[str] = frozenset()) -> dict[str, int]:
+    """{tensor name: bytes} in a `type` file made from the f32 conversion `info` (inspect_gguf)."""
+    import libgguf
+
     targets = _targets(info, type, has_imatrix=has_imatrix, raised=raised)
-    total = 0
+    out = {}
     for t in info.tensors:
         n_rows = math.prod(t.shape[1:]) if len(t.shape) > 1 else 1
         if type in _FLOAT_FTYPE and type != "f32":
-            total += (2 if len(t.shape) >= 2 else 4) * math.prod(t.shape)
+            out[t.name] = (2 if len(t.shape) >= 2 else 4) * math.prod(t.shape)
         else:
-            total += n_rows * libgguf.row_size(int(targets[t.name]), int(t.shape[0]))
-    return total
+            out[t.name] = n_rows * libgguf.row_size(int(targets[t.name]), int(t.shape[0]))
+    return out
 
 
 def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imatrix: dict[str, np.ndarray],

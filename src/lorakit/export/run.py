@@ -13,7 +13,8 @@ owner for every default), the command's flags overriding it.
 
 Layout of `--out` (default `runs/<name>/export/`):
   <name>-<type>.gguf              merged model            + .verify.json
-  <name>-<type>.imatrix.gguf      the importance matrix it was quantized with (llama.cpp's format)
+  <name>-<type>-dynamic.gguf      with --max-size: the mix with its most sensitive tensors one type wider
+  <name>-<type>[-dynamic].imatrix.gguf   the importance matrix it was quantized with (llama.cpp's format)
   <base>-<type>.gguf, <name>-lora.gguf   with --adapter-only (base + llama.cpp LoRA adapter)
   ollama/                          with --ollama: the GGUF(s) and a Modelfile
 """
@@ -74,7 +75,10 @@ def settings(paths: RunPaths, **flags: Any):
     if bad:
         raise LorakitError(f"export.auto_types names {', '.join(map(repr, bad))}, not GGUF types",
                            where=str(paths.config), hint=f"use some of {', '.join(TYPES)}")
-    for key in ("eval_limit", "max_new_tokens"):
+    if s.max_size is not None and s.max_size <= 0:
+        raise LorakitError(f"--max-size {s.max_size:g} is not a size", where="--max-size / export.max_size",
+                           hint="the largest GGUF file to write, in MiB, or leave it unset")
+    for key in ("eval_limit", "max_new_tokens", "sensitivity_rows"):
         if getattr(s, key) < 0:
             raise LorakitError(f"--{key.replace('_', '-')} {getattr(s, key)} is negative", hint="0 means: all / auto")
     return s
@@ -84,7 +88,7 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
            out: str | Path | None = None, verify: bool = True, max_drop: float | None = None,
            eval_data: list[str] | None = None, eval_limit: int | None = None, metric: str | None = None,
            max_new_tokens: int | None = None, imatrix: str | None = None, imatrix_text: str | None = None,
-           log: Callable[[str], None] = print) -> ExportResult:
+           max_size: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
     from lorakit.export import require_toolchain
     from lorakit.export import gguf as G
     from lorakit.infer import base_model_config
@@ -93,22 +97,32 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
     adapter_dir = find_adapter_dir(run)
     paths = RunPaths.of(adapter_dir)
     s = settings(paths, gguf=gguf, max_drop=max_drop, eval_data=eval_data, eval_limit=eval_limit, metric=metric,
-                 max_new_tokens=max_new_tokens, imatrix=imatrix, imatrix_text=imatrix_text)
+                 max_new_tokens=max_new_tokens, imatrix=imatrix, imatrix_text=imatrix_text,
+                 max_size=max_size)
     if s.gguf == AUTO and not verify:
         raise LorakitError("--gguf auto chooses by the checks that --no-verify skips", where="--no-verify",
                            hint="drop --no-verify, or name the type with --gguf TYPE")
     if adapter_only and s.gguf == AUTO:
         raise LorakitError("--gguf auto chooses the type of a merged file", where="--adapter-only",
                            hint="name the base's type with --gguf TYPE, or drop --adapter-only")
+    if adapter_only and s.max_size is not None:
+        raise LorakitError("--max-size shapes the mix of a merged file", where="--adapter-only",
+                           hint="drop --max-size, or drop --adapter-only")
     if s.imatrix_text and not Path(s.imatrix_text).is_file():
         raise LorakitError(f"no such file: {s.imatrix_text}", where="--imatrix-text / export.imatrix_text",
                            hint="a plain-text file of general text, or leave it unset")
     candidates = s.auto_types if s.gguf == AUTO else [s.gguf]
-    if not adapter_only and not paths.config.is_file() and \
-            (s.imatrix == "on" or (s.imatrix == AUTO and any(t in IMATRIX_BY_DEFAULT for t in candidates))):
-        raise LorakitError(f"the importance matrix is collected on the run's training rows, and {adapter_dir} is "
-                           "not in a run folder with a config.yaml", where="--imatrix / export.imatrix",
-                           hint="pass --imatrix off (plain quantization), or export from the run folder")
+    if not adapter_only and not paths.config.is_file():
+        from lorakit.export.quantize import FTYPES
+
+        if s.imatrix == "on" or (s.imatrix == AUTO and any(t in IMATRIX_BY_DEFAULT for t in candidates)):
+            raise LorakitError(f"the importance matrix is collected on the run's training rows, and {adapter_dir} "
+                               "is not in a run folder with a config.yaml", where="--imatrix / export.imatrix",
+                               hint="pass --imatrix off (plain quantization), or export from the run folder")
+        if s.max_size is not None and any(t in FTYPES for t in candidates):
+            raise LorakitError(f"--max-size measures each tensor's sensitivity on the run's training rows, and "
+                               f"{adapter_dir} is not in a run folder with a config.yaml", where="--max-size",
+                               hint="export from the run folder, or drop --max-size")
     require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
     name = _slug(paths.root.name if adapter_dir.name == "adapter" else adapter_dir.name)
@@ -198,38 +212,68 @@ def _adapter_only(adapter_dir: Path, meta, merged: Path, out_dir: Path, name: st
 def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Path, name: str, s, task_rows,
             verify: bool, result: ExportResult, log) -> tuple[Path, None]:
     """One merged file of `s.gguf`, or with `auto` the smallest of `s.auto_types` that passes both
-    checks (each candidate measured; the table kept in the chosen file's .verify.json)."""
+    checks (each candidate measured; the table kept in the chosen file's .verify.json). With
+    `s.max_size`, only files within it, and the widest mix of the type that fits it (its most
+    sensitive tensors one type up: export/sensitivity.py) as the last candidate — or, for a named
+    type, in place of its plain mix."""
     from lorakit.export import gguf as G
     from lorakit.export.quantize import FTYPES
     from lorakit.export.verify import check_file, publish
 
     auto = s.gguf == AUTO
     types = list(dict.fromkeys(s.auto_types)) if auto else [s.gguf]
-    f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if any(t in FTYPES for t in types) else None
-    plans = [(t, w) for t in types for w in _weightings(t, s.imatrix, auto and verify)]
+    lossy = any(t in FTYPES for t in types)
+    f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if lossy or s.max_size is not None else None
+    plans = [(t, w, frozenset()) for t in types for w in _weightings(t, s.imatrix, auto and verify)]
+
+    def size(plan) -> int:
+        return G.planned_size(f32, plan[0], has_imatrix=plan[1], raised=plan[2])
+
     if auto and f32 is not None:
-        plans.sort(key=lambda p: G.planned_size(f32, p[0], has_imatrix=p[1]))  # stable: weighted first at a tie
-        log(f"--gguf auto: trying {', '.join(t + ' (imatrix)' * w for t, w in plans)} (smallest file first), "
-            f"keeping the first within {s.max_drop:g} points of the merged model")
+        plans.sort(key=size)  # stable: weighted first at a tie
+    budget = None
+    if s.max_size is not None:
+        budget = int(s.max_size * 2**20) - G.header_bytes(f32)
+        fitting = [p for p in plans if size(p) <= budget]
+        if not fitting:
+            smallest = min(plans, key=size)
+            raise LorakitError(f"a {smallest[0]} file of this model is about "
+                               f"{(size(smallest) + G.header_bytes(f32)) / 2**20:.1f} MiB, over --max-size "
+                               f"{s.max_size:g}", where="--max-size / export.max_size",
+                               hint="allow a larger file, or pick a smaller type (q4_0 and iq4_xs are the smallest)")
+        plans = fitting
+    calibration = None
+    if any(w for _, w, _ in plans) or (budget is not None and lossy):
+        from lorakit.export import imatrix as I
+
+        calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=s.imatrix_rows, text=s.imatrix_text, log=log)
     matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
-                        log=log) if any(w for _, w in plans) else None
+                        calibration=calibration, log=log) if any(w for _, w, _ in plans) else None
     vectors = matrix.vectors() if matrix is not None else None  # one division for every weighted candidate
+    if budget is not None and any(t in FTYPES for t, _, _ in plans):
+        plans = _dynamic(plans, auto, f32, merged, budget, calibration, vectors, s, size, log)
+    if auto:
+        log(f"--gguf auto: trying {', '.join(_label(*p) for p in plans)} (smallest file first), "
+            f"keeping the first within {s.max_drop:g} points of the merged model")
     v = final = None
-    for t, weighted in plans:
-        final = out_dir / f"{name}-{t}.gguf"
+    for t, weighted, raised in plans:
+        final = out_dir / f"{name}-{t}{'-dynamic' * bool(raised)}.gguf"
         start = time.perf_counter()
         try:
             G.convert_merged(merged, _partial(final), t, f32=f32, imatrix=vectors if weighted else None,
-                             log=log)
+                             raised=raised, log=log)
             if not verify:
                 os.replace(_partial(final), final)
                 break
             v = check_file(_partial(final), final, merged, t, task=_task(task_rows, s.max_drop, log), log=log)
+            if raised:
+                v = dataclasses.replace(v, raised=sorted(raised))
         except BaseException:
             _partial(final).unlink(missing_ok=True)
             raise
         if auto:
-            result.candidates.append(_candidate_row(t, _partial(final), v, weighted, time.perf_counter() - start))
+            result.candidates.append(_candidate_row(t, _partial(final), v, weighted, time.perf_counter() - start,
+                                                    raised=len(raised)))
         if v.passed or not auto:
             break
         _partial(final).unlink(missing_ok=True)
@@ -238,15 +282,41 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
         if v is not None and not v.passed:
             raise LorakitError(f"no candidate of --gguf auto ({', '.join(types)}) stays within {s.max_drop:g} points "
                                "of the merged model on the task", where=str(out_dir),
-                               hint="add a wider type to export.auto_types (f16 always passes), or allow a larger "
-                               "drop with --max-drop POINTS")
+                               hint="add a wider type to export.auto_types (f16 always passes), allow a larger "
+                               "drop with --max-drop POINTS" + (", or a larger --max-size" if budget else ""))
         v = dataclasses.replace(v, auto=result.candidates) if v is not None else None
     if v is not None:
         result.verifications.append(publish(_partial(final), final, v))
     if weighted:  # of the file published
-        result.imatrix_file = matrix.write(out_dir / f"{name}-{t}.imatrix.gguf")
+        result.imatrix_file = matrix.write(final.with_name(f"{final.stem}.imatrix.gguf"))
         log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
     return final, None
+
+
+def _label(type: str, weighted: bool, raised: frozenset[str]) -> str:
+    return type + " (imatrix)" * weighted + f" (+{len(raised)} tensors wider)" * bool(raised)
+
+
+def _dynamic(plans: list, auto: bool, f32: Path, merged: Path, budget: int, calibration, vectors, s, size, log) -> list:
+    """`plans` with the widest mix that fits `budget`: the largest quantized plan (the named type,
+    or with auto the largest that fits) with its most sensitive tensors raised, appended (auto) or
+    in its place (a named type). Unchanged where nothing more fits."""
+    from lorakit.export.quantize import FTYPES
+    from lorakit.export.sensitivity import rank, within
+
+    t, weighted, _ = max((p for p in plans if p[0] in FTYPES), key=size)
+    rows = calibration.chunks[:min(s.sensitivity_rows, calibration.rows)]
+    start = time.perf_counter()
+    ranked = rank(merged, f32, t, rows, imatrix=vectors if weighted else None, log=log)
+    raised = within(f32, t, ranked, budget, has_imatrix=weighted)
+    if not raised:
+        log(f"--max-size {s.max_size:g}: no tensor of {t} can be raised within it; the plain mix is kept")
+        return plans
+    top = ", ".join(f"{n} ({kl:.4f})" for n, kl in ranked[:3])
+    log(f"--max-size {s.max_size:g}: {len(raised)} of {len(ranked)} tensors of {t} one type wider "
+        f"(most sensitive, KL per token: {top}; measured in {time.perf_counter() - start:.0f} s)")
+    plan = (t, weighted, raised)
+    return plans + [plan] if auto else [plan if p[0] == t and p[1] == weighted else p for p in plans]
 
 
 def _weightings(type: str, imatrix: str, measure_both: bool) -> list[bool]:
@@ -267,7 +337,7 @@ def _weightings(type: str, imatrix: str, measure_both: bool) -> list[bool]:
 
 
 def importance(adapter_dir: Path, merged: Path, f32: Path, *, rows: int, text: str | None, tokenizer=None,
-               log: Callable[[str], None] = print):
+               calibration=None, log: Callable[[str], None] = print):
     """The importance matrix (`export.imatrix.Imatrix`) of the merged model over the run's training
     rows rendered with the trained template (and `text`), named as in the f32 conversion `f32`."""
     import torch
@@ -276,7 +346,8 @@ def importance(adapter_dir: Path, merged: Path, f32: Path, *, rows: int, text: s
 
     from lorakit.export import imatrix as I
 
-    calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=rows, text=text, log=log)
+    if calibration is None:
+        calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=rows, text=text, log=log)
     log(f"collecting the importance matrix over {calibration.rows} training rows"
         + (f" and {calibration.text_chunks} chunks of general text" if calibration.text_chunks else "") + " ...")
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
@@ -285,9 +356,9 @@ def importance(adapter_dir: Path, merged: Path, f32: Path, *, rows: int, text: s
                      chunk_size=calibration.chunk_size, log=log)
 
 
-def _candidate_row(type: str, path: Path, v, weighted: bool, seconds: float) -> dict[str, Any]:
+def _candidate_row(type: str, path: Path, v, weighted: bool, seconds: float, raised: int = 0) -> dict[str, Any]:
     task = v.task or {}
-    return {"type": type, "mib": round(path.stat().st_size / 2**20, 1), "imatrix": weighted,
+    return {"type": type, "mib": round(path.stat().st_size / 2**20, 1), "imatrix": weighted, "raised": raised,
             "metric": task.get("metric"), "reference": task.get("reference"), "gguf": task.get("gguf"),
             "drop": task.get("drop"), "changed": task.get("changed"), "top1_agreement": round(v.top1_agreement, 3),
             "passed": v.passed, "seconds": round(seconds, 1)}
@@ -298,9 +369,10 @@ def format_candidates(rows: list[dict[str, Any]]) -> str:
     head = ("type", "MiB", "imatrix", "metric", "drop", "changed", "top-1", "s", "")
     lines = [head]
     for r in rows:
+        kind = r["type"] + (f" +{r['raised']}" if r.get("raised") else "")
         metric = "-" if r["gguf"] is None else f"{r['gguf']:.1%}"
         drop = "-" if r["drop"] is None else f"{r['drop']:+.1f}"
-        lines.append((r["type"], f"{r['mib']:.1f}", "yes" if r["imatrix"] else "no", metric, drop,
+        lines.append((kind, f"{r['mib']:.1f}", "yes" if r["imatrix"] else "no", metric, drop,
                       "-" if r["changed"] is None else str(r["changed"]), f"{r['top1_agreement']:.3f}",
                       f"{r['seconds']:.0f}", "kept" if r["passed"] else "too lossy"))
     w = [max(len(row[i]) for row in lines) for i in range(len(head))]

@@ -135,6 +135,7 @@ class Verification:
     created: str = ""
     task: dict[str, Any] | None = None  # lorakit.export.task.TaskCheck.to_dict(), when the task check ran
     auto: list[dict[str, Any]] | None = None  # --gguf auto: every candidate measured, in the order tried
+    raised: list[str] | None = None  # --max-size: the tensors kept one type wider than the mix
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
