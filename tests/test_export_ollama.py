@@ -5,7 +5,7 @@ Ollama itself cannot be installed here; the renderer below does what Ollama's ch
 a TEMPLATE that uses .Messages: parse with missingkey=zero and Ollama's one template function
 (`json`), prepend the Modelfile SYSTEM when the chat does not begin with a system message, merge
 consecutive messages of one role with a blank line, execute with System, Messages and Response "".
-Go comes from Debian's golang-go (scripts/setup.sh installs it); the test fails without it.
+Go comes from Debian's golang-go (scripts/setup.sh --test installs it); the test fails without it.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def go_render(tmp_path_factory):
     go = shutil.which("go")
     if go is None:
         pytest.fail("Go is not installed, so the Ollama TEMPLATE cannot be rendered by text/template: "
-                    "run scripts/setup.sh (it installs Debian's golang-go) or `apt-get install -y golang-go`")
+                    "run scripts/setup.sh --test (it installs Debian's golang-go) or `apt-get install -y golang-go`")
     root = tmp_path_factory.mktemp("go")
     (root / "main.go").write_text(GO_RENDERER, encoding="utf-8")
     # Standard library only, nothing downloads: no module proxy, no toolchain switch.

@@ -339,7 +339,7 @@ def chromium(page: Path, tmp: Path, *extra: str) -> tuple[str, list[str]]:
     if not Path(CHROMIUM).is_file():
         pytest.fail("headless Chromium is needed to check report.html as a reader sees it, and "
                     f"{CHROMIUM} is missing: install it with `apt-get update && apt-get install -y chromium` "
-                    "(scripts/setup.sh does this on Debian/Ubuntu)")
+                    "(scripts/setup.sh --test does this on Debian/Ubuntu)")
     tmp.mkdir(parents=True, exist_ok=True)
     netlog = tmp / "net.json"
     cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", f"--log-net-log={netlog}",
