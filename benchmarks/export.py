@@ -35,7 +35,7 @@ def kl_rows(merged: Path, gguf: Path, sequences: list[list[int]], starts: list[i
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lorakit.export.verify import Llama
+    from lorakit.export.llama import Llama
 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     total, n = 0.0, 0

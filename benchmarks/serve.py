@@ -155,7 +155,7 @@ def start_llamacpp(base_dir: Path, adapters: dict[str, Path], work: Path, slots:
     import xllamacpp as xlc
 
     from lorakit.export.gguf import convert_adapter, convert_merged
-    from lorakit.export.verify import _threads
+    from lorakit.export.llama import threads as _threads
 
     quiet = lambda s: None  # noqa: E731
     base_gguf = convert_merged(base_dir, work / "base-f16.gguf", "f16", log=quiet)

@@ -23,7 +23,7 @@ JSON_ROWS = [{"instruction": "Extract the order as JSON.", "input": f"Order #{n}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
-    from lorakit.train.run import train
+    from lorakit.pipeline import train
 
     tmp = tmp_path_factory.mktemp("eval")
     data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)

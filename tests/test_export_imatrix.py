@@ -325,7 +325,7 @@ def test_same_statistics_as_llama_imatrix(tiny, smol_tokenizer, tmp_path):
     """Same f32 GGUF, same text, same chunking: per tensor and input column our sums agree with
     llama-imatrix's within `tolerance`, the counts, chunk count and size are equal, and
     rewriting llama-imatrix's file through `read` / `write` gives the same bytes."""
-    from lorakit.export.verify import Llama
+    from lorakit.export.llama import Llama
 
     binary = _binary("LORAKIT_LLAMA_IMATRIX")
     folder, f32, model = tiny

@@ -72,7 +72,7 @@ def test_f32_task_check_same_answers_and_report(base, tmp_path, capsys):
 def test_a_drop_beyond_max_drop_publishes_nothing(base, tmp_path, monkeypatch, capsys):
     """The references are the model's own answers (100 %); llama.cpp's answer to row 0 is made wrong
     (its tokens dropped) after the real engine ran: 25 points lost > 3 allowed -> exit 2, no file."""
-    from lorakit.export import verify as V
+    from lorakit.export import llama as V
 
     model_dir, tok = base
     run = make_adapter(model_dir, tok, tmp_path / "d", 12, template="chatml", scale=0.05)

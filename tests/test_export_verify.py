@@ -194,7 +194,7 @@ def test_answer_with_gguf_gives_transformers_greedy_answers(models, gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lorakit.artifacts import read_meta
-    from lorakit.export.verify import answer_with_gguf
+    from lorakit.export.llama import answer_with_gguf
     from lorakit.merge import PROMPTS
 
     _, _, merged = models["a"]

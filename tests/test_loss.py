@@ -5,7 +5,7 @@ import torch
 from lorakit.config import LoraConfig, ModelConfig
 from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
-from lorakit.train.loss import labelled_loss, split_head
+from lorakit.model.loss import labelled_loss, split_head
 
 
 def _batch(vocab: int):
@@ -73,7 +73,7 @@ def test_chunked_head_equals_the_unchunked_loss_and_gradient():
     (softmax − onehot) and scales after the matmul; each element is a sum of such terms through
     the same bf16 weight, so they agree within two bf16 roundings, 2 × 2⁻⁸ of the largest
     element."""
-    from lorakit.train.loss import head_cross_entropy
+    from lorakit.model.loss import head_cross_entropy
 
     rows, weight, targets = _head_case()
     ref = _unchunked(rows, weight, targets)
@@ -91,7 +91,7 @@ def test_chunked_head_equals_the_unchunked_loss_and_gradient():
 
 
 def test_chunked_head_without_grad_makes_no_gradient():
-    from lorakit.train.loss import head_cross_entropy
+    from lorakit.model.loss import head_cross_entropy
 
     rows, weight, targets = _head_case()
     with torch.no_grad():

@@ -7,7 +7,7 @@ from lorakit.config import LoraConfig, ModelConfig
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
-from lorakit.train.loss import labelled_loss, split_head
+from lorakit.model.loss import labelled_loss, split_head
 
 
 def _examples(vocab: int):

@@ -71,7 +71,7 @@ def add_eval(run_dir: Path) -> None:
 def trained(tmp_path_factory, tiny_model_dir):
     """(run folder as training left it, a copy with eval/ added and its report rewritten)."""
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.run import train
+    from lorakit.pipeline import train
 
     tmp = tmp_path_factory.mktemp("report")
     cfg = tiny_config(tmp, tiny_model_dir, write_jsonl(tmp / "data.jsonl", ALPACA_ROWS))
@@ -273,7 +273,7 @@ def test_cli_report(trained, tmp_path, capsys):
 def test_report_failure_never_costs_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
     from conftest import ALPACA_ROWS, write_jsonl
     from lorakit import report
-    from lorakit.train.run import train
+    from lorakit.pipeline import train
 
     def boom(run):
         raise RuntimeError("renderer broke")
@@ -423,7 +423,7 @@ def test_report_in_chromium(trained, tmp_path):
 def test_run_stopped_on_nan_still_gets_its_report(tiny_model_dir, tmp_path):
     """A real divergence (lr 1e4, no clipping): training raises, no adapter, and report.html says why."""
     from conftest import ALPACA_ROWS, write_jsonl
-    from lorakit.train.run import train
+    from lorakit.pipeline import train
 
     cfg = tiny_config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS))
     cfg.train.lr, cfg.train.max_grad_norm, cfg.train.max_steps, cfg.train.eval_steps = 1e4, 0.0, 40, 0

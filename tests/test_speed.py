@@ -18,7 +18,7 @@ from lorakit.data.collate import Collator, PackedCollator
 from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
 from lorakit.train import speed
-from lorakit.train.loss import labelled_loss, split_head
+from lorakit.model.loss import labelled_loss, split_head
 from lorakit.data.collate import PASSES, SEGMENTS, pack_bins, segment_bounds, split_passes
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)

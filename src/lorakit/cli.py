@@ -48,8 +48,8 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
+    from lorakit.pipeline import train
     from lorakit.train import distributed
-    from lorakit.train.run import train
 
     run_dir = train(_load_config(args), resume=args.resume)
     if distributed.is_main():
@@ -109,9 +109,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lorakit.evaluate import evaluate_run, format_summary
+    from lorakit.evaluate import format_summary
+    from lorakit.pipeline import evaluate
 
-    summaries = evaluate_run(args.run, data=args.data, split=args.split, base=args.base,
+    summaries = evaluate(args.run, data=args.data, split=args.split, base=args.base,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     from lorakit.artifacts import RunPaths, find_adapter_dir
 

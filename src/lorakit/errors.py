@@ -37,6 +37,11 @@ class ConfigError(LorakitError):
         super().__init__(msg, where=where)
 
 
+class TrainingStopped(LorakitError):
+    """Training began and stopped early (out of memory, a non-finite loss): the run folder records
+    what happened, so whoever runs the stage can still draw its report."""
+
+
 class DataError(LorakitError):
     """A dataset file or row that cannot be used; `where` names file, line and field."""
 

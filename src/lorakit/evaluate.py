@@ -1,7 +1,7 @@
 """`lorakit eval`: held-out loss and greedy answers of the tuned model (and the base), scored.
 
 Loss is token-weighted over every labelled position of the set, computed by the training loss
-(`train.loss.summed_loss`) on the set encoded exactly as training encoded its data, so
+(`model.loss.summed_loss`) on the set encoded exactly as training encoded its data, so
 "eval loss" here and in training measure the same thing. Answers are greedy, so base and tuned
 are compared without sampling noise, and scored against the last assistant turn of each
 example. The base is prompted with the adapter's own template (what training used), so the
@@ -54,7 +54,7 @@ def held_out_loss(session: Session, items: list[dict], *, use_adapter: bool = Tr
     import torch
 
     from lorakit.data.collate import Collator
-    from lorakit.train.loss import summed_loss
+    from lorakit.model.loss import summed_loss
 
     model = session.model
     collate = Collator(session.tokenizer.pad_token_id)
@@ -133,6 +133,16 @@ class GenerationProbe:
         self.last_answers = answers
         scores = M.aggregate(answers, self.references)
         return {f"eval_{k}": round(float(scores[k]), 4) for k in M.SCORES}
+
+
+def probe_for(cfg, tokenizer, prepared) -> GenerationProbe | None:
+    """The probe a training run asks for (train.eval_generate_rows over its validation rows), or
+    None: the factory `lorakit.train.run.train` takes as `probe`."""
+    n = cfg.train.eval_generate_rows
+    if n <= 0 or not prepared.validation_examples:
+        return None
+    return GenerationProbe(tokenizer, prepared.template, prepared.validation_examples[:n],
+                           batch_size=cfg.train.eval_batch_size)
 
 
 def wins(tuned: list[str], base: list[str], references: list[str], limit: int = 2) -> list[int]:
@@ -259,51 +269,15 @@ def evaluate_run(run: str | Path, *, data: list[str] | None = None, split: str =
                                         limit=limit, log=log)
         write_results(paths, summary, records)
         out.append(summary)
-    _refresh_report(paths, log)
     return out
-
-
-def _refresh_report(paths: RunPaths, log: Callable[[str], None]) -> None:
-    """The run's report.html gains the new table; a report that fails never costs the eval results."""
-    from lorakit.report import write_report
-
-    try:
-        write_report(paths.root)
-    except Exception as e:  # noqa: BLE001 - the results are written; the page is a view of them
-        log(f"warning: report.html not updated ({e})")
-
-
-# --------------------------------------------------------------------------- the table
-
-
-LABELS = {"loss": "loss", "perplexity": "perplexity", "exact_match": "exact match",
-          "exact_match_strict": "exact match (strict)", "rouge_l": "ROUGE-L", "bleu": "BLEU",
-          "json_valid": "JSON valid", "json_field_accuracy": "JSON field accuracy"}
-PERCENT = {"exact_match", "exact_match_strict", "json_valid", "json_field_accuracy"}
-
-
-def table_rows(summary: EvalSummary) -> list[tuple[str, dict[str, float | None]]]:
-    """(label, {model: value}) in display order: loss, perplexity, then the generation scores."""
-    rows = [("loss", summary.loss), ("perplexity", summary.perplexity)]
-    keys = [k for k in (*M.SCORES, *M.JSON_SCORES) if any(k in summary.scores.get(m, {}) for m in summary.models)]
-    rows += [(k, {m: summary.scores.get(m, {}).get(k) for m in summary.models}) for k in keys]
-    return rows
-
-
-def fmt_value(key: str, v: float | None) -> str:
-    if v is None:
-        return "-"
-    if key in PERCENT:
-        return f"{v:.1%}"
-    return f"{v:.3f}" if key != "perplexity" else f"{v:.2f}"
 
 
 def format_summary(summary: EvalSummary) -> str:
     cols = [m for m in (BASE_MODEL, TUNED) if m in summary.models]
     head = f"eval '{summary.data}' ({summary.count} examples, adapter {summary.adapter})"
     lines = [head, f"{'':24}" + "".join(f"{c:>12}" for c in cols)]
-    for key, vals in table_rows(summary):
-        lines.append(f"{LABELS[key]:24}" + "".join(f"{fmt_value(key, vals.get(c)):>12}" for c in cols))
+    for key, vals in M.table_rows(summary):
+        lines.append(f"{M.LABELS[key]:24}" + "".join(f"{M.fmt_value(key, vals.get(c)):>12}" for c in cols))
     g = summary.generation
     if g.get("answers_per_s"):
         lines.append(f"{g['answered']} greedy answers per model (max {g['max_new_tokens']} new tokens, batches of "
@@ -311,5 +285,5 @@ def format_summary(summary: EvalSummary) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BASE", "EvalSet", "answer", "wins", "eval_sets", "evaluate_run", "evaluate_set",
+__all__ = ["BASE", "EvalSet", "GenerationProbe", "probe_for", "answer", "wins", "eval_sets", "evaluate_run", "evaluate_set",
            "format_summary", "held_out_loss", "perplexity", "split_reference", "write_results"]

@@ -18,7 +18,10 @@ which fetches its metric scripts from the hub at load time). All scores are in [
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from lorakit.artifacts import EvalSummary
 
 SCORES = ("exact_match", "exact_match_strict", "rouge_l", "bleu")
 JSON_SCORES = ("json_valid", "json_field_accuracy")
@@ -170,3 +173,29 @@ def aggregate(preds: list[str], refs: list[str]) -> dict[str, float | int]:
         out["json_field_accuracy"] = sum(h for h, _ in fields) / total if total else 1.0
     out["count"] = n
     return out
+
+
+# --------------------------------------------------------------------------- how scores are shown
+
+
+LABELS = {"loss": "loss", "perplexity": "perplexity", "exact_match": "exact match",
+          "exact_match_strict": "exact match (strict)", "rouge_l": "ROUGE-L", "bleu": "BLEU",
+          "json_valid": "JSON valid", "json_field_accuracy": "JSON field accuracy"}
+PERCENT = {"exact_match", "exact_match_strict", "json_valid", "json_field_accuracy"}
+
+
+def table_rows(summary: "EvalSummary") -> list[tuple[str, dict[str, float | None]]]:
+    """(metric, {model: value}) in display order: loss, perplexity, then the generation scores; the
+    one owner of which rows an eval table shows (the eval command, the demo and report.html)."""
+    rows = [("loss", summary.loss), ("perplexity", summary.perplexity)]
+    keys = [k for k in (*SCORES, *JSON_SCORES) if any(k in summary.scores.get(m, {}) for m in summary.models)]
+    rows += [(k, {m: summary.scores.get(m, {}).get(k) for m in summary.models}) for k in keys]
+    return rows
+
+
+def fmt_value(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if key in PERCENT:
+        return f"{v:.1%}"
+    return f"{v:.3f}" if key != "perplexity" else f"{v:.2f}"

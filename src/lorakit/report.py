@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from lorakit import artifacts
 from lorakit.artifacts import AdapterMeta, Diagnostic, EvalRecord, EvalSummary, RunPaths
+from lorakit.metrics import LABELS, PERCENT, fmt_value, table_rows
 from lorakit.errors import LorakitError
 
 SAMPLES = 3  # sample answers shown per eval dataset
@@ -563,8 +564,6 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 def _eval_rows(s: EvalSummary) -> list[tuple[str, dict[str, Any]]]:
-    from lorakit.evaluate import table_rows  # the one owner of which rows a summary shows, in which order
-
     return [(k, v) for k, v in table_rows(s) if any(x is not None for x in v.values())]
 
 
@@ -579,8 +578,6 @@ def _eval_table(s: EvalSummary) -> str:
     delta = "base" in models and "tuned" in models
     head = ["metric", *[esc(m) for m in models]] + (["Δ tuned − base"] if delta else [])
     rows = []
-    from lorakit.evaluate import LABELS, PERCENT, fmt_value
-
     for name, vals in _eval_rows(s):
         cells = [esc(LABELS.get(name, name)), *[esc(fmt_value(name, vals.get(m))) for m in models]]
         if delta:

@@ -143,7 +143,7 @@ def check(ts: TaskSet, gguf_path: Path, *, max_drop: float, adapter_gguf: Path |
           log: Callable[[str], None] = print) -> TaskCheck:
     """Answer `ts` with the GGUF in llama.cpp and compare with the reference answers (which must have
     been computed: `answer_reference`)."""
-    from lorakit.export.verify import answer_with_gguf
+    from lorakit.export.llama import answer_with_gguf
     from lorakit.infer import answer_text
 
     if ts.reference_answers is None:

@@ -24,7 +24,7 @@ bytes = a + b·T per layer, so
 
 T is the largest micro-batch the run will see (simulated from the real example lengths and the
 run's number of micro-batches: packed rows hold Σ len tokens, padded rows rows × longest).
-lorakit computes logits only at labelled positions (train/loss.py). On the fast path under
+lorakit computes logits only at labelled positions (model/loss.py). On the fast path under
 autocast a frozen head runs in chunks of HEAD_CHUNK positions and keeps only the rows' gradient,
 so the training logits term is one chunk × vocab × 6 B + labelled × hidden × 4 B; otherwise it is
 labelled × vocab × 4 B × 3 (fp32 logits, log-softmax, its gradient). Evaluation uses

@@ -15,7 +15,7 @@ from lorakit.plan.batches import (Batches, MicroBatch, micro_batches_in_run, pea
                                   peak_pass)
 from lorakit.plan.shape import MiB, ModelShape, fmt_bytes, optimizer_state_bytes, weight_bytes
 from lorakit.resolve import Machine, Resolved, resolve
-from lorakit.train.loss import HEAD_CHUNK
+from lorakit.model.loss import HEAD_CHUNK
 
 HEAP_RETENTION = 0.35
 """CPU only: resident memory above the live tensors at the training peak, as a fraction of the
@@ -101,7 +101,7 @@ class Context:
 
 
 def _chunked_head(shape: ModelShape, setup: Setup) -> bool:
-    """Whether training's loss runs the frozen head in chunks (lorakit.train.loss.head_cross_entropy):
+    """Whether training's loss runs the frozen head in chunks (lorakit.model.loss.head_cross_entropy):
     the labelled-positions loss on the fast path under autocast."""
     return shape.labelled_logits and setup.fast and setup.autocast
 

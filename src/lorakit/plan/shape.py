@@ -41,7 +41,7 @@ def describe_model(cfg: Config) -> ModelShape:
 
     from lorakit.model.load import load_config
     from lorakit.model.lora import apply_lora, count_parameters
-    from lorakit.train.loss import split_head
+    from lorakit.model.loss import split_head
 
     m = cfg.model
     hf = load_config(m)  # a wrong name or an unreachable hub id is a model error, said so

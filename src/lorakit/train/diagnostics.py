@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from lorakit.artifacts import Diagnostic, append_jsonl, now_iso
 from lorakit.config import Config
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, TrainingStopped
 from lorakit.resolve import Resolved
 
 LR_HIGH = 1e-3
@@ -162,10 +162,10 @@ class Diagnostics(TrainerCallback):
             control.should_training_stop = True
 
 
-def nonfinite_error(health: Health, checkpoints: list) -> LorakitError:
+def nonfinite_error(health: Health, checkpoints: list) -> TrainingStopped:
     last = checkpoints[-1] if checkpoints else None
     where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-    return LorakitError(
+    return TrainingStopped(
         f"the loss became {health.nonfinite_value} at step {health.nonfinite_step}; training stopped and "
         f"nothing was saved from that step ({where})",
         hint="lower train.lr (e.g. halve it), keep train.max_grad_norm on, use model.dtype fp32 or bf16 instead "
@@ -173,7 +173,7 @@ def nonfinite_error(health: Health, checkpoints: list) -> LorakitError:
     )
 
 
-def oom_error(resolved: Resolved, p99_tokens: int | None) -> LorakitError:
+def oom_error(resolved: Resolved, p99_tokens: int | None) -> TrainingStopped:
     """What to change, computed from the resolved config, after an out-of-memory error."""
     cfg = resolved.cfg
     t, d, m = cfg.train, cfg.data, cfg.model
@@ -195,7 +195,7 @@ def oom_error(resolved: Resolved, p99_tokens: int | None) -> LorakitError:
         changes.append("--model.quantization 4bit (QLoRA, CUDA only: base weights in 4 bits)")
     if cfg.lora.r > 8:
         changes.append(f"--lora.r {cfg.lora.r // 2} (fewer adapter parameters and optimizer states)")
-    return LorakitError(
+    return TrainingStopped(
         "out of memory during training",
         hint="try, in this order: " + "; ".join(changes) + ". `lorakit plan CONFIG` estimates what fits.",
     )

@@ -33,13 +33,20 @@ from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
 from lorakit.train.diagnostics import DiagnosticLog, Diagnostics, Health, nonfinite_error, oom_error, preflight
 
+ProbeFactory = Callable[[Config, Any, Prepared], Any]
+"""(config, tokenizer, prepared data) -> the generation probe of each evaluation, or None."""
+
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
-          machine: Machine | None = None) -> Path:
+          machine: Machine | None = None, probe: ProbeFactory | None = None) -> Path:
     """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage.
 
     With `resume`, continue the run in `cfg.run_dir` from its newest complete checkpoint:
     adapter, optimizer, scheduler, RNG states and data position are restored by the Trainer,
     so the result equals an uninterrupted run's.
+
+    `probe(cfg, tokenizer, prepared)` makes the generation probe run at each evaluation (or
+    None): generation scoring belongs to the eval stage, above this one, so it is handed in
+    (lorakit.pipeline does), never imported. The report is drawn by whoever runs the stage.
     """
     speed.bound_kernel_caches()  # before the first 16-bit matmul of this process
     machine = machine or Machine.detect()
@@ -77,7 +84,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         log(f"resuming from {checkpoint}")
     try:
         fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
-            progress=progress, warn=warn)
+            progress=progress, warn=warn, probe=probe(cfg, tokenizer, prepared) if probe else None)
     except BaseException:
         if distributed.is_main():
             artifacts.restore(cfg.run_dir, backup, log)
@@ -186,9 +193,10 @@ def total_steps(cfg: Config, n_train: int) -> int:
 def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared, info, *,
         checkpoint: Path | None = None, log: Callable[[str], None] = print, progress: bool = True,
         counter: TokenCounter | None = None, callbacks: list[TrainerCallback] = (),
-        warn: DiagnosticLog | None = None) -> dict[str, Any]:
+        warn: DiagnosticLog | None = None, probe=None) -> dict[str, Any]:
     """The training loop proper, into a claimed run folder; ends with the published adapter.
-    Returns the run's final metrics."""
+    Returns the run's final metrics. `probe`: scores greedy answers at each evaluation (the eval
+    stage's GenerationProbe, made by `train`'s probe factory)."""
     from transformers import TrainingArguments
 
     cfg = resolved.cfg
@@ -229,7 +237,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
         callbacks=[c for c in all_callbacks if c is not None],
         token_counter=counter,
         health=health,
-        generation_probe=_probe(cfg, tokenizer, prepared),
+        generation_probe=probe,
     )
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     if setup.checkpoint_oversize and trainer.checkpoint_oversize_passes():
@@ -244,15 +252,11 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     except (torch.OutOfMemoryError, MemoryError) as e:
         error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
         warn.record(error.render(), kind="oom")
-        if main:
-            _write_report(run_dir, log)
         raise error from e
     seconds = time.perf_counter() - start
     if diagnostics.stopped == "nonfinite":
         error = nonfinite_error(health, checkpoints(paths.checkpoints))
         warn.record(error.render(), kind="nonfinite", step=health.nonfinite_step)
-        if main:
-            _write_report(run_dir, log)
         raise error
     if trainer.processes > 1:
         counter.sync(distributed.sum_ranks)
@@ -265,19 +269,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
             artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR,
                                    AdapterMeta.build(cfg, prepared, info, metrics))
             log(f"adapter saved to {run_dir / ADAPTER_DIR}")
-            _write_report(run_dir, log)
     return metrics
-
-
-def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
-    """report.html for the run as it stands. A report that fails to render must never cost the
-    trained adapter (or hide the error that stopped training), so any failure is only logged."""
-    from lorakit.report import write_report
-
-    try:
-        log(f"report: {write_report(run_dir)}")
-    except Exception as e:  # noqa: BLE001 - the report is a convenience; the run's result stands
-        log(f"warning: report.html not written ({type(e).__name__}: {e}); retry with `lorakit report {run_dir}`")
 
 
 def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list[str]:
@@ -328,16 +320,6 @@ def _final_metrics(trainer, counter: TokenCounter, seconds: float, device: str =
         "train_seconds": round(seconds, 1),
         **dict(zip(("peak_memory_bytes", "peak_memory_kind"), peak_memory(device))),
     }
-
-
-def _probe(cfg: Config, tokenizer, prepared: Prepared):
-    n = cfg.train.eval_generate_rows
-    if n <= 0 or not prepared.validation_examples:
-        return None
-    from lorakit.evaluate import GenerationProbe
-
-    return GenerationProbe(tokenizer, prepared.template, prepared.validation_examples[:n],
-                           batch_size=cfg.train.eval_batch_size)
 
 
 def _finish_trackers(cfg: Config) -> None:

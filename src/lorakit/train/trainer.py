@@ -24,7 +24,7 @@ from lorakit.train.callbacks import TokenCounter
 from lorakit.train.checkpoint import STAGING, publish
 from lorakit.train import distributed
 from lorakit.train.diagnostics import Health
-from lorakit.train.loss import labelled_loss, labelled_loss_through, split_head
+from lorakit.model.loss import labelled_loss, labelled_loss_through, split_head
 
 
 class LorakitTrainer(Trainer):
