@@ -109,7 +109,7 @@ def _lora_net(**lora):
 
 
 def test_peft_lora_linear_is_what_the_fast_path_recomputes():
-    """`speed._fused_forward` replaces `peft.tuners.lora.layer.Linear.forward` with
+    """`lora_runtime._fused_forward` replaces `peft.tuners.lora.layer.Linear.forward` with
     base_layer(x) + lora_B(lora_A(dropout(x)))·scaling, reading these attributes."""
     import torch
     from peft.tuners.lora.layer import Linear
@@ -135,7 +135,7 @@ def test_peft_lora_linear_is_what_the_fast_path_recomputes():
 
 
 def test_peft_states_the_fast_path_steps_aside_for():
-    """Each state `speed.fusable` checks, made the way PEFT makes it, shows in the attribute it reads."""
+    """Each state `lora_runtime.fusable` checks, made the way PEFT makes it, shows in the attribute it reads."""
     import torch
     from peft import LoraConfig
     from peft.tuners.lora.variants import DoraLinearVariant

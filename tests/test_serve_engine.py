@@ -15,7 +15,8 @@ from conftest import make_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.infer import BASE, Sampling, generate, load_session
-from lorakit.serve.engine import Engine, GenRequest, QueueFull, RowSizes, gemm_row_sizes
+from lorakit.infer.decoder import RowSizes, gemm_row_sizes
+from lorakit.serve.engine import Engine, GenRequest, QueueFull
 
 CONTENTS = ["hi", "Where is my order?", "Explain the return policy in detail, please, step by step.",
             "x " * 30, "What is 2 + 2?", "Tell me a story about a lighthouse keeper."]
@@ -183,7 +184,7 @@ def test_dora_adapters_are_refused(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 
 def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(served, monkeypatch):
-    real = served._forward
+    real = served.decoder.forward
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -192,7 +193,7 @@ def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(served, monk
             raise RuntimeError("boom")
         return real(*a, **kw)
 
-    monkeypatch.setattr(served, "_forward", flaky)
+    monkeypatch.setattr(served.decoder, "forward", flaky)
     first = _run(_collect(served, _request(served, 0)))
     assert first[1] == "error"
     assert _run(_collect(served, _request(served, 0)))[1] in ("stop", "length")
@@ -205,17 +206,18 @@ def test_a_rows_logits_are_bit_identical_whatever_shares_its_step(served):
     bits on this CPU's BLAS, which greedy text on a tiny model rarely shows."""
     import copy
 
-    from lorakit.serve.engine import Handle, _Row
+    from lorakit.infer.decoder import Row
 
     engine = Engine(served.session)  # not started: this test drives the steps itself
-    loop = asyncio.new_event_loop()
+    decoder = engine.decoder
     rows = []
     for i in range(13):
-        r = _Row(Handle(_request(engine, i), loop), engine.layers, engine.session.tokenizer)
+        r = Row(_request(engine, i).decoder_request(), decoder.layers, engine.session.tokenizer)
         ids = torch.tensor([r.req.prompt_ids])
         with torch.inference_mode():
-            lg = engine._forward(ids, torch.arange(ids.shape[1]).unsqueeze(0), [r], [r.req.adapter])
-        r.accept(int(lg[0].argmax()))
+            lg = decoder.forward(ids, torch.arange(ids.shape[1]).unsqueeze(0), [r.slot], [r.req.adapter])
+        r.last = int(lg[0].argmax())
+        r.ids.append(r.last)
         rows.append(r)
 
     def clone(r):
@@ -224,12 +226,11 @@ def test_a_rows_logits_are_bit_identical_whatever_shares_its_step(served):
         return c
 
     with torch.inference_mode():
-        alone = [engine._step_logits([clone(r)])[0] for r in rows]
+        alone = [decoder.step_logits([clone(r)])[0] for r in rows]
         for k in (2, 5, 13):
-            batch = engine._step_logits([clone(r) for r in rows[:k]])
+            batch = decoder.step_logits([clone(r) for r in rows[:k]])
             for i in range(k):
                 assert torch.equal(batch[i], alone[i]), (k, i, (batch[i] - alone[i]).abs().max())
-    loop.close()
 
 
 def test_a_mixed_step_runs_one_product_pair_per_layer_not_pefts_groups(served, monkeypatch):
@@ -238,7 +239,7 @@ def test_a_mixed_step_runs_one_product_pair_per_layer_not_pefts_groups(served, m
     up to the rounding of summing in a different order."""
     from peft.tuners.lora.layer import Linear
 
-    assert not served._grouped
+    assert not served.decoder.grouped
     s = served.session
     names = list(s.adapters) + [BASE]
     ids = torch.tensor([[5, 9, 14, 3]] * len(names))
@@ -252,15 +253,13 @@ def test_a_mixed_step_runs_one_product_pair_per_layer_not_pefts_groups(served, m
     done = {}
     fut = served.call_between_steps(lambda: done.setdefault("ok", True))  # the engine thread is between steps
     fut.result(timeout=30)
-    from lorakit.serve.engine import Handle, _Row
+    from lorakit.infer.decoder import Row
 
-    loop = asyncio.new_event_loop()
-    rows = [_Row(Handle(GenRequest(adapter=n, prompt_ids=[5, 9, 14, 3], max_tokens=2), loop), served.layers,
-                 s.tokenizer) for n in names]
+    rows = [Row(GenRequest(adapter=n, prompt_ids=[5, 9, 14, 3], max_tokens=2).decoder_request(),
+                served.decoder.layers, s.tokenizer) for n in names]
     pos = torch.arange(4).unsqueeze(0).expand(len(names), 4)
     with torch.inference_mode():
-        got = served._forward(ids, pos, rows, names)
-    loop.close()
+        got = served.decoder.forward(ids, pos, [r.slot for r in rows], names)
     # The products sum the same terms (plus exact zeros) in another order: measured 4-5 fp32 ulps of
     # the logits' scale here; 64 ulps leaves room for other BLAS blockings, far below a real error
     # (a wrong adapter's row, or a missing scale, moves logits by ~1e-1).
@@ -277,7 +276,7 @@ def test_layers_that_cannot_be_stacked_keep_pefts_path_and_stay_identical(tiny_m
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "embed_tokens"])
     ads = [make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / f"e{i}", seed=30 + i, lora=lora) for i in range(2)]
     engine = Engine(load_session(ads, log=lambda s: None))
-    assert engine._grouped
+    assert engine.decoder.grouped
     engine.start()
     try:
         reqs = [_request(engine, i) for i in range(9)]

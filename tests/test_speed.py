@@ -17,6 +17,8 @@ from lorakit.errors import LorakitError
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.model.load import load_model
 from lorakit.model.lora import apply_lora
+from lorakit.model import dropout as fast_dropout
+from lorakit.model import lora_runtime
 from lorakit.train import speed
 from lorakit.model.loss import labelled_loss, split_head
 from lorakit.data.collate import PASSES, SEGMENTS, pack_bins, segment_bounds, split_passes
@@ -65,12 +67,12 @@ def _close(a: dict, b: dict, rtol: float):
 
 def test_keep_mask_draws_bernoulli_from_every_lane():
     torch.manual_seed(0)
-    keep = speed.keep_mask(torch.Size([4096, 1024]), 0.5, torch.device("cpu"))
+    keep = fast_dropout.keep_mask(torch.Size([4096, 1024]), 0.5, torch.device("cpu"))
     lanes = keep.view(-1, 4).float().mean(0)  # the four 16-bit lanes of each 64-bit word
     assert torch.allclose(lanes, torch.full((4,), 0.5), atol=3e-3), lanes
-    sparse = speed.keep_mask(torch.Size([4096, 1024]), 0.05, torch.device("cpu")).float().mean()
-    assert abs(float(sparse) - speed.kept_fraction(0.05)) < 1e-3
-    assert abs(speed.kept_fraction(0.05) - 0.95) < 1e-4
+    sparse = fast_dropout.keep_mask(torch.Size([4096, 1024]), 0.05, torch.device("cpu")).float().mean()
+    assert abs(float(sparse) - fast_dropout.kept_fraction(0.05)) < 1e-3
+    assert abs(fast_dropout.kept_fraction(0.05) - 0.95) < 1e-4
 
 
 @pytest.mark.parametrize("dtype,form", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
@@ -80,22 +82,22 @@ def test_keep_mask_for_a_float_type_is_the_bool_mask_as_zeros_and_ones(dtype, fo
     (0/1 in a 16-bit type itself; bytes for fp32, which torch multiplies faster than bools)."""
     for p in (0.05, 0.3, 0.5, 1 / 65536):
         gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-        flags = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen())
-        ones = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen(), dtype=dtype)
+        flags = fast_dropout.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen())
+        ones = fast_dropout.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), gen(), dtype=dtype)
         assert ones.dtype == form and ones.shape == flags.shape
         assert torch.equal(ones, flags.to(form)), p
-        other = speed.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), torch.Generator().manual_seed(8), dtype=dtype)
+        other = fast_dropout.keep_mask(torch.Size([333, 97]), p, torch.device("cpu"), torch.Generator().manual_seed(8), dtype=dtype)
         assert p < 0.01 or not torch.equal(other, ones)  # another seed, another mask (the test can tell)
-    assert torch.equal(speed.keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"), dtype=dtype), torch.ones(3, 5, dtype=form))
+    assert torch.equal(fast_dropout.keep_mask(torch.Size([3, 5]), 0.0, torch.device("cpu"), dtype=dtype), torch.ones(3, 5, dtype=form))
 
 
 def test_fast_dropout_scales_kept_values_and_their_gradient():
     torch.manual_seed(0)
-    drop = speed.FastDropout(0.25).train()
+    drop = fast_dropout.FastDropout(0.25).train()
     x = torch.randn(64, 32, requires_grad=True)
     y = drop(x)
     kept = y != 0
-    scale = 1 / speed.kept_fraction(0.25)
+    scale = 1 / fast_dropout.kept_fraction(0.25)
     assert torch.allclose(y[kept], x[kept] * scale)
     assert 0.65 < kept.float().mean() < 0.85
     y.sum().backward()
@@ -106,7 +108,7 @@ def test_fast_dropout_scales_kept_values_and_their_gradient():
 def test_only_lora_dropouts_are_replaced(tiny_model_dir):
     m = _model(tiny_model_dir, dropout=0.1)
     n = speed.fast_lora_dropout(m)
-    assert n == sum(1 for mod in m.modules() if isinstance(mod, speed.FastDropout)) > 0
+    assert n == sum(1 for mod in m.modules() if isinstance(mod, fast_dropout.FastDropout)) > 0
     assert speed.fast_lora_dropout(m) == 0  # idempotent
 
 
@@ -127,12 +129,12 @@ def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
     _, grads_ref = _loss_and_grads(ref, batch, n, autocast=False)
     loss_s, grads_s = _loss_and_grads(stock, batch, n, autocast=True)
     calls = []
-    real = speed._LoraLinear.apply
-    speed._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    real = lora_runtime._LoraLinear.apply
+    lora_runtime._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
     try:
         loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=True)
     finally:
-        speed._LoraLinear.apply = real
+        lora_runtime._LoraLinear.apply = real
     assert len(calls) == 7 * fused.config.num_hidden_layers, "every LoRA linear went through the fused node"
     assert abs(loss_s - loss_f) < 2e-3 * abs(loss_s)
     err = lambda g, k: float((g[k] - grads_ref[k]).norm() / grads_ref[k].norm())  # noqa: E731
@@ -153,15 +155,15 @@ def test_fused_lora_with_dropout_matches_the_same_mask_by_hand(tiny_model_dir, m
     speed.fuse_lora_linears(fused)
     layer = fused.base_model.model.model.layers[0].self_attn.q_proj
     masks = []
-    real = speed.keep_mask
-    monkeypatch.setattr(speed, "keep_mask", lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
+    real = fast_dropout.keep_mask
+    monkeypatch.setattr(lora_runtime, "keep_mask", lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
     x = torch.randn(2, 5, layer.in_features, requires_grad=True)
     with torch.autocast(**BF16):
         y = layer(x)
     y.float().sum().backward()
     (keep,) = masks
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    s = layer.scaling["default"] / speed.kept_fraction(0.3)
+    s = layer.scaling["default"] / fast_dropout.kept_fraction(0.3)
     xr = x.detach().clone().requires_grad_()
     ar, br = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     ref = xr @ layer.base_layer.weight.float().t() + s * ((xr * keep) @ ar.t()) @ br.t()
@@ -188,13 +190,13 @@ def test_fused_lora_equals_peft_in_fp32(tiny_model_dir, dropout):
     torch.manual_seed(5)
     loss_r, grads_r = _loss_and_grads(ref, batch, n, autocast=False)
     calls = []
-    real = speed._LoraLinear.apply
-    speed._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    real = lora_runtime._LoraLinear.apply
+    lora_runtime._LoraLinear.apply = lambda *a: calls.append(1) or real(*a)
     try:
         torch.manual_seed(5)
         loss_f, grads_f = _loss_and_grads(fused, batch, n, autocast=False)
     finally:
-        speed._LoraLinear.apply = real
+        lora_runtime._LoraLinear.apply = real
     assert len(calls) == 7 * fused.config.num_hidden_layers, "every LoRA linear went through the fused node"
     assert loss_f == pytest.approx(loss_r, rel=1e-5)
     _close(grads_f, grads_r, rtol=1e-4)
@@ -216,13 +218,13 @@ def test_fused_lora_equals_peft_in_fp32(tiny_model_dir, dropout):
 def test_fp32_fusion_leaves_quantized_and_16_bit_bases_alone(tiny_model_dir):
     """Without autocast `speed.apply` fuses only a model whose LoRA bases are all fp32 nn.Linear."""
     m = _model(tiny_model_dir)
-    _, lin = speed._lora_linears(m)[0]
+    _, lin = lora_runtime.lora_linears(m)[0]
     lin.base_layer.weight.data = lin.base_layer.weight.data.bfloat16()
     assert speed.apply(m, None, packing=False)["fused"] == 0
 
 
 # --------------------------------------------------------------------------- when the fused node steps aside
-# One test per condition of `speed.fusable`: each situation is made as a user (or PEFT) would make
+# One test per condition of `lora_runtime.fusable`: each situation is made as a user (or PEFT) would make
 # it, on layer 0's q_proj, and the call must run PEFT's own forward and log why.
 
 
@@ -251,8 +253,8 @@ def _layer(m, proj="q_proj"):
 
 def _count_fused(monkeypatch) -> list:
     calls: list = []
-    real = speed._LoraLinear.apply
-    monkeypatch.setattr(speed._LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = lora_runtime._LoraLinear.apply
+    monkeypatch.setattr(lora_runtime._LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -270,7 +272,7 @@ def _falls_back(monkeypatch, caplog, m, reason: str, *, level=logging.INFO, auto
             want = type(layer).forward(layer, x, **kwargs)  # PEFT's forward, past the instance's fused one
         assert torch.equal(got, want), f"{proj}: the fallback is not PEFT's own forward"
     assert not calls, "the fused node ran"
-    said = [r for r in caplog.records if r.name == speed.log.name]
+    said = [r for r in caplog.records if r.name == lora_runtime.log.name]
     assert len(said) == 1, [r.getMessage() for r in said]
     msg = said[0].getMessage()
     assert said[0].levelno == level and reason in msg, msg
@@ -284,22 +286,22 @@ def test_fused_node_runs_for_plain_lora_in_training_under_autocast(tiny_model_di
     calls = _count_fused(monkeypatch)
     caplog.set_level(logging.DEBUG, logger="lorakit")
     layer = _layer(m)
-    assert speed.fusable(layer, torch.zeros(1), (), {}) == speed.NO_AUTOCAST
+    assert lora_runtime.fusable(layer, torch.zeros(1), (), {}) == lora_runtime.NO_AUTOCAST
     with torch.autocast(**BF16):
-        assert speed.fusable(layer, torch.zeros(1), (), {}) is None
+        assert lora_runtime.fusable(layer, torch.zeros(1), (), {}) is None
         layer(torch.randn(2, 5, layer.in_features))
         _layer(m, "o_proj")(torch.randn(2, 5, _layer(m, "o_proj").in_features))
     assert len(calls) == 2
-    assert not [r for r in caplog.records if r.name == speed.log.name]
+    assert not [r for r in caplog.records if r.name == lora_runtime.log.name]
 
 
 def test_eval_mode_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
-    _falls_back(monkeypatch, caplog, _ready(_model(tiny_model_dir)).eval(), speed.EVAL, level=logging.DEBUG)
+    _falls_back(monkeypatch, caplog, _ready(_model(tiny_model_dir)).eval(), lora_runtime.EVAL, level=logging.DEBUG)
 
 
 def test_no_autocast_over_a_16_bit_base_falls_back_quietly(tiny_model_dir, monkeypatch, caplog):
     m = _ready(_model(tiny_model_dir))  # bf16 base weights called without autocast: PEFT's own forward
-    _falls_back(monkeypatch, caplog, m, speed.NO_AUTOCAST, level=logging.DEBUG, autocast=False,
+    _falls_back(monkeypatch, caplog, m, lora_runtime.NO_AUTOCAST, level=logging.DEBUG, autocast=False,
                 input_dtype=torch.bfloat16)
 
 

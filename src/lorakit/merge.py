@@ -148,9 +148,9 @@ def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: 
     prompts = prompt_ids(template, tokenizer)
     tol_of = functools.partial(tolerance, dtype, layers=_depth(base.config), width=_width(base.config))
     model = _with_adapter(base, adapter_dir)
-    ref = _Outputs.of(model, prompts, stop_ids, pad_id)
+    ref = _Outputs.of(model, prompts, stop_ids)
     with model.disable_adapter():
-        adapter_effect = ref.max_abs_diff(_Outputs.of(model, prompts, stop_ids, pad_id, ref.sequences, greedy=False))
+        adapter_effect = ref.max_abs_diff(_Outputs.of(model, prompts, stop_ids, ref.sequences, greedy=False))
     merged = _merged(model).to(_torch_dtype(dtype))
     del model, base
     merged.generation_config.eos_token_id = stop_ids  # generate() stops at the end of a turn, as lorakit's does
@@ -159,7 +159,7 @@ def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: 
     qref = None
     if meta.base.quantization != "none":  # the model training actually ran: quantized base + adapter
         qbase, _, _ = _load_base(meta, meta.base.quantization, log)
-        qref = _Outputs.of(_with_adapter(qbase, adapter_dir), prompts, stop_ids, pad_id, ref.sequences)
+        qref = _Outputs.of(_with_adapter(qbase, adapter_dir), prompts, stop_ids, ref.sequences)
         del qbase
 
     paths = RunPaths.of(adapter_dir) if adapter_dir.name == ADAPTER_DIR else None
@@ -168,7 +168,7 @@ def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: 
         del merged
         save_tokenizer(tokenizer, tmp, template)
         write_meta(tmp, meta)
-        got = _Outputs.of(_load_merged(tmp, dtype), prompts, stop_ids, pad_id, ref.sequences)
+        got = _Outputs.of(_load_merged(tmp, dtype), prompts, stop_ids, ref.sequences)
         parity = ref.compare(got, "base + adapter (fp32)")
         quantized = qref.compare(got, f"{meta.base.quantization} base + adapter (as trained)") if qref else None
         tol = tol_of(ref.logit_scale)
@@ -317,10 +317,10 @@ class _Outputs:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, prompts: list[list[int]], stop_ids: list[int], pad_id: int | None,
+    def of(cls, model, prompts: list[list[int]], stop_ids: list[int],
            sequences: list[list[int]] | None = None, greedy: bool = True) -> "_Outputs":
         """`sequences` None: the prompts plus this model's greedy continuations (the reference)."""
-        greedy = _greedy(model, prompts, stop_ids, pad_id) if greedy else []
+        greedy = _greedy(model, prompts, stop_ids) if greedy else []
         sequences = sequences or [p + g for p, g in zip(prompts, greedy)]
         device = next(model.parameters()).device
         logits = [model(input_ids=torch.tensor([s], device=device)).logits[0].float().cpu() for s in sequences]
@@ -349,20 +349,12 @@ class _Outputs:
         return Parity(reference, max(float(d.max()) for d in diffs), total / count, first is None, first)
 
 
-def _greedy(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int | None) -> list[list[int]]:
-    """Greedy continuations of all prompts in one left-padded batch, each cut after its first stop token."""
-    pad = pad_id if pad_id is not None else stop_ids[0]
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad)
-    result = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        result.append(row if stop is None else row[:stop + 1])
-    return result
+def _greedy(model, prompts: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+    """Greedy continuations of all prompts, each cut after its first stop token (the decoder's
+    rows do not depend on each other, so the batch is the prompts' only shared cost)."""
+    from lorakit.infer.decoder import greedy
+
+    return greedy(model, prompts, GREEDY_TOKENS, stop_ids)
 
 
 def format_report(r: MergeReport) -> str:

@@ -69,6 +69,7 @@ from typing import Any, Callable
 
 from lorakit.errors import DataError, LorakitError
 from lorakit.export.llama import Llama, cut_at_stop
+from lorakit.infer.decoder import greedy as decoder_greedy
 
 SAFETY = 3.0
 """As lorakit.merge.SAFETY: margin of `logprob_bound` over the measured worst case."""
@@ -181,11 +182,7 @@ class _Transformers:
     def run(self, ids: list[int], n: int, stop_ids: list[int], k: int) -> tuple[list[int], list[_Step]]:
         torch = self.torch
         with torch.no_grad():
-            x = torch.tensor([ids])
-            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                                      do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      eos_token_id=stop_ids, pad_token_id=stop_ids[0])
-            greedy = cut_at_stop(out[0, len(ids):].tolist(), stop_ids)
+            (greedy,) = decoder_greedy(self.model, [ids], n, stop_ids)
             logits = self.model(input_ids=torch.tensor([ids + greedy])).logits[0, len(ids) - 1:-1].float()
         self.logit_scale = max(self.logit_scale, float(logits.abs().max()))
         lp = torch.log_softmax(logits, dim=-1)

@@ -62,6 +62,8 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # vLLM's extra sampling fields: 0 / 1.0 leave the distribution alone
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -219,8 +221,8 @@ def create_app(engine, registry, *, api_key: str | None, limits: Limits | None =
 
     def submit(name: str, prompt_ids: list[int], body: _Body, max_tokens: int, stop_ids):
         req = GenRequest(adapter=name, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=body.temperature,
-                         top_p=body.top_p, seed=body.seed, stop_ids=tuple(stop_ids), stop=_stops(body.stop),
-                         timeout_s=limits.timeout_s)
+                         top_p=body.top_p, top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                         seed=body.seed, stop_ids=tuple(stop_ids), stop=_stops(body.stop), timeout_s=limits.timeout_s)
         try:
             return engine.submit(req, asyncio.get_running_loop())
         except QueueFull as e:

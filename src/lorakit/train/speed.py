@@ -3,13 +3,12 @@
 Each one leaves the maths of a training step as it was (tests/test_speed.py checks that), and
 each was kept because it measured faster on the benchmark (BENCHMARKS.md):
 
-- `fast_lora_dropout`: LoRA's dropout draws its keep-mask from 16-bit lanes of one 64-bit
-  random word instead of `bernoulli_` per element (4× faster on CPU, where dropout was a fifth
-  of the step), makes the mask as 0/1 in the type it multiplies (uint8 bytes for fp32: no
-  widening copy) and keeps it for the backward, and hands the 16-bit copy that autocast's
-  matmul needs straight to `lora_A`.
-- `fuse_lora_linears`: each plain LoRA linear as one autograd node (`_LoraLinear`) instead of
-  PEFT's eight, under autocast or in an fp32 run.
+- `fast_lora_dropout`: LoRA's dropout as `model.dropout.FastDropout`, which draws its keep-mask
+  from 16-bit lanes of one 64-bit random word instead of `bernoulli_` per element (4× faster on
+  CPU, where dropout was a fifth of the step), and hands the 16-bit copy that autocast's matmul
+  needs straight to `lora_A`.
+- `fuse_lora_linears` (model/lora_runtime.py, with the decoder's LoRA forwards): each plain LoRA
+  linear as one autograd node instead of PEFT's eight, under autocast or in an fp32 run.
 - `freeze_in_half`: frozen base `nn.Linear` weights stored in the autocast dtype. Under autocast
   every matmul reads a bf16 copy of them anyway, cast again at every forward; storing that
   copy once halves their memory and drops the cast. Only when training runs under autocast.
@@ -25,7 +24,6 @@ All of them change the model object in place, for training only (16-bit base wei
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,9 @@ from torch import nn
 
 from lorakit.data.collate import SEGMENTS
 from lorakit.errors import LorakitError
+from lorakit.model.dropout import FastDropout
+from lorakit.model import lora_runtime
+from lorakit.model.lora_runtime import lora_linears, unfusable
 
 log = logging.getLogger(__name__)
 
@@ -41,95 +42,6 @@ ATTENTION = SEGMENTS
 (`lorakit.data.collate.segment_kwargs`) passes example bounds under the same name."""
 
 # --------------------------------------------------------------------------- dropout
-
-
-class _MaskedScale(torch.autograd.Function):
-    """y = x·keep·scale, saving only the mask (bytes, or 0/1 in a 16-bit output's type) for the backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float, out_dtype: torch.dtype):
-        ctx.save_for_backward(keep)
-        ctx.scale, ctx.in_dtype = scale, x.dtype
-        y = x.to(out_dtype) if x.dtype != out_dtype else x.clone()
-        return y.mul_(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return (grad * keep * ctx.scale).to(ctx.in_dtype), None, None, None
-
-
-def random_words(count: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`count` uniform 64-bit words (int64) on `device`.
-
-    On the CPU they come from numpy's SFC64, seeded by one draw from torch's generator (the default
-    one unless `generator` is given), so a seeded run draws the same masks and a resumed run, whose
-    torch RNG state the Trainer restores, too. torch's CPU generator is a Mersenne Twister behind a
-    lock: serial code, 0.60 ms per 196,608 words here against SFC64's 0.30 ms, while the second
-    core waits (the dropout draw was 6 % of the main thread's time in a step)."""
-    if device.type != "cpu":
-        words = torch.empty(count, dtype=torch.int64, device=device)
-        return words.random_(-(2**63), 2**63 - 1, generator=generator)
-    import numpy as np
-
-    seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
-    return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
-
-
-ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
-"""The bit pattern of 1.0 in each 16-bit float type (0.0 is all zeros in every one)."""
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None,
-              dtype: torch.dtype = torch.bool):
-    """Bernoulli(1 - p) keep-mask from 16-bit lanes of full-range 64-bit random words.
-
-    `random_()` with no bounds on int64 leaves the top bit 0, so the range is given explicitly;
-    each lane is then uniform over [-32768, 32767] and p is rounded to a multiple of 1/65536.
-
-    `dtype` is the type the mask multiplies. float32 gives the bool mask viewed as uint8 0/1 (the
-    same byte): torch multiplies a uint8 into fp32 in vector code and a bool in scalar code, 0.15
-    against 0.52 ms at 512 × 1536 here. bfloat16 or float16 gives 0.0 / 1.0 in that type, made in
-    place in the random words:
-    clamping a lane to [cut - 1, cut] leaves cut exactly where it is kept, so the lane minus
-    (cut - 1) is 1 or 0, and times 1.0's bit pattern it *is* that float. A bool mask multiplied
-    into a 16-bit tensor costs a widening copy of the mask first, which is scalar code in torch's
-    CPU kernels: 16× the time of the product itself at 512 × 1536 (BENCHMARKS.md, Speed II).
-    """
-    n = math.prod(shape)
-    lanes = random_words((n + 3) // 4, device, generator).view(torch.int16)[:n].view(shape)
-    cut = -32768 + round(p * 65536)
-    if dtype not in ONE_BITS:
-        keep = lanes >= cut
-        return keep.view(torch.uint8) if dtype == torch.float32 else keep
-    if cut == -32768:  # p rounds to 0: every lane is kept (and cut - 1 is no int16)
-        return torch.ones(shape, dtype=dtype, device=device)
-    return lanes.clamp_(cut - 1, cut).sub_(cut - 1).mul_(ONE_BITS[dtype]).view(dtype)
-
-
-def kept_fraction(p: float) -> float:
-    """The exact keep probability `keep_mask` draws for a dropout p."""
-    return 1.0 - round(p * 65536) / 65536
-
-
-class FastDropout(nn.Module):
-    """Drop-in for `nn.Dropout(p)` in front of `lora_A`; same distribution, cheaper draw."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        out_dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-        keep = keep_mask(x.shape, self.p, x.device, dtype=out_dtype)
-        return _MaskedScale.apply(x, keep, 1.0 / kept_fraction(self.p), out_dtype)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def fast_lora_dropout(model: nn.Module) -> int:
@@ -148,196 +60,13 @@ def fast_lora_dropout(model: nn.Module) -> int:
     return replaced
 
 
-# --------------------------------------------------------------------------- fused LoRA linear
-
-
-class _LoraLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·((x⊙keep·d)·Aᵀ)·Bᵀ in the autocast dtype (fp32 in an fp32 run), as one
-    autograd node.
-
-    PEFT runs this as eight nodes (cast, base matmul, dropout, cast, A, B, scale, add), each
-    keeping its own copy of what it needs. This one keeps the input in the compute dtype (shared
-    by every projection that reads the same hidden state), the keep-mask and the rank-r
-    intermediate (PEFT keeps a dropped copy of the input per projection), and returns the input's
-    gradient in the input's dtype, so gradients from several projections still add up in fp32 as
-    they do under autocast.
-    """
-
-    @staticmethod
-    def forward(ctx, x, xh, weight, bias, lora_a, lora_b, keep, drop_scale: float, scale: float):
-        # Scalars are applied to the rank-r side, where they cost nothing.
-        a, b = lora_a.to(xh.dtype), lora_b.to(xh.dtype)
-        xd = xh if keep is None else xh * keep
-        h = xd @ a.t()  # (…, r), without the dropout scale
-        y = F.linear(xh, weight, None if bias is None else bias.to(xh.dtype))
-        y2 = y.view(-1, y.shape[-1])
-        y2.addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale * drop_scale)
-        ctx.save_for_backward(xh, weight, lora_a, lora_b, keep, h)
-        ctx.drop_scale, ctx.scale, ctx.x_dtype = drop_scale, scale, x.dtype
-        ctx.bias_grad = bias is not None and bias.requires_grad
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        xh, weight, lora_a, lora_b, keep, h = ctx.saved_tensors
-        a, b = lora_a.to(xh.dtype), lora_b.to(xh.dtype)
-        s = ctx.scale * ctx.drop_scale
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        grad_b = (gy2.t() @ h.view(-1, h.shape[-1])).mul_(s).to(lora_b.dtype)
-        gh = (gy2 @ b).mul_(s)  # (N, r): gradient at A's output, dropout scale included
-        xd = xh if keep is None else xh * keep
-        grad_a = (gh.t() @ xd.view(-1, xd.shape[-1])).to(lora_a.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gxd = gh @ a
-            if keep is not None:
-                gxd.mul_(keep.view(-1, keep.shape[-1]))
-            grad_x = torch.addmm(gxd, gy2, weight).view(*gy.shape[:-1], -1).to(ctx.x_dtype)
-        grad_bias = gy2.sum(0).float() if ctx.bias_grad else None
-        return grad_x, None, None, grad_bias, grad_a, grad_b, None, None, None
-
-
-def _half_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`, cast once per tensor: q/k/v (and gate/up) read the same hidden state."""
-    if x.dtype == dtype:
-        return x
-    cached = getattr(x, "_lorakit_half", None)
-    if cached is None or cached.dtype != dtype or cached.shape != x.shape:
-        with torch.no_grad():
-            cached = x.to(dtype)
-        x._lorakit_half = cached
-    return cached
-
-
-EVAL = "the module is in eval mode"
-NO_AUTOCAST = "autocast is off and the input or the base weight is not fp32"
-EXPECTED = frozenset({EVAL, NO_AUTOCAST})
-"""Fallbacks that are the normal state outside a training step (evaluation, generation, a run
-without mixed precision): logged at DEBUG. Every other reason is logged at INFO, once per model
-and reason, naming the first module it was seen on: it means a training step runs slower than
-the fast path promised, and says why."""
-
-
-def compute_dtype(module, x: torch.Tensor) -> torch.dtype | None:
-    """The dtype a fused call of `module` on `x` computes in: autocast's, or fp32 for an fp32 input
-    over an fp32 base without autocast (an fp32 run, where PEFT's forward is fp32 throughout too);
-    None for any other call without autocast, which keeps PEFT's forward."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    weight = getattr(getattr(module, "base_layer", None), "weight", None)
-    if x.dtype == torch.float32 and weight is not None and weight.dtype == torch.float32:
-        return torch.float32
-    return None
-
-
-def fusable(module, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> str | None:
-    """None when this call of a PEFT `lora.Linear` can run as one `_LoraLinear` node; else why not.
-
-    The node computes PEFT's vanilla LoRA forward (peft/tuners/lora/layer.py, `Linear.forward`)
-        y = base_layer(x) + lora_B(lora_A(dropout(x))) · scaling
-    for one adapter, under autocast over a frozen base `nn.Linear` stored in the autocast dtype, or
-    in fp32 throughout (`compute_dtype`).
-    Anything else PEFT's forward does differently is a reason here; the order puts the
-    per-call state first, then the module's set-up (`fusable_setup`).
-    """
-    if not module.training:
-        return EVAL
-    dtype = compute_dtype(module, x)
-    if dtype is None:
-        return NO_AUTOCAST
-    if args or kwargs:  # e.g. adapter_names (mixed-adapter batches), or a variant's keywords
-        named = ([f"{len(args)} positional"] if args else []) + sorted(kwargs or ())
-        return f"called with extra arguments ({', '.join(named)})"
-    if module.disable_adapters:
-        return "adapters are disabled"
-    if module.merged:
-        return "the adapter is merged into the base weight"
-    return fusable_setup(module, dtype)
-
-
-def fusable_setup(module, dtype: torch.dtype) -> str | None:
-    """The part of `fusable` that holds for every call until the model is changed: the active
-    adapter, its kind, its dropout and the base layer, against the compute `dtype`."""
-    active = module.active_adapters
-    if len(active) != 1:
-        return f"{len(active)} active adapters (the fused node computes one)"
-    name = active[0]
-    if name not in module.lora_A:
-        return f"the active adapter {name!r} has no weights in this module"
-    variant = module.lora_variant.get(name)
-    if variant is not None:
-        return f"LoRA variant {type(variant).__name__}" + (" (DoRA, use_dora)" if module.use_dora.get(name) else "")
-    if module.lora_bias.get(name) or module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
-        return "the adapter has a bias (lora_bias)"
-    base = module.base_layer
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
-        return f"the base layer is {type(base).__name__}, not a plain nn.Linear"
-    if base.weight.dtype != dtype:
-        return f"the base weight is {base.weight.dtype}, autocast computes in {dtype}"
-    if base.weight.requires_grad:
-        return "the base weight is trainable"
-    drop = module.lora_dropout[name]
-    if type(drop) not in (nn.Dropout, FastDropout, nn.Identity):
-        return f"LoRA dropout {type(drop).__name__} (the fused node draws nn.Dropout's mask)"
-    return None
-
-
-def _fused_forward(module, stock_forward, where: str, logged: set, x: torch.Tensor, *args, **kwargs):
-    reason = fusable(module, x, args, kwargs)
-    if reason is not None:
-        if reason not in logged:
-            logged.add(reason)
-            log.log(logging.DEBUG if reason in EXPECTED else logging.INFO,
-                    "fast path: %s (%s) runs PEFT's forward: %s (not repeated for other modules)",
-                    where, type(module).__qualname__, reason)
-        return stock_forward(x, *args, **kwargs)
-    name = module.active_adapters[0]
-    base = module.base_layer
-    dtype = compute_dtype(module, x)
-    drop = module.lora_dropout[name]
-    p = drop.p if drop.training and not isinstance(drop, nn.Identity) else 0.0  # Identity: PEFT's lora_dropout 0
-    keep = keep_mask(x.shape, p, x.device, dtype=dtype) if p > 0 else None
-    drop_scale = 1.0 / kept_fraction(p) if p > 0 else 1.0
-    return _LoraLinear.apply(x, _half_input(x, dtype), base.weight, base.bias, module.lora_A[name].weight,
-                             module.lora_B[name].weight, keep, drop_scale, module.scaling[name])
-
-
-def _lora_linears(model: nn.Module):
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    return [(name, m) for name, m in model.named_modules() if type(m) is LoraLinear]
-
-
 def fuse_lora_linears(model: nn.Module) -> int:
-    """Route plain LoRA linears through `_LoraLinear` while training (under autocast, or in fp32);
-    returns the count.
-
-    Each call that `fusable` turns down runs PEFT's own forward (eval, several adapters, DoRA,
-    merged weights, a 16-bit base without autocast, ...) and is logged with its reason, so saving,
-    loading and generation are untouched and a slow step says why.
-    """
-    from functools import partial
-
-    logged: set[str] = set()  # reasons already logged for this model
-    count = 0
-    for where, module in _lora_linears(model):
-        if "forward" not in vars(module):
-            module.forward = partial(_fused_forward, module, module.forward, where, logged)
-            count += 1
+    """model/lora_runtime.py's fused forward on every LoRA linear (each call it cannot take runs
+    PEFT's forward), marked as a training change; returns the count."""
+    count = lora_runtime.fuse_lora_linears(model)
     if count:
         _mark(model, "LoRA forwards fused")
     return count
-
-
-def unfusable(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:
-    """How many LoRA linears `fusable_setup` turns down for compute `dtype`, by reason: these
-    never run fused while the model stays as it is (DoRA, a LoRA bias, a base weight in another dtype)."""
-    out: dict[str, int] = {}
-    for _, module in _lora_linears(model):
-        reason = fusable_setup(module, dtype)
-        if reason is not None:
-            out[reason] = out.get(reason, 0) + 1
-    return out
 
 
 # --------------------------------------------------------------------------- frozen weights
@@ -478,7 +207,7 @@ def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict:
     a quantized base has none). Returns what changed: bytes saved by 16-bit weights, fused linears,
     replaced dropouts, per-example attention, and `unfused`: LoRA linears that will never run
     fused, by reason (also logged at INFO)."""
-    linears = _lora_linears(model)
+    linears = lora_linears(model)
     fp32 = half is None and bool(linears) and all(
         type(m.base_layer) is nn.Linear and m.base_layer.weight.dtype == torch.float32 for _, m in linears)
     saved = freeze_in_half(model, half) if half is not None else 0
