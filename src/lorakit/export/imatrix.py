@@ -39,6 +39,8 @@ permutation does not touch them.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import random
 from dataclasses import dataclass, field
@@ -256,23 +258,10 @@ def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: GgufNames, da
     if not recorded:
         raise LorakitError("no linear layer of the model has a blk.* GGUF name",
                            hint="pass the GGUF general.architecture of this model's conversion")
-    device = next(model.parameters()).device
-    acc_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
-    modules = dict(model.named_modules())
-    sums = {g: torch.zeros(modules[m].in_features, dtype=torch.float64, device=acc_device) for m, g in recorded.items()}
-    counts = dict.fromkeys(recorded.values(), 0)
-
-    def hook(gname: str):
-        def pre(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(acc_device, torch.float64)
-            sums[gname] += (x * x).sum(0)
-            counts[gname] += x.shape[0]
-        return pre
-
     # only the last position's logits are needed unless lm_head itself is recorded
     kwargs = {"use_cache": False}
     accepts = inspect.signature(model.forward).parameters
-    if OUTPUT not in counts and "logits_to_keep" in accepts:
+    if OUTPUT not in recorded.values() and "logits_to_keep" in accepts:
         kwargs["logits_to_keep"] = 1
     given = [list(c) for c in chunks]
     kept = [c for c in given if len(c) >= min_tokens]
@@ -282,26 +271,16 @@ def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: GgufNames, da
     lengths = [len(c) for c in kept]
     passes = pack_bins(lengths, pack_tokens) if pack_tokens and "position_ids" in accepts else \
         [[i] for i in range(len(kept))]
-    handles = [modules[m].register_forward_pre_hook(hook(g)) for m, g in recorded.items()]
-    was_training = model.training
+    sums = _SquareSums(model, recorded)
     start = time.perf_counter()
-    try:
-        model.eval()
-        with torch.no_grad():
-            for group in passes:
-                ids = torch.tensor([[t for i in group for t in kept[i]]], dtype=torch.long, device=device)
-                positions = torch.tensor([[p for i in group for p in range(lengths[i])]], device=device)
-                packed = {"position_ids": positions} if len(group) > 1 else {}  # only where accepted
-                model(input_ids=ids, **packed, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    out = {g: s.cpu().numpy()[None, :] for g, s in sums.items()}
-    for g, s in out.items():
-        if not np.isfinite(s).all():
-            raise LorakitError(f"non-finite activations entering {g}", hint="the model overflows on this data; "
-                               "check the merged weights (lorakit merge prints a parity check)")
+    with sums.recording(), torch.no_grad():
+        device = next(model.parameters()).device
+        for group in passes:
+            ids = torch.tensor([[t for i in group for t in kept[i]]], dtype=torch.long, device=device)
+            positions = torch.tensor([[p for i in group for p in range(lengths[i])]], device=device)
+            packed = {"position_ids": positions} if len(group) > 1 else {}  # only where accepted
+            model(input_ids=ids, **packed, **kwargs)
+    out, counts = sums.result()
     chunk_size = chunk_size or max(lengths)
     tokens = max(counts.values())
     if log:
@@ -310,6 +289,53 @@ def collect(model, chunks: Iterable[Sequence[int]], *, gguf_names: GgufNames, da
             + f") in {time.perf_counter() - start:.1f} s")
     return Imatrix(out, {g: np.array([c], dtype=np.int64) for g, c in counts.items()}, tokens // chunk_size,
                    chunk_size, list(datasets))
+
+
+class _SquareSums:
+    """Per recorded linear (module name -> GGUF name): the float64 sum of x^2 per input column and
+    the count of rows, gathered by forward pre-hooks while `recording`."""
+
+    def __init__(self, model, recorded: dict[str, str]):
+        import torch
+
+        self.model, self.recorded = model, recorded
+        device = next(model.parameters()).device
+        self.device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+        self.modules = dict(model.named_modules())
+        self.sums = {g: torch.zeros(self.modules[m].in_features, dtype=torch.float64, device=self.device)
+                     for m, g in recorded.items()}
+        self.counts = dict.fromkeys(recorded.values(), 0)
+
+    def _hook(self, gname: str):
+        def pre(_module, args):
+            import torch
+
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.device, torch.float64)
+            self.sums[gname] += (x * x).sum(0)
+            self.counts[gname] += x.shape[0]
+        return pre
+
+    @contextlib.contextmanager
+    def recording(self):
+        """The model in eval mode with the hooks on; afterwards the hooks are gone and the mode is
+        back, whatever happened, so the model computes exactly what it did before."""
+        handles = [self.modules[m].register_forward_pre_hook(self._hook(g)) for m, g in self.recorded.items()]
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        out = {g: s.cpu().numpy()[None, :] for g, s in self.sums.items()}
+        for g, s in out.items():
+            if not np.isfinite(s).all():
+                raise LorakitError(f"non-finite activations entering {g}", hint="the model overflows on this data; "
+                                   "check the merged weights (lorakit merge prints a parity check)")
+        return out, self.counts
 
 
 # --------------------------------------------------------------------------- what to collect on
