@@ -133,17 +133,9 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     evaluation logits are left out (what a few bare training steps use)."""
     cfg, shape = ctx.cfg, ctx.shape
     b = _data_for(ctx, setup)
-    if batch is not None:
-        mb = batch
-    elif setup.tokens_per_pass:
-        mb = peak_pass(b, setup.batch_size * setup.grad_accum, setup.tokens_per_pass,
-                       _n_micro(cfg, len(b.lengths), setup) // max(1, setup.grad_accum), cfg.train.seed)
-    else:
-        mb = peak_micro_batch(b, setup.batch_size, cfg.data.packing, _n_micro(cfg, len(b.lengths), setup),
-                              cfg.train.seed)
+    mb = batch if batch is not None else _largest_batch(ctx, setup, b)
     prof = ctx.profile(setup, mb)
-    lora_scale = setup.r / cfg.lora.r
-    trainable = int(shape.trainable * lora_scale)
+    trainable = int(shape.trainable * setup.r / cfg.lora.r)
     head_cast = shape.vocab * shape.hidden * 2 if setup.autocast else 0  # the head's 16-bit copy, saved
     ckpt = setup.checkpointing
     oversize = (batch is None and setup.oversize_checkpointing and not ckpt and setup.tokens_per_pass
@@ -157,11 +149,47 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
             mb = regular
         else:
             ckpt = True
+    parts, notes = _fixed_parts(ctx, setup, trainable)
     act = prof.total(shape, mb.tokens, ckpt)
+    parts["activations"] = act
+    other = prof.total(shape, mb.tokens, not ckpt)
+    notes["activations"] = (f"{shape.layers} layers × {prof.b / 1024:.1f} KiB per token × {mb.tokens:,} tokens"
+                            + (" (checkpointing: layer inputs + one layer)" if ckpt else "")
+                            + (" (one example longer than a pass: checkpointed)" if oversize and ckpt else "")
+                            + f"; {'without' if ckpt else 'with'} checkpointing {fmt_bytes(other)}")
+    if setup.device == "cpu":
+        # Temporaries are made layer by layer with or without checkpointing: scale by the full activations.
+        parts["heap retention"] = int(prof.total(shape, mb.tokens, False) * HEAP_RETENTION)
+        notes["heap retention"] = (f"freed temporaries glibc keeps resident: {HEAP_RETENTION:.0%} of the "
+                                   "activations without checkpointing (measured)")
     logit_rows = mb.labelled if shape.labelled_logits else mb.tokens  # other heads: the stock loss
     train_logits = _train_logit_bytes(shape, setup, logit_rows) + head_cast
     eval_tokens = peak_eval_batch(b, setup.eval_batch_size, cfg.data.packing) if evaluation else 0
     eval_logits = eval_tokens * shape.vocab * _eval_logit_bytes(setup)
+    parts["logits"] = max(train_logits, eval_logits)
+    rows_are = "labelled" if shape.labelled_logits else "positions"
+    how = (f"chunks of {HEAD_CHUNK} of {logit_rows:,} {rows_are} × {shape.vocab:,} × 6 B, their gradient kept"
+           if _chunked_head(shape, setup) else f"{logit_rows:,} {rows_are} × {shape.vocab:,} × 4 B × 3")
+    notes["logits"] = (f"training {fmt_bytes(train_logits)} ({how}), "
+                       f"evaluation {fmt_bytes(eval_logits)} ({eval_tokens:,} tokens × {shape.vocab:,}"
+                       f" × {_eval_logit_bytes(setup)} B); the larger counts")
+    return Estimate(setup, parts, notes, mb, eval_tokens)
+
+
+def _largest_batch(ctx: Context, setup: Setup, b: Batches) -> MicroBatch:
+    """The run's simulated largest micro-batch (pass, when steps are split into passes)."""
+    cfg = ctx.cfg
+    if setup.tokens_per_pass:
+        return peak_pass(b, setup.batch_size * setup.grad_accum, setup.tokens_per_pass,
+                         _n_micro(cfg, len(b.lengths), setup) // max(1, setup.grad_accum), cfg.train.seed)
+    return peak_micro_batch(b, setup.batch_size, cfg.data.packing, _n_micro(cfg, len(b.lengths), setup),
+                            cfg.train.seed)
+
+
+def _fixed_parts(ctx: Context, setup: Setup, trainable: int) -> tuple[dict[str, int], dict[str, str]]:
+    """What a run holds whatever its batches: the runtime, the data, the weights, the adapter, its
+    gradients and optimizer state (bytes, and how each was counted)."""
+    cfg, shape = ctx.cfg, ctx.shape
     parts: dict[str, int] = {}
     notes: dict[str, str] = {}
     if setup.device == "cpu":
@@ -181,26 +209,7 @@ def estimate(ctx: Context, setup: Setup, batch: MicroBatch | None = None, evalua
     parts["gradients"] = trainable * 4
     parts["optimizer"] = trainable * optimizer_state_bytes(setup.optimizer)
     notes["optimizer"] = f"{cfg.train.optimizer}: {optimizer_state_bytes(setup.optimizer)} B per trainable parameter"
-    parts["activations"] = act
-    per_tok = prof.b / 1024
-    other = prof.total(shape, mb.tokens, not ckpt)
-    notes["activations"] = (f"{shape.layers} layers × {per_tok:.1f} KiB per token × {mb.tokens:,} tokens"
-                            + (" (checkpointing: layer inputs + one layer)" if ckpt else "")
-                            + (" (one example longer than a pass: checkpointed)" if oversize and ckpt else "")
-                            + f"; {'without' if ckpt else 'with'} checkpointing {fmt_bytes(other)}")
-    if setup.device == "cpu":
-        # Temporaries are made layer by layer with or without checkpointing: scale by the full activations.
-        parts["heap retention"] = int(prof.total(shape, mb.tokens, False) * HEAP_RETENTION)
-        notes["heap retention"] = (f"freed temporaries glibc keeps resident: {HEAP_RETENTION:.0%} of the "
-                                   "activations without checkpointing (measured)")
-    parts["logits"] = max(train_logits, eval_logits)
-    rows_are = "labelled" if shape.labelled_logits else "positions"
-    how = (f"chunks of {HEAD_CHUNK} of {logit_rows:,} {rows_are} × {shape.vocab:,} × 6 B, their gradient kept"
-           if _chunked_head(shape, setup) else f"{logit_rows:,} {rows_are} × {shape.vocab:,} × 4 B × 3")
-    notes["logits"] = (f"training {fmt_bytes(train_logits)} ({how}), "
-                       f"evaluation {fmt_bytes(eval_logits)} ({eval_tokens:,} tokens × {shape.vocab:,}"
-                       f" × {_eval_logit_bytes(setup)} B); the larger counts")
-    return Estimate(setup, parts, notes, mb, eval_tokens)
+    return parts, notes
 
 
 def _regular_pass(b: Batches, setup: Setup, cfg: Config) -> MicroBatch | None:
