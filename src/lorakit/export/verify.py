@@ -269,47 +269,56 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
             ref = _Transformers(reference_dir)
         refs = [ref.run(ids, new_tokens, stop_ids, 4 * top_n) for _, ids in rendered]
         llm = stack.enter_context(Llama(gguf_path, adapter_gguf=adapter_gguf, n_ctx=n_ctx))
-        results = []
-        for (text, ids), (ref_greedy, ref_steps) in zip(rendered, refs):
-            own, agree, worst = _compare(llm, ids, ref_greedy, ref_steps, new_tokens, stop_ids, top_n)
-            first = next((i for i, (a, b) in enumerate(zip(own, ref_greedy)) if a != b), None)
-            if first is None and len(own) != len(ref_greedy):
-                first = min(len(own), len(ref_greedy))
-            try:
-                equal = llm.tokenize(text) == ids
-            except OSError:  # the HTTP side did not answer: not a verdict on the file
-                equal = None
-            results.append(PromptResult(len(ids), ref_greedy, own, first is None, first, len(ref_greedy), agree,
-                                        worst, equal))
+        results = [_prompt_result(llm, text, ids, ref_greedy, ref_steps, new_tokens, stop_ids, top_n)
+                   for (text, ids), (ref_greedy, ref_steps) in zip(rendered, refs)]
+    scale = None if math.isnan(ref.logit_scale) else ref.logit_scale
+    bound = None
+    if THRESHOLDS[type].get("logprob") == "bound":
+        cfg = _config(reference_dir)
+        bound = logprob_bound(type, scale or _logit_scale_guess(refs), layers=_depth(cfg), width=_width(cfg))
+    failures, top1, worst, identical = _judge(type, results, bound)
+    tokens_equal = None if any(r.tokens_equal is None for r in results) else all(r.tokens_equal for r in results)
+    v = Verification(str(gguf_path), str(reference_gguf or reference_dir), type,
+                     str(adapter_gguf) if adapter_gguf else None, top_n, new_tokens, results, identical, top1, worst,
+                     scale, bound, THRESHOLDS[type].get("top1"), tokens_equal, not failures, failures,
+                     round(time.perf_counter() - start, 2), now_iso())
+    log(format_verification(v))
+    return v
 
+
+def _prompt_result(llm: Llama, text: str, ids: list[int], ref_greedy: list[int], ref_steps: list[_Step],
+                   new_tokens: int, stop_ids: list[int], top_n: int) -> PromptResult:
+    """One prompt: the file's greedy tokens and log-probabilities against the reference's, and
+    whether llama.cpp tokenizes the rendered prompt to the same ids."""
+    own, agree, worst = _compare(llm, ids, ref_greedy, ref_steps, new_tokens, stop_ids, top_n)
+    first = next((i for i, (a, b) in enumerate(zip(own, ref_greedy)) if a != b), None)
+    if first is None and len(own) != len(ref_greedy):
+        first = min(len(own), len(ref_greedy))
+    try:
+        equal = llm.tokenize(text) == ids
+    except OSError:  # the HTTP side did not answer: not a verdict on the file
+        equal = None
+    return PromptResult(len(ids), ref_greedy, own, first is None, first, len(ref_greedy), agree, worst, equal)
+
+
+def _judge(type: str, results: list[PromptResult], bound: float | None) -> tuple[list[str], float, float, int]:
+    """The type's rule (THRESHOLDS) over every prompt: (failures, top-1 agreement, max |Δ logprob|,
+    prompts with identical greedy tokens)."""
     rule = THRESHOLDS[type]
     positions = sum(r.positions for r in results) or 1
     top1 = sum(r.top1_agree for r in results) / positions
     worst = max(r.max_logprob_diff for r in results)
     identical = sum(r.greedy_identical for r in results)
-    bound = floor = None
-    scale = None if math.isnan(ref.logit_scale) else ref.logit_scale
     failures = []
     if rule.get("greedy") == EXACT and identical < len(results):
         bad = next(i for i, r in enumerate(results) if not r.greedy_identical)
         failures.append(f"greedy tokens differ (prompt {bad}, token {results[bad].first_difference}); "
                         f"a {type} file must agree on every one")
-    if rule.get("logprob") == "bound":
-        cfg = _config(reference_dir)
-        bound = logprob_bound(type, scale or _logit_scale_guess(refs), layers=_depth(cfg), width=_width(cfg))
-        if worst > bound:
-            failures.append(f"max |Δ logprob| {worst:.3g} exceeds the {type} bound {bound:.3g}")
-    if "top1" in rule:
-        floor = rule["top1"]
-        if top1 < floor:
-            failures.append(f"top-1 agreement {top1:.3f} is below the {type} floor {floor}")
-    tokens_equal = None if any(r.tokens_equal is None for r in results) else all(r.tokens_equal for r in results)
-    v = Verification(str(gguf_path), str(reference_gguf or reference_dir), type,
-                     str(adapter_gguf) if adapter_gguf else None, top_n, new_tokens, results, identical, top1, worst,
-                     scale, bound, floor, tokens_equal, not failures, failures, round(time.perf_counter() - start, 2),
-                     now_iso())
-    log(format_verification(v))
-    return v
+    if bound is not None and worst > bound:
+        failures.append(f"max |Δ logprob| {worst:.3g} exceeds the {type} bound {bound:.3g}")
+    if "top1" in rule and top1 < rule["top1"]:
+        failures.append(f"top-1 agreement {top1:.3f} is below the {type} floor {rule['top1']}")
+    return failures, top1, worst, identical
 
 
 def _config(folder: Path):
