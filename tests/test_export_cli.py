@@ -8,7 +8,7 @@ import pytest
 from conftest import eval_rows_file, make_adapter
 
 from lorakit.cli import main
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, MergeConfig
 from lorakit.errors import LorakitError
 
 
@@ -86,7 +86,7 @@ def test_a_failed_verification_leaves_no_finished_file(base, tmp_path, monkeypat
     def wrong(model, out_file, type, **kw):
         from lorakit.merge import merge
 
-        merge(other, tmp_path / "other-merged", dtype="fp32", log=lambda s: None, overwrite=True)
+        merge(other, tmp_path / "other-merged", MergeConfig(dtype="fp32", overwrite=True), log=lambda s: None)
         return real(tmp_path / "other-merged", out_file, type, **kw)
 
     monkeypatch.setattr(G, "convert_merged", wrong)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
 from lorakit.errors import LorakitError
+from lorakit.config import ChatConfig
 from lorakit.infer import Sampling, Session, generate
 
 PROMPT = "you> "
@@ -157,16 +158,20 @@ def _interrupt_sets(event: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def chat(session: Session, sampling: Sampling, *, system: str | None = None, max_context: int | None = None,
-         stdin: TextIO | None = None, stdout: TextIO | None = None, title: str = "") -> int:
-    """Run the conversation loop until /exit or end of input; returns the exit status (0)."""
+def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         title: str = "") -> int:
+    """Run the conversation loop until /exit or end of input; returns the exit status (0).
+
+    `settings` decodes every answer (it is a `Sampling`) and holds the opening system message and
+    the context window the history is trimmed to."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    window = context_window(session, max_context)
+    sampling = settings
+    window = context_window(session, settings.max_context)
     limit = window - sampling.max_new_tokens
     if limit <= 0:
         raise LorakitError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the conversation in "
                            f"a context of {window} tokens", hint=f"use --max-new-tokens below {window}")
-    conv = Conversation(session, limit, system)
+    conv = Conversation(session, limit, settings.system)
 
     def say(text: str) -> None:
         stdout.write(text)

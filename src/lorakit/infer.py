@@ -31,7 +31,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
-from lorakit.config import ModelConfig
+from lorakit.config import ModelConfig, SamplingConfig, SessionConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
@@ -176,9 +176,10 @@ def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:
     return mcfg
 
 
-def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto",
-                 trust_remote_code: bool = False, log: Callable[[str], None] = print) -> Session:
-    """Load the base named in the (first) adapter's lorakit.json once and attach every adapter."""
+def load_session(paths: str | Path | Sequence[str | Path], settings: SessionConfig | None = None, *,
+                 log: Callable[[str], None] = print) -> Session:
+    """Load the base named in the (first) adapter's lorakit.json once and attach every adapter
+    (`settings`: the precision and remote-code permission it is loaded with)."""
     from peft import PeftModel
 
     from lorakit.model.load import load_model, load_tokenizer
@@ -188,7 +189,9 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
         raise LorakitError("no adapter given", hint="pass a run folder (runs/<name>) or an adapter folder")
     first_dir = find_adapter_dir(paths[0])
     meta = read_meta(first_dir)
-    mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
+    settings = settings or SessionConfig()
+    mcfg = base_model_config(meta, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+                             gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
     if meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256:
@@ -206,15 +209,9 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    greedy: bool = False
-    seed: int | None = None
+Sampling = SamplingConfig
+"""How an answer is decoded: the schema's section (`generate:` and `chat:` extend it), so the
+command's defaults and a library caller's are the same ones."""
 
 
 @dataclass(frozen=True)

@@ -149,10 +149,11 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
     with tempfile.TemporaryDirectory(prefix=".lorakit-export-", dir=out_dir) as tmp:
         merged = Path(tmp) / "merged"
         if verify or not adapter_only:
+            from lorakit.config import MergeConfig
             from lorakit.merge import merge
 
             log("merging into the full-precision base (reloaded from disk) ...")
-            merge(adapter_dir, merged, dtype="fp32", log=log)
+            merge(adapter_dir, merged, MergeConfig(dtype="fp32"), log=log)
         if task_rows is not None:
             from lorakit.export.task import answer_reference
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from lorakit.config import ServeConfig
+
 
 class QueueFull(Exception):
     """More requests are waiting than `max_queue`: the caller answers 429 with Retry-After."""
@@ -407,7 +409,8 @@ class _Row:
 class Engine:
     """Owns the session's model on one thread; see the module docstring."""
 
-    def __init__(self, session, *, max_batch: int = 32, max_queue: int = 256, log=print):
+    def __init__(self, session, *, max_batch: int = ServeConfig.max_batch, max_queue: int = ServeConfig.max_queue,
+                 log=print):
         from lorakit.errors import LorakitError
 
         bad = [a.name for a in session.adapters.values() if not a.mixable]
