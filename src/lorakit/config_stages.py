@@ -154,7 +154,8 @@ class ServeConfig:
     host: str = _help("Address to bind (a non-loopback one wants an API key).", "127.0.0.1")
     port: int = _help("Port to listen on.", 8000)
     api_key: str | None = _help(
-        "Require Authorization: Bearer KEY (prefer api_key_file: a command line is visible to other users).", None)
+        "Require Authorization: Bearer KEY (prefer the key file, --api-key-file: a command line is visible to "
+        "other users).", None)
     api_key_file: str | None = _help("File holding the API key.", None)
     allow_adapter_loading: bool = _help("Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.", False)
     adapter_root: list[str] = _help("Folders runtime loads may read from.", factory=list)
