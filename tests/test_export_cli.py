@@ -105,13 +105,14 @@ def test_smollm2_exports_and_verifies(type, tmp_path):
     the demo's trained adapter is measured by benchmarks/export.py), exported and verified in llama.cpp."""
     from transformers import AutoTokenizer
 
-    from lorakit.export.run import export
+    from lorakit.export.run import export, run_settings
     from lorakit.model.embedded import embedded_model_dir
 
     folder = embedded_model_dir()
     run = make_adapter(folder, AutoTokenizer.from_pretrained(folder), tmp_path / "smol", 7, template="model",
                        scale=0.02)
-    result = export(run, gguf=type, ollama=True, eval_data=[str(eval_rows_file(tmp_path))], imatrix="off",
+    settings = run_settings(run, gguf=type, eval_data=[str(eval_rows_file(tmp_path))], imatrix="off")
+    result = export(run, settings, ollama=True,
                     log=lambda s: None)  # no run config: no training rows to collect an importance matrix on
     (v,) = result.verifications
     assert v.passed, v.failures

@@ -197,12 +197,13 @@ def _refresh_report(run: str, files: list) -> None:
 
 
 def cmd_export(args) -> int:
-    from lorakit.export.run import export
+    from lorakit.cli_schema import settings
+    from lorakit.config import ExportConfig
+    from lorakit.export.run import export, run_settings
 
-    result = export(args.run, gguf=args.gguf, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
-                    verify=not args.no_verify, max_drop=args.max_drop, eval_data=args.eval_data,
-                    eval_limit=args.eval_limit, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                    imatrix=args.imatrix, imatrix_text=args.imatrix_text, max_size=args.max_size)
+    s = settings(args, ExportConfig, "export", base=run_settings(args.run))  # flags over the run's config.yaml
+    result = export(args.run, s, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
+                    verify=not args.no_verify)
     for f in result.files:
         print(f"wrote {f}")
     _refresh_report(args.run, result.files)

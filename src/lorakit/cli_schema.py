@@ -111,14 +111,14 @@ def given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return set(vars(namespace))
 
 
-def settings(args: argparse.Namespace, section: type, name: str, explicit: set[str] | None = None):
-    """The `section` object a stage takes: the `name:` section of `args.config` (when given), or the
-    schema's defaults, with the flags in its place (those in `explicit` only, when a file is read).
-
-    A flag left at None, or a list flag never given, leaves the section's value."""
+def settings(args: argparse.Namespace, section: type, name: str, explicit: set[str] | None = None, base=None):
+    """The `section` object a stage takes: `base`, else the `name:` section of `args.config` (when
+    given), else the schema's defaults, with the flags in its place (those in `explicit` only, when
+    a file is read).  A flag left at None, or a list flag never given, leaves the section's value."""
     from lorakit import config
 
-    base = config.load_section(args.config, name) if getattr(args, "config", None) else section()
+    if base is None:
+        base = config.load_section(args.config, name) if getattr(args, "config", None) else section()
     values = {}
     for f in dataclasses.fields(section):
         value = getattr(args, f.name, None)
