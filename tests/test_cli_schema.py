@@ -159,3 +159,21 @@ def test_lorakit_config_lists_the_stage_sections():
     for key in ("generate.temperature", "chat.max_context", "eval.batch_size", "merge.dtype", "export.gguf",
                 "serve.port"):
         assert f"\n{key}  (default:" in text
+
+
+def test_the_commands_hand_their_section_to_the_stage(monkeypatch, tmp_path):
+    import lorakit.merge
+    import lorakit.serve.run
+    from lorakit.cli import main
+    from lorakit.config import MergeConfig, ServeConfig
+
+    seen = {}
+    monkeypatch.setattr(lorakit.serve.run, "serve", lambda s: seen.setdefault("serve", s) and 0)
+    monkeypatch.setattr(lorakit.merge, "merge", lambda run, out, s: seen.setdefault("merge", (run, out, s)))
+    f = tmp_path / "stages.yaml"
+    f.write_text("serve:\n  port: 9001\n  host: 0.0.0.0\nmerge:\n  dtype: bf16\n", encoding="utf-8")
+    assert main(["serve", "runs/a", "--adapter", "b=runs/b", "--config", str(f), "--max-batch", "8"]) == 0
+    assert seen["serve"] == ServeConfig(adapters=["runs/a"], adapter=["b=runs/b"], host="0.0.0.0", port=9001,
+                                        max_batch=8)
+    assert main(["merge", "runs/a", "--out", "m", "--config", str(f), "--overwrite"]) == 0
+    assert seen["merge"] == ("runs/a", "m", MergeConfig(dtype="bf16", overwrite=True))
