@@ -165,11 +165,10 @@ def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None,
     `settings` decodes every answer (it is a `Sampling`) and holds the opening system message and
     the context window the history is trimmed to."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    sampling = settings
     window = context_window(session, settings.max_context)
-    limit = window - sampling.max_new_tokens
+    limit = window - settings.max_new_tokens
     if limit <= 0:
-        raise LorakitError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the conversation in "
+        raise LorakitError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for the conversation in "
                            f"a context of {window} tokens", hint=f"use --max-new-tokens below {window}")
     conv = Conversation(session, limit, settings.system)
 
@@ -178,7 +177,7 @@ def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None,
         stdout.flush()
 
     say(f"chat with {title or session.default.name} (template {session.template.name}; {window}-token context, "
-        f"answers up to {sampling.max_new_tokens} tokens)\n/help lists the commands; Ctrl-C stops an answer; "
+        f"answers up to {settings.max_new_tokens} tokens)\n/help lists the commands; Ctrl-C stops an answer; "
         f"/exit or Ctrl-D quits\n")
     read = _reader(stdin, stdout)
     interrupted = False  # the previous prompt ended with Ctrl-C
@@ -204,7 +203,7 @@ def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None,
             continue
         before = list(conv.turns)
         try:
-            _turn(line[1:] if line.startswith("//") else line, conv, sampling, say)
+            _turn(line[1:] if line.startswith("//") else line, conv, settings, say)
         except KeyboardInterrupt:  # Ctrl-C just outside the generation (while printing): same as a stop
             conv.turns[:] = before
             say("\n[stopped; this question and the partial answer are not kept]\n")

@@ -303,6 +303,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
             return value
         return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, key, problems)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """A bool, int, float or str key: YAML's spellings accepted (yes/on, 1e-4, 3.0 for 3)."""
     if tp is bool:
         if isinstance(value, bool):
             return value

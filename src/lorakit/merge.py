@@ -131,21 +131,18 @@ def tolerance(dtype: str, logit_scale: float, *, layers: int, width: int) -> flo
 
 def merge(path: str | Path, out: str | Path, settings: MergeConfig | None = None, *,
           log: Callable[[str], None] = print) -> MergeReport:
-    """Merge the adapter of `path` (a run or adapter folder) into its base, write `out`, check parity.
-
-    `settings`: the merged weights' dtype and whether `out` may be replaced (the schema's `merge:`
-    defaults when None). The report is printed (`log`), stored in `out`/merge_parity.json and, for
-    an adapter inside a run folder, in the run's merge.json; a failed check raises and leaves `out`
-    as it was."""
-    settings = settings or MergeConfig()
-    dtype, overwrite = settings.dtype, settings.overwrite
+    """Merge the adapter of `path` (a run or adapter folder) into its base, write `out` (in `settings`'
+    dtype), check parity. The report is printed (`log`), stored in `out`/merge_parity.json and, for an
+    adapter inside a run folder, in the run's merge.json; a failed check leaves `out` as it was."""
+    s = settings or MergeConfig()
+    dtype = s.dtype
     if dtype not in DTYPES:
         raise LorakitError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="use --dtype fp32, bf16 or fp16")
     start = time.perf_counter()
     adapter_dir = find_adapter_dir(path)
     meta = read_meta(adapter_dir)
     out = Path(out)
-    _check_out(out, adapter_dir, overwrite)
+    _check_out(out, adapter_dir, s.overwrite)
     check_finite(adapter_dir)
     template = meta.template_object()
 

@@ -123,8 +123,7 @@ def _check_request(s: ExportConfig, paths: RunPaths, adapter_dir: Path, *, adapt
 def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_only: bool = False,
            ollama: bool = False, out: str | Path | None = None, verify: bool = True,
            log: Callable[[str], None] = print) -> ExportResult:
-    """`lorakit export`: `settings` (the run's `export:` section when None; `run_settings` puts flags
-    in its place) decides the GGUF type and the checks it must pass."""
+    """`lorakit export`: `settings` (None: the run's `export:` section) decides the type and the checks."""
     from lorakit.export import require_toolchain
     from lorakit.export import gguf as G
     from lorakit.infer import base_model_config
