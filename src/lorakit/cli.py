@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from lorakit.cli_schema import add_flags, flag
+from lorakit.cli_schema import add_flags, flag, given, section_from
 from lorakit.errors import LorakitError
 
 
@@ -79,10 +79,8 @@ def cmd_plan(args) -> int:
 
 def _settings(args, section: type):
     """The stage's section object from its flags, over the `--config` file's section when one is given."""
-    from lorakit import cli_schema
-
-    explicit = cli_schema.given(build_parser(), args.argv) if args.config else None
-    return cli_schema.settings(args, section, args.section, explicit)
+    explicit = given(build_parser(), args.argv) if args.config else None
+    return section_from(args, section, args.section, explicit)
 
 
 def _read_messages(args, system: str | None) -> list[dict]:
@@ -197,11 +195,10 @@ def _refresh_report(run: str, files: list) -> None:
 
 
 def cmd_export(args) -> int:
-    from lorakit.cli_schema import settings
     from lorakit.config import ExportConfig
     from lorakit.export.run import export, run_settings
 
-    s = settings(args, ExportConfig, "export", base=run_settings(args.run))  # flags over the run's config.yaml
+    s = section_from(args, ExportConfig, "export", base=run_settings(args.run))  # flags over the run's config.yaml
     result = export(args.run, s, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
                     verify=not args.no_verify)
     for f in result.files:

@@ -10,7 +10,7 @@ A command names the fields it exposes and how they are spelled (`flag("max_batch
     list[...]       append (repeatable), or whatever nargs the command asks for
     X | None        as X
 
-`settings` turns the parsed flags back into the section object the stage function takes, on top
+`section_from` turns the parsed flags back into the section object the stage function takes, on top
 of the section a `--config FILE` holds: a flag given on the command line wins over the file.
 """
 
@@ -111,7 +111,8 @@ def given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return set(vars(namespace))
 
 
-def settings(args: argparse.Namespace, section: type, name: str, explicit: set[str] | None = None, base=None):
+def section_from(args: argparse.Namespace, section: type, name: str, explicit: set[str] | None = None,
+                 base=None):
     """The `section` object a stage takes: `base`, else the `name:` section of `args.config` (when
     given), else the schema's defaults, with the flags in its place (those in `explicit` only, when
     a file is read).  A flag left at None, or a list flag never given, leaves the section's value."""
