@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
-from lorakit.errors import LorakitError
 from lorakit.config import ChatConfig
+from lorakit.errors import LorakitError
 from lorakit.infer import Sampling, Session, generate
 
 PROMPT = "you> "
