@@ -64,7 +64,7 @@ def test_stage_flags_take_help_and_default_from_the_schema(command):
     import dataclasses
 
     from lorakit import config
-    from lorakit.cli_schema import default_of
+    from lorakit.config.flags import default_of
 
     fields = {f.name: f for f in dataclasses.fields(getattr(config, STAGES[command]))}
     generated = [a for a in _actions(command) if a.dest in fields]

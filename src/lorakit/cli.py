@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from lorakit.cli_schema import add_flags, flag, given, section_from
+from lorakit.config.flags import add_flags, flag, given, section_from
 from lorakit.errors import LorakitError
 
 
@@ -224,7 +224,7 @@ def cmd_demo(args) -> int:
 
 # --------------------------------------------------------------------------- the parser
 # One function per subcommand. A stage's settings are flags generated from its schema section
-# (`lorakit.cli_schema`): help, default, type and choices are the section field's.
+# (`lorakit.config.flags`): help, default, type and choices are the section field's.
 
 STAGE_CONFIG_HELP = "YAML file whose `{name}:` section sets these options (a flag given here wins)"
 

@@ -4,6 +4,10 @@ Every default lives here and nowhere else; code reads `cfg.train.lr`, never
 `cfg.get("lr", 2e-4)`.  Loading collects every problem (unknown keys with a
 "did you mean", wrong types, bad choices, cross-field conflicts) and raises them
 together in one `ConfigError`, so a user fixes a config in one pass.
+
+The training sections are here; the sections of the stages after training (generate, chat,
+eval, merge, export, serve) are in `stages.py` and re-exported, and `flags.py` turns a section
+into its command's flags, so `lorakit serve --help` and `serve:` in a file are the same schema.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from lorakit.config_field import _help
-from lorakit.config_stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, SamplingConfig
-from lorakit.config_stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
+from lorakit.config.declare import _help
+from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, SamplingConfig
+from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

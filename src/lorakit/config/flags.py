@@ -1,5 +1,5 @@
 """Command-line flags generated from the schema: a flag's help, default, type and choices are its
-section field's (`lorakit.config_stages`), so a stage's defaults are written once, in the schema.
+section field's (`lorakit.config.stages`), so a stage's defaults are written once, in the schema.
 
 A command names the fields it exposes and how they are spelled (`flag("max_batch")` is
 `--max-batch`); everything else is read from the field:

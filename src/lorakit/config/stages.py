@@ -1,7 +1,7 @@
 """The schema sections of the stages after training: generate, chat, eval, merge, export, serve.
 
 Each section is the one owner of its stage's defaults: the stage function takes the section
-object, the command's flags are generated from its fields (`lorakit.cli_schema`), and a YAML file
+object, the command's flags are generated from its fields (`lorakit.config.flags`), and a YAML file
 may hold it (`serve:` in `lorakit serve --config FILE` works like the flags; the run's config.yaml
 `export:` is what `lorakit export` starts from).  `lorakit.config.Config` holds them all, so
 `lorakit config` lists them beside the training sections.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from lorakit.config_field import _help
+from lorakit.config.declare import _help
 
 InferenceDtype = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -1,7 +1,7 @@
 """The one way a schema key is declared: its default and the help text every view of it shows.
 
 Kept apart from `lorakit.config` so that both the training sections there and the later stages'
-sections in `lorakit.config_stages` declare their keys the same way without importing each other.
+sections in `lorakit.config.stages` declare their keys the same way without importing each other.
 """
 
 from __future__ import annotations
