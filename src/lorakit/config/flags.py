@@ -67,7 +67,7 @@ def _help(text: str, default: Any, shown: Any, where: str | None) -> str:
     """The schema's help, plus where an unset flag's value comes from (argparse formats %)."""
     if where is not None:
         text = f"{text} (default: {where}, else {default})"
-    elif shown not in (None, False, []):
+    elif shown is not None and shown is not False and shown != []:  # 0 is shown; an unset flag is not
         text = f"{text} (default: {shown})"
     return text.replace("%", "%%")
 

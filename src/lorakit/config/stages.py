@@ -26,7 +26,7 @@ class SamplingConfig:
     temperature: float = _help("Sampling temperature: below 1 sharpens the distribution, above 1 flattens it.", 0.7)
     top_p: float = _help("Nucleus sampling: draw from the smallest set of tokens holding this probability.", 0.9)
     top_k: int = _help("Draw from the k most likely tokens only; 0: no limit.", 0)
-    repetition_penalty: float = _help("Divide the scores of tokens already in the text by this; 1.0: off.", 1.0)
+    repetition_penalty: float = _help("Penalty on tokens already in the text (transformers' repetition_penalty); 1.0: off.", 1.0)
     greedy: bool = _help("Deterministic decoding: always the most likely token (ignores the sampling keys).", False)
     seed: int | None = _help("Seed of the sampling draws, for repeatable answers; null: a fresh draw each time.",
                              None)
