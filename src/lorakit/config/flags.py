@@ -112,7 +112,7 @@ def given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def section_from(args: argparse.Namespace, section: type, name: str, explicit: set[str] | None = None,
-                 base=None):
+                 base: Any = None) -> Any:
     """The `section` object a stage takes: `base`, else the `name:` section of `args.config` (when
     given), else the schema's defaults, with the flags in its place (those in `explicit` only, when
     a file is read).  A flag left at None, or a list flag never given, leaves the section's value."""
