@@ -274,6 +274,7 @@ def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0)
     from lorakit.export import gguf as G
     from lorakit.export import task as T
     from lorakit.infer import base_model_config
+    from lorakit.config import MergeConfig
     from lorakit.merge import merge
     from lorakit.model.load import load_tokenizer
 
@@ -284,7 +285,7 @@ def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0)
     tok = load_tokenizer(base_model_config(meta))
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    merge(adapter, work / "merged", dtype="fp32", log=quiet)
+    merge(adapter, work / "merged", MergeConfig(dtype="fp32"), log=quiet)
     seconds["merge"], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
     f32 = G.convert_raw(work / "merged", work / "f32.gguf", log=quiet)
     seconds["convert_f32"] = round(time.perf_counter() - t0, 1)

@@ -107,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['gguf']:7.1%} {row['drop']:+6.1f} {row['changed']:7d} {row['kl']:8.5f}", flush=True)
                 out.unlink()
     if args.auto:
-        from lorakit.export.run import export
+        from lorakit.export.run import export, run_settings
 
         with tempfile.TemporaryDirectory(prefix="lorakit-export-auto-") as out:
             t0 = time.perf_counter()
-            r = export(args.run, gguf="auto", out=out, eval_data=[args.eval_data], eval_limit=args.limit, log=quiet)
+            s = run_settings(args.run, gguf="auto", eval_data=[args.eval_data], eval_limit=args.limit)
+            r = export(args.run, s, out=out, log=quiet)
             result["auto"] = {"picked": r.files[0].name, "seconds": round(time.perf_counter() - t0, 1),
                               "candidates": r.candidates}
             print(f"--gguf auto picked {r.files[0].name} in {result['auto']['seconds']} s")

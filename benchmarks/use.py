@@ -46,13 +46,14 @@ def eval_throughput(run: Path, limit: int | None, max_new_tokens: int) -> dict:
 
 
 def merge_figures(run: Path, dtypes: list[str], out_root: Path) -> list[dict]:
+    from lorakit.config import MergeConfig
     from lorakit.merge import merge
 
     rows = []
     for dtype in dtypes:
         target = out_root / f"merged-{dtype}"
         t0 = time.perf_counter()
-        report = merge(run, target, dtype=dtype, overwrite=True, log=lambda s: None)
+        report = merge(run, target, MergeConfig(dtype=dtype, overwrite=True), log=lambda s: None)
         seconds = time.perf_counter() - t0
         rows.append({"dtype": dtype, "seconds": round(seconds, 1), "report": report.to_dict()})
         shutil.rmtree(target, ignore_errors=True)

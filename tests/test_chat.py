@@ -22,6 +22,7 @@ from conftest import build_tiny_model, make_adapter
 
 import lorakit
 from lorakit.chat import BASE, PROMPT, TUNED, chat, printable
+from lorakit.config import ChatConfig
 from lorakit.infer import Sampling, generate, load_session
 
 pexpect = pytest.importorskip("pexpect")
@@ -209,6 +210,6 @@ def test_two_ctrl_c_at_the_prompt_quit(session):
     import io
 
     out = io.StringIO()
-    assert chat(session, Sampling(max_new_tokens=4, greedy=True), stdin=_Interrupts(), stdout=out) == 0
+    assert chat(session, ChatConfig(max_new_tokens=4, greedy=True), stdin=_Interrupts(), stdout=out) == 0
     # one hint after the first, then the second quits without generating anything
     assert out.getvalue().count("(Ctrl-C again") == 1 and TUNED not in out.getvalue()

@@ -143,7 +143,7 @@ def test_readme_config_block_is_generated_from_the_schema():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert config.to_yaml() in readme
     assert script.updated(readme) == readme, (
-        "README.md's config block differs from the schema in src/lorakit/config.py; "
+        "README.md's config block differs from the schema in src/lorakit/config/; "
         "run `python scripts/readme_config.py` and commit README.md")
 
 

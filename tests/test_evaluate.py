@@ -13,6 +13,7 @@ from test_train import tiny_config
 from lorakit import metrics as M
 from lorakit.artifacts import EvalSummary, RunPaths, read_jsonl, read_meta
 from lorakit.cli import main
+from lorakit.config import EvalConfig
 from lorakit.evaluate import answer, eval_sets, evaluate_run, held_out_loss, split_reference
 from lorakit.infer import load_session
 from lorakit.runs import format_runs, list_runs
@@ -80,7 +81,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_model_dir, tiny_tokenizer, tmp
 
 
 def test_eval_writes_records_and_a_summary_with_base_beside_tuned(run, session):
-    (summary,) = evaluate_run(run[0], split="test", base=True, max_new_tokens=8, session=session, log=lambda s: None)
+    (summary,) = evaluate_run(run[0], EvalConfig(split="test", base=True, max_new_tokens=8), session=session, log=lambda s: None)
     paths = RunPaths(run[0])
     assert summary.models == ["tuned", "base"] and summary.count == 3
     assert EvalSummary.read(paths.eval_summary("test")) == summary
@@ -97,7 +98,7 @@ def test_eval_writes_records_and_a_summary_with_base_beside_tuned(run, session):
 
 def test_json_references_switch_on_field_accuracy(run, session, tmp_path):
     data = write_jsonl(tmp_path / "orders.jsonl", JSON_ROWS)
-    (summary,) = evaluate_run(run[0], data=[str(data)], max_new_tokens=8, session=session, log=lambda s: None)
+    (summary,) = evaluate_run(run[0], EvalConfig(data=[str(data)], max_new_tokens=8), session=session, log=lambda s: None)
     assert summary.data == "orders"
     records = read_jsonl(RunPaths(run[0]).eval_records("orders"))
     answers = [r["answers"]["tuned"] for r in records]

@@ -8,7 +8,7 @@ import pytest
 from conftest import eval_rows_file, make_adapter
 
 from lorakit.cli import main
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, MergeConfig
 from lorakit.errors import LorakitError
 
 
@@ -86,7 +86,7 @@ def test_a_failed_verification_leaves_no_finished_file(base, tmp_path, monkeypat
     def wrong(model, out_file, type, **kw):
         from lorakit.merge import merge
 
-        merge(other, tmp_path / "other-merged", dtype="fp32", log=lambda s: None, overwrite=True)
+        merge(other, tmp_path / "other-merged", MergeConfig(dtype="fp32", overwrite=True), log=lambda s: None)
         return real(tmp_path / "other-merged", out_file, type, **kw)
 
     monkeypatch.setattr(G, "convert_merged", wrong)
@@ -105,13 +105,14 @@ def test_smollm2_exports_and_verifies(type, tmp_path):
     the demo's trained adapter is measured by benchmarks/export.py), exported and verified in llama.cpp."""
     from transformers import AutoTokenizer
 
-    from lorakit.export.run import export
+    from lorakit.export.run import export, run_settings
     from lorakit.model.embedded import embedded_model_dir
 
     folder = embedded_model_dir()
     run = make_adapter(folder, AutoTokenizer.from_pretrained(folder), tmp_path / "smol", 7, template="model",
                        scale=0.02)
-    result = export(run, gguf=type, ollama=True, eval_data=[str(eval_rows_file(tmp_path))], imatrix="off",
+    settings = run_settings(run, gguf=type, eval_data=[str(eval_rows_file(tmp_path))], imatrix="off")
+    result = export(run, settings, ollama=True,
                     log=lambda s: None)  # no run config: no training rows to collect an importance matrix on
     (v,) = result.verifications
     assert v.passed, v.failures

@@ -42,9 +42,10 @@ NEW_TOKENS = 12
 def _answers_of_merged(run, rows_file):
     """The merged model's own greedy answers to the rows (what transformers says), independently of
     export/task.py: lorakit eval on the unmerged adapter gives them (merge parity is tested elsewhere)."""
+    from lorakit.config import EvalConfig
     from lorakit.evaluate import evaluate_run
 
-    (summary,) = evaluate_run(run, data=[str(rows_file)], max_new_tokens=NEW_TOKENS, log=lambda s: None)
+    (summary,) = evaluate_run(run, EvalConfig(data=[str(rows_file)], max_new_tokens=NEW_TOKENS), log=lambda s: None)
     from lorakit.artifacts import RunPaths, read_jsonl
 
     return [r["answers"]["tuned"] for r in read_jsonl(RunPaths.of(run).eval_records(summary.data))]

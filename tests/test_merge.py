@@ -21,7 +21,7 @@ from conftest import make_adapter
 from lorakit import merge as M
 from lorakit.artifacts import RunPaths, read_meta
 from lorakit.cli import main
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, MergeConfig
 from lorakit.errors import LorakitError
 
 SCALE = 0.05
@@ -74,7 +74,7 @@ def merged_logits(out: Path, tokenizer, run: Path) -> torch.Tensor:
 def test_merged_equals_base_plus_adapter_within_the_dtype_tolerance_and_differs_from_base(
         dtype, runs, tiny_model_dir, tiny_tokenizer, tmp_path):
     run, out = runs["plain"], tmp_path / "merged"
-    report = M.merge(run, out, dtype=dtype, log=quiet)
+    report = M.merge(run, out, MergeConfig(dtype=dtype), log=quiet)
     assert report.passed and report.parity.max_abs_diff <= report.tolerance
     assert AutoModelForCausalLM.from_pretrained(out).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                                "fp16": torch.float16}[dtype]
@@ -96,7 +96,7 @@ def test_merged_equals_base_plus_adapter_within_the_dtype_tolerance_and_differs_
 @pytest.mark.parametrize("kind", ["rslora", "dora", "modules_to_save"])
 def test_adapter_variants_merge(kind, runs, tiny_model_dir, tiny_tokenizer, tmp_path):
     run, out = runs[kind], tmp_path / "merged"
-    report = M.merge(run, out, dtype="fp32", log=quiet)
+    report = M.merge(run, out, MergeConfig(dtype="fp32"), log=quiet)
     want = reference(tiny_model_dir, run, tiny_tokenizer)
     got = merged_logits(out, tiny_tokenizer, run)
     assert report.passed and (got - want).abs().max() <= report.tolerance
@@ -112,7 +112,7 @@ def test_a_4bit_trained_adapter_merges_into_the_full_precision_base(tiny_model_d
     run = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / "q", seed=7, scale=SCALE, quantization="4bit")
     out = tmp_path / "merged"
     lines = []
-    report = M.merge(run, out, dtype="bf16", log=lines.append)
+    report = M.merge(run, out, MergeConfig(dtype="bf16"), log=lines.append)
     assert report.passed, "checked against base + adapter in full precision, not against the 4-bit model"
     q = report.quantized
     assert q is not None and "4bit" in q.reference
@@ -151,7 +151,7 @@ def test_a_wrong_merge_fails_the_tolerance_and_writes_nothing(wrong, dtype, runs
     run, out = runs["plain"], tmp_path / "merged"
     monkeypatch.setattr(M, "_merged", wrong)
     with pytest.raises(LorakitError, match=f"more than the {dtype} tolerance"):
-        M.merge(run, out, dtype=dtype, log=quiet)
+        M.merge(run, out, MergeConfig(dtype=dtype), log=quiet)
     assert not out.exists() and not list(tmp_path.glob(".merged.tmp-*")), "atomic: nothing half written"
     stored = json.loads(RunPaths.of(run).merge.read_text())
     assert stored["passed"] is False and stored["parity"]["max_abs_diff"] > stored["tolerance"]
@@ -184,8 +184,8 @@ def test_out_folder_rules(runs, tmp_path):
     assert "--overwrite" in e.value.render()
     for bad in (run / "adapter" / "merged", run / "adapter", run):  # inside, the adapter itself, or above it
         with pytest.raises(LorakitError, match="overlaps the adapter folder"):
-            M.merge(run, bad, overwrite=True, log=quiet)
-    M.merge(run, busy, overwrite=True, log=quiet)
+            M.merge(run, bad, MergeConfig(overwrite=True), log=quiet)
+    M.merge(run, busy, MergeConfig(overwrite=True), log=quiet)
     assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
 
 
@@ -195,7 +195,7 @@ def test_out_folder_rules(runs, tmp_path):
 def test_the_merged_folder_is_a_plain_model_with_the_trained_template(tiny_model_dir, tiny_tokenizer, tmp_path):
     run = make_adapter(tiny_model_dir, tiny_tokenizer, tmp_path / "chat", seed=3, template="chatml", scale=SCALE)
     out = tmp_path / "merged"
-    M.merge(run, out, dtype="bf16", log=quiet)
+    M.merge(run, out, MergeConfig(dtype="bf16"), log=quiet)
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "lorakit.json", M.PARITY_FILE} <= names

@@ -13,7 +13,7 @@ import torch
 
 import bitsandbytes as bnb  # a dev dependency: CI must fail, not skip, without it
 
-from lorakit.config import LoraConfig, ModelConfig  # noqa: E402
+from lorakit.config import LoraConfig, MergeConfig, ModelConfig  # noqa: E402
 from lorakit.model.load import load_model  # noqa: E402
 from lorakit.model.lora import apply_lora  # noqa: E402
 
@@ -99,7 +99,7 @@ def test_qlora_training_run_on_cpu(qdir, tmp_path):
     # ... and that really 4-bit-trained adapter merges into the full-precision base, with both parities.
     from lorakit.merge import merge
 
-    report = merge(run, tmp_path / "merged", dtype="fp32", log=lambda s: None)
+    report = merge(run, tmp_path / "merged", MergeConfig(dtype="fp32"), log=lambda s: None)
     assert report.passed and report.parity.max_abs_diff <= report.tolerance
     assert report.quantized is not None and "4bit" in report.quantized.reference
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())

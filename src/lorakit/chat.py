@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
+from lorakit.config import ChatConfig
 from lorakit.errors import LorakitError
 from lorakit.infer import Sampling, Session, generate
 
@@ -157,23 +158,26 @@ def _interrupt_sets(event: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def chat(session: Session, sampling: Sampling, *, system: str | None = None, max_context: int | None = None,
-         stdin: TextIO | None = None, stdout: TextIO | None = None, title: str = "") -> int:
-    """Run the conversation loop until /exit or end of input; returns the exit status (0)."""
+def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         title: str = "") -> int:
+    """Run the conversation loop until /exit or end of input; returns the exit status (0).
+
+    `settings` decodes every answer (it is a `Sampling`) and holds the opening system message and
+    the context window the history is trimmed to."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    window = context_window(session, max_context)
-    limit = window - sampling.max_new_tokens
+    window = context_window(session, settings.max_context)
+    limit = window - settings.max_new_tokens
     if limit <= 0:
-        raise LorakitError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the conversation in "
+        raise LorakitError(f"--max-new-tokens {settings.max_new_tokens} leaves no room for the conversation in "
                            f"a context of {window} tokens", hint=f"use --max-new-tokens below {window}")
-    conv = Conversation(session, limit, system)
+    conv = Conversation(session, limit, settings.system)
 
     def say(text: str) -> None:
         stdout.write(text)
         stdout.flush()
 
     say(f"chat with {title or session.default.name} (template {session.template.name}; {window}-token context, "
-        f"answers up to {sampling.max_new_tokens} tokens)\n/help lists the commands; Ctrl-C stops an answer; "
+        f"answers up to {settings.max_new_tokens} tokens)\n/help lists the commands; Ctrl-C stops an answer; "
         f"/exit or Ctrl-D quits\n")
     read = _reader(stdin, stdout)
     interrupted = False  # the previous prompt ended with Ctrl-C
@@ -199,7 +203,7 @@ def chat(session: Session, sampling: Sampling, *, system: str | None = None, max
             continue
         before = list(conv.turns)
         try:
-            _turn(line[1:] if line.startswith("//") else line, conv, sampling, say)
+            _turn(line[1:] if line.startswith("//") else line, conv, settings, say)
         except KeyboardInterrupt:  # Ctrl-C just outside the generation (while printing): same as a stop
             conv.turns[:] = before
             say("\n[stopped; this question and the partial answer are not kept]\n")

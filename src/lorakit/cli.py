@@ -7,10 +7,10 @@ User mistakes arrive as `LorakitError` and are printed as message + fix with exi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
+from lorakit.config.flags import add_flags, flag, given, section_from
 from lorakit.errors import LorakitError
 
 
@@ -77,7 +77,13 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _read_messages(args) -> list[dict]:
+def _settings(args, section: type):
+    """The stage's section object from its flags, over the `--config` file's section when one is given."""
+    explicit = given(build_parser(), args.argv) if args.config else None
+    return section_from(args, section, args.section, explicit)
+
+
+def _read_messages(args, system: str | None) -> list[dict]:
     from lorakit.infer import messages_from_instruction, read_messages_file
 
     if args.messages:
@@ -89,31 +95,32 @@ def _read_messages(args) -> list[dict]:
         instruction = sys.stdin.read().strip()
         if not instruction:
             raise LorakitError("stdin was empty", hint="pipe a prompt, or pass --instruction TEXT")
-    return messages_from_instruction(instruction, args.input or "", args.system)
+    return messages_from_instruction(instruction, args.input or "", system)
 
 
 def cmd_generate(args) -> int:
+    from lorakit.config import GenerateConfig
     from lorakit.infer import generate, load_session
 
-    messages = _read_messages(args)
-    session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    sampling = _sampling(args)
+    settings = _settings(args, GenerateConfig)
+    messages = _read_messages(args, settings.system)
+    session = load_session(args.run, settings)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    done = generate(session, messages, sampling, stream=None if args.no_stream else emit, use_adapter=not args.base)
+    done = generate(session, messages, settings, stream=None if args.no_stream else emit, use_adapter=not args.base)
     print() if not args.no_stream else print(done.text)
     return 0
 
 
 def cmd_eval(args) -> int:
+    from lorakit.config import EvalConfig
     from lorakit.evaluate import format_summary
     from lorakit.pipeline import evaluate
 
-    summaries = evaluate(args.run, data=args.data, split=args.split, base=args.base,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    summaries = evaluate(args.run, _settings(args, EvalConfig))
     from lorakit.artifacts import RunPaths, find_adapter_dir
 
     for s in summaries:
@@ -134,10 +141,11 @@ def cmd_chat(args) -> int:
 
     find_adapter_dir(args.run)  # a wrong path fails before the slow model import
     from lorakit.chat import chat
+    from lorakit.config import ChatConfig
     from lorakit.infer import load_session
 
-    session = load_session(args.run, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    return chat(session, _sampling(args), system=args.system, max_context=args.max_context, title=args.run)
+    settings = _settings(args, ChatConfig)
+    return chat(load_session(args.run, settings), settings, title=args.run)
 
 
 def cmd_doctor(args) -> int:
@@ -166,9 +174,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from lorakit.config import MergeConfig
     from lorakit.merge import merge
 
-    merge(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    merge(args.run, args.out, _settings(args, MergeConfig))
     print(f"done: {args.out}\nload it with AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     return 0
 
@@ -187,12 +196,12 @@ def _refresh_report(run: str, files: list) -> None:
 
 
 def cmd_export(args) -> int:
-    from lorakit.export.run import export
+    from lorakit.config import ExportConfig
+    from lorakit.export.run import export, run_settings
 
-    result = export(args.run, gguf=args.gguf, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
-                    verify=not args.no_verify, max_drop=args.max_drop, eval_data=args.eval_data,
-                    eval_limit=args.eval_limit, metric=args.metric, max_new_tokens=args.max_new_tokens,
-                    imatrix=args.imatrix, imatrix_text=args.imatrix_text, max_size=args.max_size)
+    s = section_from(args, ExportConfig, "export", base=run_settings(args.run))  # flags over the run's config.yaml
+    result = export(args.run, s, adapter_only=args.adapter_only, ollama=args.ollama, out=args.out,
+                    verify=not args.no_verify)
     for f in result.files:
         print(f"wrote {f}")
     _refresh_report(args.run, result.files)
@@ -202,12 +211,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from lorakit.config import ServeConfig
     from lorakit.serve.run import serve
 
-    return serve(args.adapters, args.adapter, base=args.base, host=args.host, port=args.port, api_key=args.api_key,
-                 api_key_file=args.api_key_file, allow_adapter_loading=args.allow_adapter_loading,
-                 adapter_roots=args.adapter_root, max_batch=args.max_batch, max_queue=args.max_queue,
-                 max_tokens_cap=args.max_tokens_cap, timeout=args.timeout)
+    return serve(_settings(args, ServeConfig))
 
 
 def cmd_demo(args) -> int:
@@ -216,40 +223,37 @@ def cmd_demo(args) -> int:
     return run_demo(output_dir=args.output_dir, overrides=args.overrides)
 
 
-def _sampling_options(sp: argparse.ArgumentParser) -> None:
-    """The decoding flags `generate` and `chat` share (their defaults are `infer.Sampling`'s)."""
-    sp.add_argument("--temperature", type=float, default=0.7)
-    sp.add_argument("--top-p", type=float, default=0.9)
-    sp.add_argument("--top-k", type=int, default=0)
-    sp.add_argument("--repetition-penalty", type=float, default=1.0)
-    sp.add_argument("--greedy", action="store_true", help="deterministic decoding")
-    sp.add_argument("--seed", type=int)
+# --------------------------------------------------------------------------- the parser
+# One function per subcommand. A stage's settings are flags generated from its schema section
+# (`lorakit.config.flags`): help, default, type and choices are the section field's.
+
+STAGE_CONFIG_HELP = "YAML file whose `{name}:` section sets these options (a flag given here wins)"
 
 
-def _sampling(args):
-    from lorakit.infer import Sampling
+def _with_config(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    sp = sub.add_parser(name, help=help_, description=help_ + " Any config key can be overridden: --lora.r 8")
+    sp.add_argument("config", help="YAML config file")
+    return sp
 
-    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed)
+
+def _stage_parser(sub, name: str, help_: str, func, **kwargs) -> argparse.ArgumentParser:
+    """A later stage's subcommand: its settings may also come from a file's `name:` section."""
+    sp = sub.add_parser(name, help=help_, **kwargs)
+    sp.add_argument("--config", metavar="FILE", help=STAGE_CONFIG_HELP.format(name=name))
+    sp.set_defaults(func=func, overrides=[], section=name)
+    return sp
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning from one YAML config.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def with_config(name: str, help_: str):
-        sp = sub.add_parser(name, help=help_, description=help_ + " Any config key can be overridden: --lora.r 8")
-        sp.add_argument("config", help="YAML config file")
-        return sp
-
-    t = with_config("train", "Fine-tune a LoRA adapter; writes runs/<name>/.")
+def _training_parsers(sub) -> None:
+    t = _with_config(sub, "train", "Fine-tune a LoRA adapter; writes runs/<name>/.")
     t.add_argument("--resume", action="store_true",
                    help="continue runs/<name> from its newest complete checkpoint (exact: optimizer, RNG, data position)")
     t.set_defaults(func=cmd_train)
-    with_config("data", "Show what training will see: counts, lengths, dropped rows, one masked example.").set_defaults(func=cmd_data)
-    pl = with_config("plan", "Before training: parameters, peak memory by part (CPU and GPU), time per epoch from a "
-                     "short calibration, the guide's hyper-parameters for the dataset size, and a config that fits.")
+    _with_config(sub, "data", "Show what training will see: counts, lengths, dropped rows, one masked example.") \
+        .set_defaults(func=cmd_data)
+    pl = _with_config(sub, "plan", "Before training: parameters, peak memory by part (CPU and GPU), time per epoch "
+                      "from a short calibration, the guide's hyper-parameters for the dataset size, and a config "
+                      "that fits.")
     pl.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device to plan and fit for")
     pl.add_argument("--memory-gb", type=float, help="memory to fit in (default: available RAM, or the GPU's memory)")
     pl.add_argument("--processes", type=int, default=1, metavar="N",
@@ -258,98 +262,69 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time a few real training steps (loads the model)")
     pl.set_defaults(func=cmd_plan)
 
-    g = sub.add_parser("generate", help="Answer a prompt with a trained adapter (template from training).")
+
+SAMPLING_FLAGS = [flag("temperature"), flag("top_p"), flag("top_k"), flag("repetition_penalty"), flag("greedy"),
+                  flag("seed")]
+SESSION_FLAGS = [flag("dtype"), flag("trust_remote_code")]
+
+
+def _generate_parser(sub) -> None:
+    from lorakit.config import GenerateConfig
+
+    g = _stage_parser(sub, "generate", "Answer a prompt with a trained adapter (template from training).",
+                      cmd_generate)
     g.add_argument("run", help="run folder (runs/<name>) or adapter folder")
     g.add_argument("--instruction", "-i", help="the instruction (user message)")
     g.add_argument("--input", help="optional input/context for the instruction")
-    g.add_argument("--system", help="system message")
+    add_flags(g, GenerateConfig, flag("system"))
     g.add_argument("--messages", help="JSON file with a list of chat messages")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    _sampling_options(g)
+    add_flags(g, GenerateConfig, flag("max_new_tokens"), *SAMPLING_FLAGS)
     g.add_argument("--base", action="store_true", help="answer with the base model (adapter disabled)")
     g.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--trust-remote-code", action="store_true")
-    g.set_defaults(func=cmd_generate, overrides=[])
+    add_flags(g, GenerateConfig, *SESSION_FLAGS)
 
-    e = sub.add_parser("eval", help="Score a trained adapter on held-out data: loss, perplexity, exact match, "
-                       "ROUGE-L, BLEU (and JSON field accuracy); --base puts the base model beside it.")
-    e.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
-    e.add_argument("--data", nargs="+", metavar="FILE", help="eval files (any training format); default: --split")
-    e.add_argument("--split", default="validation", choices=["validation", "test"],
-                   help="the run's validation split (as training made it) or its data.test files")
-    e.add_argument("--base", action="store_true", help="also score the base model (prompted with the same template)")
-    e.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + 16)")
-    e.add_argument("--batch-size", type=int, default=16, help="prompts answered per batch")
-    e.add_argument("--limit", type=int, help="score only the first N examples")
-    e.set_defaults(func=cmd_eval, overrides=[])
 
-    r = sub.add_parser("runs", help="List the runs in a folder, newest first: base, template, steps, losses, "
-                       "exact match, date.")
-    r.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
-    r.set_defaults(func=cmd_runs, overrides=[])
+def _chat_parser(sub) -> None:
+    from lorakit.config import ChatConfig
 
-    sub.add_parser("doctor", help="Check versions, GPU/bf16, bitsandbytes, llama.cpp and disk; print fixes.") \
-        .set_defaults(func=cmd_doctor)
-
-    c = sub.add_parser("config", help="Show every config key with its type, default and help.",
-                       description="Without arguments: every key with its type, default and help. --yaml: a "
-                       "complete commented default config. With CONFIG (and --section.key overrides): that "
-                       "config's values as commented YAML.")
-    c.add_argument("config", nargs="?", help="YAML config file whose values to show")
-    c.add_argument("--yaml", action="store_true", help="print a commented default config to start from")
-    c.set_defaults(func=cmd_config)
-
-    ch = sub.add_parser("chat", help="Talk with a trained adapter in the terminal: multi-turn, streamed, "
-                        "with the trained template; /help inside lists the commands.")
+    ch = _stage_parser(sub, "chat", "Talk with a trained adapter in the terminal: multi-turn, streamed, with the "
+                       "trained template; /help inside lists the commands.", cmd_chat)
     ch.add_argument("run", help="run folder (runs/<name>) or adapter folder")
-    ch.add_argument("--system", help="system message the conversation starts with (/system changes it)")
-    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    ch.add_argument("--max-context", type=int,
-                    help="treat the context window as N tokens (at most the model's): for long chats on a model "
-                    "that degrades before its configured length, and for testing the history trimming")
-    _sampling_options(ch)
-    ch.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    ch.add_argument("--trust-remote-code", action="store_true")
-    ch.set_defaults(func=cmd_chat, overrides=[])
+    add_flags(ch, ChatConfig, flag("system"), flag("max_new_tokens"), flag("max_context"), *SAMPLING_FLAGS,
+              *SESSION_FLAGS)
 
-    rp = sub.add_parser("report", help="Write the run's report.html: curves, summary, diagnostics, base vs tuned.",
-                       description="Write one self-contained HTML page (inline SVG plots, no network) for a run: "
-                       "loss / eval loss, learning rate, gradient norm and tokens/s over steps; the config's "
-                       "differences from the defaults; data counts and lengths; every diagnostic; and, after "
-                       "`lorakit eval`, the base-vs-tuned table with sample answers. Training writes it too.")
-    rp.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
-    rp.add_argument("--out", help="where to write it (default: RUN/report.html)")
-    rp.set_defaults(func=cmd_report, overrides=[])
 
-    m = sub.add_parser("merge", help="Merge an adapter into its base (reloaded from disk in full precision) and "
-                       "check that the merged model answers as base + adapter did.")
+def _eval_parser(sub) -> None:
+    from lorakit.config import EvalConfig
+
+    e = _stage_parser(sub, "eval", "Score a trained adapter on held-out data: loss, perplexity, exact match, "
+                      "ROUGE-L, BLEU (and JSON field accuracy); --base puts the base model beside it.", cmd_eval)
+    e.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    add_flags(e, EvalConfig, flag("data", nargs="+", action="store", metavar="FILE", default=None), flag("split"),
+              flag("base"), flag("max_new_tokens"), flag("batch_size"), flag("limit"))
+
+
+def _merge_parser(sub) -> None:
+    from lorakit.config import MergeConfig
+
+    m = _stage_parser(sub, "merge", "Merge an adapter into its base (reloaded from disk in full precision) and "
+                      "check that the merged model answers as base + adapter did.", cmd_merge)
     m.add_argument("run", help="run folder (runs/<name>) or adapter folder")
     m.add_argument("--out", required=True, help="folder for the merged model (a plain transformers folder)")
-    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype of the merged model (the merge itself is done in fp32)")
-    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    m.set_defaults(func=cmd_merge, overrides=[])
+    add_flags(m, MergeConfig, flag("dtype"), flag("overwrite"))
+
+
+def _export_parser(sub) -> None:
+    from lorakit.config import ExportConfig
 
     x = sub.add_parser("export", help="Export to GGUF for llama.cpp / Ollama (merged or adapter-only), verified in "
                        "llama.cpp against transformers.")
     x.add_argument("run", help="run folder (runs/<name>) or adapter folder")
-    from lorakit.config import ExportConfig
-
-    def schema(key: str) -> str:  # the flag's help is the schema's (one owner), its default the run's config
-        f = ExportConfig.__dataclass_fields__[key]
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        return f"{f.metadata['help']} (default: export.{key} of the run's config, else {default})"
-
-    x.add_argument("--gguf", help=schema("gguf"))
-    x.add_argument("--max-drop", type=float, metavar="POINTS", help=schema("max_drop"))
-    x.add_argument("--eval-data", action="append", metavar="FILE", help=schema("eval_data") + "; repeatable")
-    x.add_argument("--eval-limit", type=int, metavar="N", help=schema("eval_limit"))
-    x.add_argument("--max-new-tokens", type=int, metavar="N", help=schema("max_new_tokens"))
-    x.add_argument("--metric", choices=["auto", "exact_match", "json_field_accuracy", "rouge_l"], help=schema("metric"))
-    x.add_argument("--imatrix", choices=["auto", "on", "off"], help=schema("imatrix"))
-    x.add_argument("--imatrix-text", metavar="FILE", help=schema("imatrix_text"))
-    x.add_argument("--max-size", type=float, metavar="MIB", help=schema("max_size"))
+    add_flags(x, ExportConfig, flag("gguf"), flag("max_drop", metavar="POINTS"),
+              flag("eval_data", metavar="FILE", help_suffix="; repeatable"), flag("eval_limit", metavar="N"),
+              flag("max_new_tokens", metavar="N"), flag("metric"), flag("imatrix"),
+              flag("imatrix_text", metavar="FILE"), flag("max_size", metavar="MIB"),
+              where="export.{key} of the run's config")
     x.add_argument("--adapter-only", action="store_true",
                    help="the base as GGUF plus the adapter in llama.cpp's LoRA format, instead of one merged file")
     x.add_argument("--ollama", action="store_true", help="also write an Ollama folder (GGUF + Modelfile)")
@@ -358,29 +333,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip both checks in llama.cpp (token-level and task-level): the explicit way out")
     x.set_defaults(func=cmd_export, overrides=[])
 
-    sv = sub.add_parser("serve", help="Serve the base and any number of adapters behind an OpenAI-compatible API "
-                        "(continuous batching across adapters).")
-    sv.add_argument("adapters", nargs="*", metavar="RUN_OR_ADAPTER", help="run or adapter folders (named after the run)")
-    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter under a chosen name")
-    sv.add_argument("--base", help="the base model (must be the one the adapters were trained on)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (a non-loopback one wants an API key)")
-    sv.add_argument("--port", type=int, default=8000)
-    key = sv.add_mutually_exclusive_group()
-    key.add_argument("--api-key", help="require Authorization: Bearer KEY (prefer --api-key-file: argv is visible)")
-    key.add_argument("--api-key-file", help="file holding the API key")
-    sv.add_argument("--allow-adapter-loading", action="store_true",
-                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
-    sv.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                    help="folder runtime loads may read from (repeatable)")
-    sv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
-    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
-    sv.add_argument("--max-tokens-cap", type=int, default=4096, help="the largest max_tokens a request may ask")
-    sv.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take")
-    sv.set_defaults(func=cmd_serve, overrides=[])
 
+def _serve_parser(sub) -> None:
+    from lorakit.config import ServeConfig
+
+    sv = _stage_parser(sub, "serve", "Serve the base and any number of adapters behind an OpenAI-compatible API "
+                       "(continuous batching across adapters).", cmd_serve)
+    add_flags(sv, ServeConfig, flag("adapters", "adapters", nargs="*", action="store", metavar="RUN_OR_ADAPTER"),
+              flag("adapter", metavar="NAME=PATH"), flag("base"), flag("host"), flag("port"))
+    add_flags(sv.add_mutually_exclusive_group(), ServeConfig, flag("api_key"), flag("api_key_file"))
+    add_flags(sv, ServeConfig, flag("allow_adapter_loading"), flag("adapter_root", metavar="DIR"),
+              flag("max_batch"), flag("max_queue"), flag("max_tokens_cap"), flag("timeout"))
+
+
+def _tool_parsers(sub) -> None:
+    """The commands around the stages: listing runs, checks, the schema, reports, the demo."""
+    r = sub.add_parser("runs", help="List the runs in a folder, newest first: base, template, steps, losses, "
+                       "exact match, date.")
+    r.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    r.set_defaults(func=cmd_runs, overrides=[])
+    sub.add_parser("doctor", help="Check versions, GPU/bf16, bitsandbytes, llama.cpp and disk; print fixes.") \
+        .set_defaults(func=cmd_doctor)
+    c = sub.add_parser("config", help="Show every config key with its type, default and help.",
+                       description="Without arguments: every key (training and every later stage's section) with "
+                       "its type, default and help. --yaml: a complete commented default config. With CONFIG (and "
+                       "--section.key overrides): that config's values as commented YAML.")
+    c.add_argument("config", nargs="?", help="YAML config file whose values to show")
+    c.add_argument("--yaml", action="store_true", help="print a commented default config to start from")
+    c.set_defaults(func=cmd_config)
+    rp = sub.add_parser("report", help="Write the run's report.html: curves, summary, diagnostics, base vs tuned.",
+                        description="Write one self-contained HTML page (inline SVG plots, no network) for a run: "
+                        "loss / eval loss, learning rate, gradient norm and tokens/s over steps; the config's "
+                        "differences from the defaults; data counts and lengths; every diagnostic; and, after "
+                        "`lorakit eval`, the base-vs-tuned table with sample answers. Training writes it too.")
+    rp.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    rp.add_argument("--out", help="where to write it (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report, overrides=[])
     d = sub.add_parser("demo", help="Fine-tune SmolLM2-135M on the bundled support data and compare with the base.")
     d.add_argument("--output-dir", default="runs", help="folder for the demo run")
     d.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA fine-tuning from one YAML config.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    _training_parsers(sub)
+    for add in (_generate_parser, _eval_parser, _tool_parsers, _chat_parser, _merge_parser, _export_parser,
+                _serve_parser):
+        add(sub)
     return p
 
 
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge", "export", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    args.argv = argv
     _quiet_libraries()
     try:
         return args.func(args)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from lorakit import metrics as M
 from lorakit.artifacts import EvalRecord, EvalSummary, RunPaths, now_iso, write_jsonl_atomic
+from lorakit.config import EvalConfig
 from lorakit.errors import LorakitError
 from lorakit.infer import BASE, Sampling, Session, generate_batch
 
@@ -163,7 +164,7 @@ class EvalSet:
     examples: list[dict]
 
 
-def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = None, split: str = "validation",
+def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = None, split: str = EvalConfig.split,
               log: Callable[[str], None] = print) -> list[EvalSet]:
     """The sets to score: each --data file, else the run's validation split (re-made from its
     config, checked against the training fingerprint) or its data.test files."""
@@ -210,7 +211,7 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
 
 
 def evaluate_set(session: Session, s: EvalSet, *, base: bool = False, max_new_tokens: int | None = None,
-                 batch_size: int = 16, loss_batch_size: int = 8, limit: int | None = None,
+                 batch_size: int = EvalConfig.batch_size, loss_batch_size: int = 8, limit: int | None = None,
                  log: Callable[[str], None] = print) -> tuple[EvalSummary, list[EvalRecord]]:
     """Loss and scored greedy answers of the tuned model (and the base) on one set."""
     items, examples = s.items[:limit], s.examples[:limit]
@@ -253,20 +254,21 @@ def write_results(paths: RunPaths, summary: EvalSummary, records: list[EvalRecor
     summary.write(paths.eval_summary(summary.data))
 
 
-def evaluate_run(run: str | Path, *, data: list[str] | None = None, split: str = "validation", base: bool = False,
-                 max_new_tokens: int | None = None, batch_size: int = 16, limit: int | None = None,
-                 session: Session | None = None, log: Callable[[str], None] = print) -> list[EvalSummary]:
-    """`lorakit eval`: score each set, write eval/<set>.jsonl and .summary.json into the run folder."""
+def evaluate_run(run: str | Path, settings: EvalConfig | None = None, *, session: Session | None = None,
+                 log: Callable[[str], None] = print) -> list[EvalSummary]:
+    """`lorakit eval`: score each set, write eval/<set>.jsonl and .summary.json into the run folder
+    (`settings`: which sets, how they are answered; the schema's `eval:` defaults when None)."""
     from lorakit.artifacts import find_adapter_dir
     from lorakit.infer import load_session
 
     adapter_dir = find_adapter_dir(run)
     paths = RunPaths.of(adapter_dir)
     session = session or load_session(adapter_dir, log=log)
+    e = settings or EvalConfig()
     out = []
-    for s in eval_sets(paths, session, data=data, split=split, log=log):
-        summary, records = evaluate_set(session, s, base=base, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        limit=limit, log=log)
+    for s in eval_sets(paths, session, data=e.data, split=e.split, log=log):
+        summary, records = evaluate_set(session, s, base=e.base, max_new_tokens=e.max_new_tokens,
+                                        batch_size=e.batch_size, limit=e.limit, log=log)
         write_results(paths, summary, records)
         out.append(summary)
     return out

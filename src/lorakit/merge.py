@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,10 +42,11 @@ import torch
 
 from lorakit.artifacts import (ADAPTER_DIR, AdapterMeta, RunPaths, atomic_dir, atomic_write_json, find_adapter_dir,
                                now_iso, read_meta, save_tokenizer, write_meta)
+from lorakit.config import MergeConfig
 from lorakit.errors import LorakitError
 
 PARITY_FILE = "merge_parity.json"
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = typing.get_args(typing.get_type_hints(MergeConfig)["dtype"])  # the schema's choices
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 """u = 2^-p for a p-bit significand: round-to-nearest changes a weight by at most u·|w|."""
 SAFETY = 3.0
@@ -127,19 +129,20 @@ def tolerance(dtype: str, logit_scale: float, *, layers: int, width: int) -> flo
 # --------------------------------------------------------------------------- the merge
 
 
-def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: bool = False,
+def merge(path: str | Path, out: str | Path, settings: MergeConfig | None = None, *,
           log: Callable[[str], None] = print) -> MergeReport:
-    """Merge the adapter of `path` (a run or adapter folder) into its base, write `out`, check parity.
-
-    The report is printed (`log`), stored in `out`/merge_parity.json and, for an adapter inside a
-    run folder, in the run's merge.json; a failed check raises and leaves `out` as it was."""
+    """Merge the adapter of `path` (a run or adapter folder) into its base, write `out` (in `settings`'
+    dtype), check parity. The report is printed (`log`), stored in `out`/merge_parity.json and, for an
+    adapter inside a run folder, in the run's merge.json; a failed check leaves `out` as it was."""
+    s = settings or MergeConfig()
+    dtype = s.dtype
     if dtype not in DTYPES:
         raise LorakitError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="use --dtype fp32, bf16 or fp16")
     start = time.perf_counter()
     adapter_dir = find_adapter_dir(path)
     meta = read_meta(adapter_dir)
     out = Path(out)
-    _check_out(out, adapter_dir, overwrite)
+    _check_out(out, adapter_dir, s.overwrite)
     check_finite(adapter_dir)
     template = meta.template_object()
 

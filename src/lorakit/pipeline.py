@@ -30,13 +30,14 @@ def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, prog
     return run_dir
 
 
-def evaluate(run, **kwargs: Any) -> list:
-    """`lorakit eval`: the eval stage, then the run's report.html with the new tables."""
+def evaluate(run, settings=None, **kwargs: Any) -> list:
+    """`lorakit eval`: the eval stage (`settings`: its EvalConfig section), then the run's
+    report.html with the new tables."""
     from lorakit.artifacts import RunPaths, find_adapter_dir
     from lorakit.evaluate import evaluate_run
 
     log = kwargs.get("log", print)
-    summaries = evaluate_run(run, **kwargs)
+    summaries = evaluate_run(run, settings, **kwargs)
     paths = RunPaths.of(find_adapter_dir(run))
     if paths.adapter.is_dir():
         refresh_report(paths.root, log, verb="updated", announce=False)

@@ -18,6 +18,7 @@ DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 
 def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, test_limit: int | None = None) -> int:
     from lorakit.artifacts import read_jsonl
+    from lorakit.config import EvalConfig
     from lorakit.evaluate import format_summary, perplexity, wins
     from lorakit.infer import load_session
     from lorakit.pipeline import evaluate, train
@@ -30,7 +31,7 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
     session = load_session(run_dir)
     metrics = session.meta.metrics
     print("\nscoring the held-out test split with the base model and the tuned model ...")
-    (summary,) = evaluate(run_dir, split="test", base=True, max_new_tokens=20, limit=test_limit,
+    (summary,) = evaluate(run_dir, EvalConfig(split="test", base=True, max_new_tokens=20, limit=test_limit),
                               session=session, log=lambda s: None)
 
     print("\n=== lorakit demo: SmolLM2-135M-Instruct, base vs LoRA-tuned ===")

@@ -8,8 +8,8 @@ is checked in llama.cpp — token by token against transformers (export/verify.p
 run's own task (export/task.py) — before it keeps its name. A file that fails is removed and its
 `.verify.json` (passed: false) says why, so nothing that looks finished is left behind.
 
-Settings come from the run's config.yaml `export:` section (`lorakit.config.ExportConfig`, one
-owner for every default), the command's flags overriding it.
+Settings are the schema's `export:` section (`lorakit.config.ExportConfig`, one owner for every
+default): the run's config.yaml's, the command's flags overriding it (`run_settings`).
 
 Layout of `--out` (default `runs/<name>/export/`):
   <name>-<type>.gguf              merged model            + .verify.json
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorakit.artifacts import RunPaths, find_adapter_dir, read_meta
+from lorakit.config import ExportConfig
 from lorakit.errors import LorakitError
 
 AUTO = "auto"
@@ -58,14 +59,20 @@ def _partial(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
-def settings(paths: RunPaths, **flags: Any):
-    """The run's `export:` section (schema defaults for a run made before it existed) with every
-    flag that was given (not None) in its place, checked."""
+def run_settings(run: str | Path, **flags: Any) -> ExportConfig:
+    """The `export:` section `lorakit export RUN` works with: the run's config.yaml's (schema
+    defaults for a run made before it existed), every flag that was given (not None) in its place."""
     from lorakit import config as C
+
+    paths = RunPaths.of(find_adapter_dir(run))
+    s = C.load(paths.config).export if paths.config.is_file() else C.ExportConfig()
+    return dataclasses.replace(s, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _check_settings(s: ExportConfig, paths: RunPaths) -> None:
+    """What the schema's types cannot say: the names of GGUF types, sizes and counts in range."""
     from lorakit.export.gguf import TYPES
 
-    s = C.load(paths.config).export if paths.config.is_file() else C.ExportConfig()
-    s = dataclasses.replace(s, **{k: v for k, v in flags.items() if v is not None})
     where = f"--gguf / export.gguf in {paths.config}"
     if s.gguf != AUTO and s.gguf not in TYPES:
         raise LorakitError(f"GGUF type {s.gguf!r} is not one of {', '.join(TYPES)} or 'auto'", where=where,
@@ -81,24 +88,12 @@ def settings(paths: RunPaths, **flags: Any):
     for key in ("eval_limit", "max_new_tokens", "sensitivity_rows"):
         if getattr(s, key) < 0:
             raise LorakitError(f"--{key.replace('_', '-')} {getattr(s, key)} is negative", hint="0 means: all / auto")
-    return s
 
 
-def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = False, ollama: bool = False,
-           out: str | Path | None = None, verify: bool = True, max_drop: float | None = None,
-           eval_data: list[str] | None = None, eval_limit: int | None = None, metric: str | None = None,
-           max_new_tokens: int | None = None, imatrix: str | None = None, imatrix_text: str | None = None,
-           max_size: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
-    from lorakit.export import require_toolchain
-    from lorakit.export import gguf as G
-    from lorakit.infer import base_model_config
-    from lorakit.model.load import load_tokenizer
-
-    adapter_dir = find_adapter_dir(run)
-    paths = RunPaths.of(adapter_dir)
-    s = settings(paths, gguf=gguf, max_drop=max_drop, eval_data=eval_data, eval_limit=eval_limit, metric=metric,
-                 max_new_tokens=max_new_tokens, imatrix=imatrix, imatrix_text=imatrix_text,
-                 max_size=max_size)
+def _check_request(s: ExportConfig, paths: RunPaths, adapter_dir: Path, *, adapter_only: bool,
+                   verify: bool) -> None:
+    """Combinations of settings and options that cannot work, refused before any work."""
+    _check_settings(s, paths)
     if s.gguf == AUTO and not verify:
         raise LorakitError("--gguf auto chooses by the checks that --no-verify skips", where="--no-verify",
                            hint="drop --no-verify, or name the type with --gguf TYPE")
@@ -123,6 +118,21 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
             raise LorakitError(f"--max-size measures each tensor's sensitivity on the run's training rows, and "
                                f"{adapter_dir} is not in a run folder with a config.yaml", where="--max-size",
                                hint="export from the run folder, or drop --max-size")
+
+
+def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_only: bool = False,
+           ollama: bool = False, out: str | Path | None = None, verify: bool = True,
+           log: Callable[[str], None] = print) -> ExportResult:
+    """`lorakit export`: `settings` (None: the run's `export:` section) decides the type and the checks."""
+    from lorakit.export import require_toolchain
+    from lorakit.export import gguf as G
+    from lorakit.infer import base_model_config
+    from lorakit.model.load import load_tokenizer
+
+    adapter_dir = find_adapter_dir(run)
+    paths = RunPaths.of(adapter_dir)
+    s = settings if settings is not None else run_settings(adapter_dir)
+    _check_request(s, paths, adapter_dir, adapter_only=adapter_only, verify=verify)
     require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
     name = _slug(paths.root.name if adapter_dir.name == "adapter" else adapter_dir.name)
@@ -149,10 +159,11 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
     with tempfile.TemporaryDirectory(prefix=".lorakit-export-", dir=out_dir) as tmp:
         merged = Path(tmp) / "merged"
         if verify or not adapter_only:
+            from lorakit.config import MergeConfig
             from lorakit.merge import merge
 
             log("merging into the full-precision base (reloaded from disk) ...")
-            merge(adapter_dir, merged, dtype="fp32", log=log)
+            merge(adapter_dir, merged, MergeConfig(dtype="fp32"), log=log)
         if task_rows is not None:
             from lorakit.export.task import answer_reference
 

@@ -10,24 +10,15 @@ and torch's global RNG is never touched (training in the same process keeps its 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
+from lorakit.config import SamplingConfig
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0  # 0: no top-k cut
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the answer
-    greedy: bool = False
-    seed: int | None = None
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature <= 0
+Sampling = SamplingConfig
+"""How an answer is decoded: the schema's section (`generate:` and `chat:` extend it), so the
+command's defaults and a library caller's are the same ones."""
 
 
 class Sampler:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
-from lorakit.config import ModelConfig
+from lorakit.config import ModelConfig, SessionConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 from lorakit.infer.decoder import BASE, Decoder
@@ -123,9 +123,10 @@ def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:
     return mcfg
 
 
-def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto",
-                 trust_remote_code: bool = False, log: Callable[[str], None] = print) -> Session:
-    """Load the base named in the (first) adapter's lorakit.json once and attach every adapter."""
+def load_session(paths: str | Path | Sequence[str | Path], settings: SessionConfig | None = None, *,
+                 log: Callable[[str], None] = print) -> Session:
+    """Load the base named in the (first) adapter's lorakit.json once and attach every adapter
+    (`settings`: the precision and remote-code permission it is loaded with)."""
     from peft import PeftModel
 
     from lorakit.model.load import load_model, load_tokenizer
@@ -135,7 +136,9 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
         raise LorakitError("no adapter given", hint="pass a run folder (runs/<name>) or an adapter folder")
     first_dir = find_adapter_dir(paths[0])
     meta = read_meta(first_dir)
-    mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
+    settings = settings or SessionConfig()
+    mcfg = base_model_config(meta, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+                             gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
     if meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256:

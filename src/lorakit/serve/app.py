@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit import infer
+from lorakit.config import ServeConfig
 from lorakit.errors import LorakitError
 from lorakit.serve.engine import EngineClosed, GenRequest, QueueFull
 from lorakit.serve.registry import AdapterInUse, AdapterNotFound, PathRefused
@@ -32,10 +33,10 @@ from lorakit.serve.registry import AdapterInUse, AdapterNotFound, PathRefused
 
 @dataclass
 class Limits:
-    max_tokens_cap: int = 4096  # the largest max_tokens a request may ask for
+    max_tokens_cap: int = ServeConfig.max_tokens_cap  # the largest max_tokens a request may ask for
     default_max_tokens: int = 256  # when a request gives none (bounded by the context left)
     max_body_bytes: int = 1 << 20
-    timeout_s: float | None = 600.0  # per request, from submission; then finish_reason 'timeout'
+    timeout_s: float | None = ServeConfig.timeout  # per request, from submission; then finish_reason 'timeout'
     retry_after_s: int = 1  # the Retry-After of a 429
 
 

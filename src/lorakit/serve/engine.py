@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.config import ServeConfig
 from lorakit.infer.decoder import Decoder, Request, Row
 from lorakit.infer.sampling import Sampling
 
@@ -130,7 +131,8 @@ class Engine:
     """Owns the session's model on one thread, with the decoder installed on it for the engine's
     life (`shutdown` gives the model back); see the module docstring."""
 
-    def __init__(self, session, *, max_batch: int = 32, max_queue: int = 256, log=print):
+    def __init__(self, session, *, max_batch: int = ServeConfig.max_batch, max_queue: int = ServeConfig.max_queue,
+                 log=print):
         from lorakit.errors import LorakitError
 
         bad = [a.name for a in session.adapters.values() if not a.mixable]

@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+from lorakit.config import ServeConfig
 from lorakit.errors import LorakitError, MissingExtraError
 
 
@@ -82,11 +83,8 @@ def build_session(adapters: list[str], named: list[tuple[str, str]], base: str |
     return session
 
 
-def serve(adapters: list[str], named: list[str] = (), *, base: str | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, api_key_file: str | None = None,
-          allow_adapter_loading: bool = False, adapter_roots: list[str] = (), max_batch: int = 32,
-          max_queue: int = 256, max_tokens_cap: int = 4096, timeout: float | None = 600.0,
-          drain_s: float = 10.0, log=print) -> int:
+def serve(settings: ServeConfig, *, log=print) -> int:
+    """`lorakit serve`: the models and limits of `settings` behind the API until the process is stopped."""
     _require_serve_extra()
     import uvicorn
 
@@ -94,26 +92,27 @@ def serve(adapters: list[str], named: list[str] = (), *, base: str | None = None
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import Registry
 
-    key = read_api_key(api_key, api_key_file)
-    pairs = parse_named(list(named))
-    if not _is_loopback(host) and key is None:
-        log(f"warning: serving on {host} without an API key: anyone who can reach this address can use the "
+    s = settings
+    key = read_api_key(s.api_key, s.api_key_file)
+    pairs = parse_named(list(s.adapter))
+    if not _is_loopback(s.host) and key is None:
+        log(f"warning: serving on {s.host} without an API key: anyone who can reach this address can use the "
             "models (and load adapters, with --allow-adapter-loading); pass --api-key-file")
-    if allow_adapter_loading and not adapter_roots:
+    if s.allow_adapter_loading and not s.adapter_root:
         log("warning: --allow-adapter-loading without --adapter-root: every load request will be refused")
-    session = build_session(list(adapters), pairs, base, log=log)
-    engine = Engine(session, max_batch=max_batch, max_queue=max_queue, log=log)
-    registry = Registry(engine, adapter_roots=list(adapter_roots), allow_loading=allow_adapter_loading)
+    session = build_session(list(s.adapters), pairs, s.base, log=log)
+    engine = Engine(session, max_batch=s.max_batch, max_queue=s.max_queue, log=log)
+    registry = Registry(engine, adapter_roots=list(s.adapter_root), allow_loading=s.allow_adapter_loading)
     app = create_app(engine, registry, api_key=key,
-                     limits=Limits(max_tokens_cap=max_tokens_cap, timeout_s=timeout))
+                     limits=Limits(max_tokens_cap=s.max_tokens_cap, timeout_s=s.timeout))
     engine.start()
     names = ", ".join([registry.base_id] + registry.adapters())
-    log(f"lorakit serve: http://{host}:{port}/v1 — models: {names}")
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s)
+    log(f"lorakit serve: http://{s.host}:{s.port}/v1 — models: {names}")
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=s.drain_s)
     try:
         _draining_server(config).run()
     finally:
-        engine.shutdown(drain_s=drain_s)
+        engine.shutdown(drain_s=s.drain_s)
     return 0
 
 

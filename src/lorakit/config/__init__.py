@@ -4,6 +4,10 @@ Every default lives here and nowhere else; code reads `cfg.train.lr`, never
 `cfg.get("lr", 2e-4)`.  Loading collects every problem (unknown keys with a
 "did you mean", wrong types, bad choices, cross-field conflicts) and raises them
 together in one `ConfigError`, so a user fixes a config in one pass.
+
+The training sections are here; the sections of the stages after training (generate, chat,
+eval, merge, export, serve) are in `stages.py` and re-exported, and `flags.py` turns a section
+into its command's flags, so `lorakit serve --help` and `serve:` in a file are the same schema.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from lorakit.config.declare import _help
+from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, SamplingConfig
+from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -30,16 +37,6 @@ AUTO = "auto"
 """Value of lora.r / alpha / dropout and train.lr / epochs / batch_size that `lorakit.resolve.resolve`
 replaces with the guide's hyper-parameter table row for the dataset size, before training."""
 _BY_SIZE = " 'auto': the guide's table by dataset size (<1k / 1k-10k / >10k rows; see `lorakit plan`)."
-
-
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
-          example: Any = None):
-    """A field with its help text; `example` marks a key without a usable default (the value
-    `lorakit config --yaml` writes in its place; `_check` reports the key when it is unset)."""
-    metadata = {"help": text} if example is None else {"help": text, "example": example}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -233,65 +230,6 @@ class TrainConfig:
 
 
 @dataclass
-class ExportConfig:
-    """`lorakit export`: what a GGUF must keep of the fine-tune, and how it is quantized. Read from
-    the run's config.yaml (so a training config can set it once); the export command's flags win."""
-
-    gguf: str = _help(
-        "GGUF type: f32, f16, bf16 (no quantization), q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, q4_0 "
-        "(llama-quantize's per-tensor mixes), or 'auto': export the candidates (export.auto_types) "
-        "from the smallest file up and keep the first whose task-level drop is within export.max_drop.",
-        "q4_k_m",
-    )
-    max_drop: float = _help(
-        "Task-level check: the GGUF's metric on the eval set (answered greedily in llama.cpp) may be at "
-        "most this many points (percent) below the merged model's in transformers; a larger drop fails "
-        "the export and nothing is published. Negative: report only, never fail.",
-        3.0,
-    )
-    eval_data: list[str] = _help(
-        "Files answered by the task-level check; []: the run's validation split (data.validation, or "
-        "the seeded split of data.train).",
-        factory=list,
-    )
-    eval_limit: int = _help("Answer at most this many rows in the task-level check; 0: all of them.", 0)
-    max_new_tokens: int = _help(
-        "Longest answer of the task-level check, in tokens; 0: room for the longest reference plus 16 "
-        "(as lorakit eval).", 0)
-    metric: Literal["auto", "exact_match", "json_field_accuracy", "rouge_l"] = _help(
-        "The task-level check's metric (the eval stage's scorer): 'auto' is JSON field accuracy when "
-        "every reference is a JSON object, else exact match.",
-        "auto",
-    )
-    imatrix: Literal["auto", "on", "off"] = _help(
-        "Importance-weighted quantization (llama.cpp's imatrix): the mean squared activation of every "
-        "input column, collected on the merged model over the run's training rows rendered with the "
-        "trained template, weights each tensor's rounding error. 'auto': on for 4-bit and smaller types "
-        "(q4_k_m, iq4_xs, q4_0). Written beside the GGUF as <file>.imatrix.gguf (llama-quantize --imatrix).",
-        "auto",
-    )
-    imatrix_rows: int = _help("Training rows the importance matrix is collected on (the first N of a seeded shuffle).",
-                              256)
-    imatrix_text: str | None = _help(
-        "A plain-text file of general text to collect on as well (chunks of 512 tokens), so the "
-        "quantization does not trade general ability for the task; null: the run's rows only.",
-        None,
-    )
-    max_size: float | None = _help(
-        "The largest GGUF file to write, in MiB; null: no limit. Types whose file would be larger are "
-        "not written, and the largest quantized type that fits gets its most sensitive tensors (KL on "
-        "the run's training rows when only that tensor is quantized) one type wider until the file "
-        "reaches the size: with a named type in place of its plain mix, with auto as the last candidate.",
-        None,
-    )
-    sensitivity_rows: int = _help("Training rows the per-tensor sensitivity of --max-size is measured on.", 8)
-    auto_types: list[str] = _help(
-        "The candidates of --gguf auto, tried from the smallest file to the largest.",
-        factory=lambda: ["iq4_xs", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"],
-    )
-
-
-@dataclass
 class OutputConfig:
     dir: str = _help("Folder that holds run folders.", "runs")
     name: str | None = _help("Run folder name; default: the config file's stem.", None)
@@ -306,6 +244,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -364,6 +307,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
             return value
         return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, key, problems)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """A bool, int, float or str key: YAML's spellings accepted (yes/on, 1e-4, 3.0 for 3)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -483,20 +431,64 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(f"train.lr: {t.lr} must be positive")
     if t.warmup < 0:
         problems.append(f"train.warmup: {t.warmup} must be 0 or more")
-    if cfg.export.eval_limit < 0:
-        problems.append(f"export.eval_limit: {cfg.export.eval_limit} must be 0 (all rows) or more")
-    if cfg.export.max_new_tokens < 0:
-        problems.append(f"export.max_new_tokens: {cfg.export.max_new_tokens} must be 0 (auto) or more")
-    if cfg.export.imatrix_rows < 1:
-        problems.append(f"export.imatrix_rows: {cfg.export.imatrix_rows} must be at least 1")
-    if not cfg.export.auto_types:
-        problems.append("export.auto_types: empty; name the GGUF types --gguf auto may choose from")
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bf16":
         problems.append("train.mixed_precision: fp16 autocast over bf16 weights loses range; use 'bf16' or 'auto'")
     if cfg.model.quantization != "none" and cfg.model.dtype == "fp32":
         problems.append(
             "model.quantization: 4bit/8bit compute runs in bf16/fp16; set model.dtype to 'auto', 'bf16' or 'fp16'"
         )
+    for name in STAGE_CHECKS:
+        STAGE_CHECKS[name](getattr(cfg, name), problems)
+
+
+def _check_export(x: ExportConfig, problems: list[str]) -> None:
+    if x.eval_limit < 0:
+        problems.append(f"export.eval_limit: {x.eval_limit} must be 0 (all rows) or more")
+    if x.max_new_tokens < 0:
+        problems.append(f"export.max_new_tokens: {x.max_new_tokens} must be 0 (auto) or more")
+    if x.imatrix_rows < 1:
+        problems.append(f"export.imatrix_rows: {x.imatrix_rows} must be at least 1")
+    if not x.auto_types:
+        problems.append("export.auto_types: empty; name the GGUF types --gguf auto may choose from")
+
+
+def _check_sampling(name: str, s: SamplingConfig, problems: list[str]) -> None:
+    if s.max_new_tokens < 1:
+        problems.append(f"{name}.max_new_tokens: {s.max_new_tokens} must be at least 1")
+    if s.temperature < 0:
+        problems.append(f"{name}.temperature: {s.temperature} must be 0 or more")
+    if not 0 < s.top_p <= 1:
+        problems.append(f"{name}.top_p: {s.top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        problems.append(f"{name}.top_k: {s.top_k} must be 0 (no limit) or more")
+
+
+def _check_eval(e: EvalConfig, problems: list[str]) -> None:
+    if e.batch_size < 1:
+        problems.append(f"eval.batch_size: {e.batch_size} must be at least 1")
+    for key in ("max_new_tokens", "limit"):
+        if getattr(e, key) is not None and getattr(e, key) < 1:
+            problems.append(f"eval.{key}: {getattr(e, key)} must be at least 1, or null")
+
+
+def _check_serve(s: ServeConfig, problems: list[str]) -> None:
+    if not 0 <= s.port < 65536:
+        problems.append(f"serve.port: {s.port} is not a port (0-65535)")
+    for key in ("max_batch", "max_queue", "max_tokens_cap"):
+        if getattr(s, key) < 1:
+            problems.append(f"serve.{key}: {getattr(s, key)} must be at least 1")
+    if s.api_key is not None and s.api_key_file is not None:
+        problems.append("serve: set serve.api_key or serve.api_key_file, not both")
+
+
+STAGE_CHECKS = {
+    "generate": lambda s, problems: _check_sampling("generate", s, problems),
+    "chat": lambda s, problems: _check_sampling("chat", s, problems),
+    "eval": _check_eval,
+    "merge": lambda s, problems: None,  # its one key is a choice, checked on load
+    "export": _check_export,
+    "serve": _check_serve,
+}
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -574,6 +566,20 @@ def _resolve(path: str, base_dir: Path) -> str:
     return path
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of sections a YAML config file holds ({} for an empty file)."""
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], source)
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"], source) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
+    return loaded or {}
+
+
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or only defaults when `path` is None) and apply overrides."""
     raw: dict[str, Any] = {}
@@ -582,15 +588,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError([f"file not found: {path}"], source)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError([f"not valid YAML: {e}"], source) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
-        raw = loaded or {}
+        raw = _read_yaml(path)
         base_dir = path.resolve().parent
         raw.setdefault("output", {})
         if isinstance(raw["output"], dict):
@@ -598,6 +596,20 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
     return from_dict(raw, source, base_dir)
+
+
+def load_section(path: str | Path, name: str):
+    """Only the `name:` section of a YAML file (the rest is left alone: a training config may hold
+    it), checked as `load` checks it; the section's defaults when the file has none."""
+    source = str(path)
+    raw = _read_yaml(Path(path))
+    problems: list[str] = []
+    section = _build(typing.get_type_hints(Config)[name], raw.get(name), name, problems)
+    if not problems:
+        STAGE_CHECKS[name](section, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return section
 
 
 def save(cfg: Config, path: Path) -> None:
