@@ -601,7 +601,9 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from lorakit.artifacts import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- documentation

@@ -97,16 +97,16 @@ class Imatrix:
     def write(self, path: str | Path) -> Path:
         """Write llama.cpp's GGUF imatrix format, as imatrix.cpp's save_imatrix writes it.
 
-        Atomic and with the umask's mode, as every exported file (export.gguf._atomic_file)."""
+        Atomic and with the umask's mode, as every exported file (lorakit.artifacts.atomic_file)."""
         import gguf
 
-        from lorakit.export.gguf import _atomic_file
+        from lorakit.artifacts import atomic_file
 
         if not self.datasets:
             raise ValueError("name the data the matrix was collected on (Imatrix.datasets)")
         path = Path(path)
         K = gguf.Keys.IMatrix
-        with _atomic_file(path) as tmp:
+        with atomic_file(path) as tmp:
             writer = _imatrix_writer(tmp)
             writer.add_type(gguf.GGUFType.IMATRIX)
             writer.add_key_value(K.DATASETS, list(self.datasets), gguf.GGUFValueType.ARRAY,
