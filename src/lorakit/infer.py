@@ -30,7 +30,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
+from lorakit.artifacts import META_FILE, AdapterMeta, find_adapter_dir, is_run_adapter, read_meta
 from lorakit.config import ModelConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
@@ -156,7 +156,7 @@ class Session:
             raise LorakitError(
                 f"adapter {name!r} was trained on another base ({meta.base.name}, weights "
                 f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(ours or '?')[:12]})",
-                where=str(adapter_dir / "lorakit.json"), hint="serve it over its own base in another session")
+                where=str(adapter_dir / META_FILE), hint="serve it over its own base in another session")
         self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self.adapters[name] = Adapter.from_meta(name, adapter_dir, meta)
         self.model.eval()
@@ -165,7 +165,7 @@ class Session:
 
 def adapter_name(adapter_dir: Path) -> str:
     """runs/<name>/adapter -> <name>; any other adapter folder -> its own name."""
-    return adapter_dir.parent.name if adapter_dir.name == ADAPTER_DIR else adapter_dir.name
+    return adapter_dir.parent.name if is_run_adapter(adapter_dir) else adapter_dir.name
 
 
 def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:

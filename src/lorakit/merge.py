@@ -39,11 +39,10 @@ from typing import Any, Callable
 
 import torch
 
-from lorakit.artifacts import (ADAPTER_DIR, AdapterMeta, RunPaths, atomic_dir, atomic_write_json, find_adapter_dir,
-                               now_iso, read_meta, save_tokenizer, write_meta)
+from lorakit.artifacts import (PARITY_FILE, AdapterMeta, RunPaths, atomic_dir, atomic_write_json,
+                               find_adapter_dir, is_run_adapter, now_iso, read_meta, save_tokenizer, write_meta)
 from lorakit.errors import LorakitError
 
-PARITY_FILE = "merge_parity.json"
 DTYPES = ("fp32", "bf16", "fp16")
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 """u = 2^-p for a p-bit significand: round-to-nearest changes a weight by at most u·|w|."""
@@ -162,7 +161,7 @@ def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: 
         qref = _Outputs.of(_with_adapter(qbase, adapter_dir), prompts, stop_ids, pad_id, ref.sequences)
         del qbase
 
-    paths = RunPaths.of(adapter_dir) if adapter_dir.name == ADAPTER_DIR else None
+    paths = RunPaths.of(adapter_dir) if is_run_adapter(adapter_dir) else None
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         del merged

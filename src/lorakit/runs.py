@@ -10,7 +10,7 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.artifacts import META_FILE, RunPaths, read_jsonl, read_meta
+from lorakit.artifacts import RunPaths, read_jsonl, read_meta
 from lorakit.errors import LorakitError
 
 
@@ -29,7 +29,7 @@ class RunRow:
 
 
 def _row(paths: RunPaths) -> RunRow | None:
-    meta_file = paths.adapter / META_FILE
+    meta_file = paths.meta
     records = read_jsonl(paths.metrics)
     if not meta_file.is_file() and not records and not paths.config.is_file():
         return None  # not a run folder
