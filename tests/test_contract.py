@@ -1,14 +1,21 @@
-"""The run-folder contract: a folder written by an earlier lorakit (schema 2) still loads, and
-writes back byte for byte (tests/fixtures/run_schema2, written by fixtures/make_run_schema2.py)."""
+"""The run-folder contract, owned by lorakit.artifacts: a folder written by an earlier lorakit
+(schema 2) still loads and writes back unchanged (tests/fixtures/run_schema2, written by
+fixtures/make_run_schema2.py); run-folder names are spelled, files renamed into place and base
+hashes compared only there."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from lorakit import config as config_mod
-from lorakit.artifacts import META_FILE, RunPaths, find_adapter_dir, read_meta
+from lorakit.artifacts import (META_FILE, BaseModelRef, RunPaths, check_same_base, find_adapter_dir, read_meta,
+                               same_base)
+from lorakit.errors import LorakitError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_schema2"
 
@@ -99,3 +106,45 @@ def test_only_artifacts_renames_into_place():
              and isinstance(node.value, ast.Name) and node.value.id == "os"
              or isinstance(node, ast.Attribute) and node.attr in ("mkstemp", "mkdtemp")]
     assert not found, "publish through lorakit.artifacts.atomic instead:\n" + "\n".join(found)
+
+
+def test_only_artifacts_compares_base_hashes():
+    """"Same base?" has one answer, lorakit.artifacts.same_base; each stage picks its policy there."""
+    found = [f"{path.relative_to(SRC)}:{node.lineno}"
+             for path, tree, _ in _modules() for node in ast.walk(tree) if isinstance(node, ast.Compare)
+             and any(isinstance(x, ast.Attribute) and x.attr in ("sha256", "base_sha256")
+                     for x in [node.left, *node.comparators])]
+    assert not found, "use lorakit.artifacts.check_same_base instead:\n" + "\n".join(found)
+
+
+# --------------------------------------------------------------------------- the same-base policies
+
+TRAINED = BaseModelRef("org/model", "/models/model", "ab" * 32, "float32", "none")
+
+
+@pytest.mark.parametrize("held,unknown,same", [
+    (dataclasses.replace(TRAINED, name="elsewhere"), "different", True),  # the hashes decide when both are known
+    (dataclasses.replace(TRAINED, name="org/model", sha256="00" * 32), "by name", False),
+    (dataclasses.replace(TRAINED, sha256=None), "same", True),
+    (dataclasses.replace(TRAINED, sha256=None), "different", False),
+    (dataclasses.replace(TRAINED, sha256=None), "by name", True),
+    (dataclasses.replace(TRAINED, name="/models/model", sha256=None), "by name", True),  # the folder it was loaded from
+    (dataclasses.replace(TRAINED, name="org/other", sha256=None), "by name", False),
+])
+def test_same_base_decides_by_hash_then_by_the_policy_for_unknown(held, unknown, same):
+    assert same_base(TRAINED, held, unknown=unknown) is same
+
+
+def test_check_same_base_policies():
+    other = dataclasses.replace(TRAINED, name="org/other", sha256="00" * 32)
+    with pytest.raises(LorakitError, match="trained on another base") as e:
+        check_same_base(TRAINED, other, policy="error", unknown="same", held_as="this server's", where="x/lorakit.json",
+                        hint="serve it elsewhere")
+    assert "ab" * 32 in e.value.message and "00" * 32 in e.value.message and e.value.where == "x/lorakit.json"
+    lines: list[str] = []
+    assert check_same_base(TRAINED, other, policy="warn", unknown="same", held_as="on disk", consequence="off",
+                           log=lines.append) is False
+    assert lines == [f"warning: the base weights on disk differ from the ones this adapter was trained on "
+                     f"({'00' * 6} != {'ab' * 6}); off"]
+    assert check_same_base(TRAINED, other, policy="quiet", unknown="same", held_as="on disk", log=lines.append) is False
+    assert len(lines) == 1 and check_same_base(TRAINED, TRAINED, policy="error", unknown="different", held_as="-")

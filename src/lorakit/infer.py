@@ -20,6 +20,7 @@ Message validation lives here too: the CLI's message files and the server's requ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from lorakit.artifacts import META_FILE, AdapterMeta, find_adapter_dir, is_run_adapter, read_meta
+from lorakit.artifacts import META_FILE, AdapterMeta, check_same_base, find_adapter_dir, is_run_adapter, read_meta
 from lorakit.config import ModelConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
@@ -148,15 +149,11 @@ class Session:
         if name in self.adapters or name == BASE:
             raise LorakitError(f"an adapter named {name!r} is already loaded", where=str(path),
                                hint="give it another name")
-        first = self.default.meta.base
-        loaded = self.base_sha256  # the weights actually in memory, else what the first adapter recorded
-        ours = loaded or first.sha256
-        if (meta.base.sha256 and ours and meta.base.sha256 != ours) or \
-                (not (meta.base.sha256 and ours) and meta.base.name != first.name):
-            raise LorakitError(
-                f"adapter {name!r} was trained on another base ({meta.base.name}, weights "
-                f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(ours or '?')[:12]})",
-                where=str(adapter_dir / META_FILE), hint="serve it over its own base in another session")
+        first = self.default.meta.base  # the weights actually in memory, else what the first adapter recorded
+        held = dataclasses.replace(first, sha256=self.base_sha256 or first.sha256)
+        check_same_base(meta.base, held, policy="error", unknown="by name", subject=f"adapter {name!r}",
+                        held_as="this session's", where=str(adapter_dir / META_FILE),
+                        hint="serve it over its own base in another session")
         self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self.adapters[name] = Adapter.from_meta(name, adapter_dir, meta)
         self.model.eval()
@@ -191,9 +188,8 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
     mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
-    if meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256:
-        log(f"warning: base model weights differ from the ones this adapter was trained on "
-            f"({info.sha256[:12]} != {meta.base.sha256[:12]}); outputs may be off")
+    check_same_base(meta.base, info, policy="warn", unknown="same", held_as="on disk",
+                    consequence="outputs may be off", log=log)
     name = adapter_name(first_dir)
     model = PeftModel.from_pretrained(model, str(first_dir), adapter_name=name, is_trainable=False)
     model.eval()

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from lorakit.artifacts import (PARITY_FILE, AdapterMeta, RunPaths, atomic_dir, atomic_write_json,
+from lorakit.artifacts import (PARITY_FILE, AdapterMeta, RunPaths, atomic_dir, atomic_write_json, check_same_base,
                                find_adapter_dir, is_run_adapter, now_iso, read_meta, save_tokenizer, write_meta)
 from lorakit.errors import LorakitError
 
@@ -269,10 +269,9 @@ def _load_base(meta: AdapterMeta, quantization: str, log: Callable[[str], None])
                              gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
-    matches = not (meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256)
-    if not matches and quantization == "none":
-        log(f"warning: the base weights on disk differ from the ones this adapter was trained on "
-            f"({info.sha256[:12]} != {meta.base.sha256[:12]}); the merged model will be off by as much")
+    # warned about once, for the full-precision base the merge is made from
+    matches = check_same_base(meta.base, info, policy="warn" if quantization == "none" else "quiet", unknown="same",
+                              held_as="on disk", consequence="the merged model will be off by as much", log=log)
     return model, tokenizer, matches
 
 

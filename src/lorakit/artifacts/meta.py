@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 from lorakit.artifacts.atomic import atomic_dir, atomic_write_text
 from lorakit.artifacts.paths import META_FILE
@@ -41,6 +41,41 @@ class BaseModelRef:
     quantization: str  # 'none' | '4bit' | '8bit'
     gguf_file: str | None = None
     revision: str | None = None
+
+
+BasePolicy = Literal["error", "warn", "quiet"]
+Unknown = Literal["same", "different", "by name"]
+
+
+def same_base(trained: BaseModelRef, held: BaseModelRef, *, unknown: Unknown) -> bool:
+    """Whether `held` is the base `trained` names. The weights' hashes decide when both are known;
+    otherwise `unknown` does: trust it ('same'), refuse it ('different'), or compare the names
+    ('by name': the held name is the trained base's name or the folder it was loaded from)."""
+    if trained.sha256 and held.sha256:
+        return trained.sha256 == held.sha256
+    if unknown == "by name":
+        return held.name in (trained.name, trained.path)
+    return unknown == "same"
+
+
+def check_same_base(trained: BaseModelRef, held: BaseModelRef, *, policy: BasePolicy, unknown: Unknown,
+                    held_as: str, subject: str = "adapter", consequence: str = "", where: str | None = None,
+                    hint: str = "", log: Callable[[str], None] = print) -> bool:
+    """The one "same base?" check of every stage that puts an adapter over a base it did not load
+    itself; returns the verdict. On a mismatch `policy` says what happens: 'error' raises (loading
+    the adapter anyway would give wrong answers silently), 'warn' logs and goes on (the user asked
+    for this base, the outputs are only off), 'quiet' leaves it to the caller."""
+    if same_base(trained, held, unknown=unknown):
+        return True
+    if policy == "error":
+        raise LorakitError(f"{subject} was trained on another base ({trained.name}, weights "
+                           f"{trained.sha256 or 'unknown'}) than {held_as} ({held.name}, weights "
+                           f"{held.sha256 or 'unknown'})", where=where, hint=hint)
+    if policy == "warn":
+        then = f"; {consequence}" if consequence else ""
+        log(f"warning: the base weights {held_as} differ from the ones this {subject} was trained on "
+            f"({(held.sha256 or '?')[:12]} != {(trained.sha256 or '?')[:12]}){then}")
+    return False
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ two decode steps (a handler never touches it), with unload refused while request
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
 from lorakit import infer
-from lorakit.artifacts import META_FILE, PEFT_CONFIG, PEFT_WEIGHTS, find_adapter_dir, read_meta
+from lorakit.artifacts import META_FILE, PEFT_CONFIG, PEFT_WEIGHTS, check_same_base, find_adapter_dir, read_meta
 from lorakit.data.templates import resolve_template
 from lorakit.errors import LorakitError, ModelError
 
@@ -96,11 +97,11 @@ class Registry:
                                hint="save the adapter as safetensors; pickle (.bin) weights are never loaded "
                                "because loading one can run code")
         meta = read_meta(adapter_dir)
-        ours = self.session.base_sha256 or self.session.default.meta.base.sha256
-        if not meta.base.sha256 or not ours or meta.base.sha256 != ours:
-            raise LorakitError(f"adapter was trained on base weights {meta.base.sha256 or 'unknown'}, this server "
-                               f"holds {ours or 'unknown'} ({self.base_id})", where=str(adapter_dir / META_FILE),
-                               hint="serve it in a server started over its own base")
+        first = self.session.default.meta.base
+        held = dataclasses.replace(first, name=self.base_id, sha256=self.session.base_sha256 or first.sha256)
+        # strict: a hot-loaded adapter of unknown provenance must not answer over this base
+        check_same_base(meta.base, held, policy="error", unknown="different", held_as="this server's",
+                        where=str(adapter_dir / META_FILE), hint="serve it in a server started over its own base")
         try:
             cfg = json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
