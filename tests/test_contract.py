@@ -15,6 +15,8 @@ import pytest
 from lorakit import config as config_mod
 from lorakit.artifacts import (META_FILE, BaseModelRef, RunPaths, check_same_base, find_adapter_dir, read_meta,
                                same_base)
+from lorakit.config import LoraConfig, TrainConfig
+from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_schema2"
@@ -31,6 +33,12 @@ def test_a_schema_2_run_folder_loads():
     assert meta.data.fingerprint == "cd" * 32 and meta.data.train_examples == 12
     assert meta.max_length == 512 and meta.metrics == {"eval_loss": 1.25, "steps": 6}
     assert meta.versions["lorakit"] == "0.1.0"
+    # typed: the schema's own sections and the Template, not dicts
+    assert isinstance(meta.template, Template) and meta.template == meta.template_object()
+    assert isinstance(meta.lora, LoraConfig) and meta.lora.r == 8 and meta.lora.alpha == 16 and not meta.lora.use_dora
+    assert isinstance(meta.train, TrainConfig) and meta.train.lr == 2e-4 and meta.train.tokens_per_pass == 512
+    mcfg = meta.base.model_config(dtype="fp32", gradient_checkpointing="off")
+    assert (mcfg.name, mcfg.dtype, mcfg.gguf_file, mcfg.quantization) == (meta.base.name, "fp32", None, "none")
     cfg = config_mod.load(paths.config)
     assert cfg.lora.r == 8 and cfg.train.lr == 2e-4 and cfg.data.template == "chatml"
     [summary] = paths.eval_summaries()
@@ -148,3 +156,13 @@ def test_check_same_base_policies():
                      f"({'00' * 6} != {'ab' * 6}); off"]
     assert check_same_base(TRAINED, other, policy="quiet", unknown="same", held_as="on disk", log=lines.append) is False
     assert len(lines) == 1 and check_same_base(TRAINED, TRAINED, policy="error", unknown="different", held_as="-")
+
+
+def test_a_section_key_this_lorakit_does_not_know_is_left_out(tmp_path):
+    """A later lorakit may add a LoRA or train setting without a new schema; this one still reads the file."""
+    raw = json.loads((FIXTURE / "adapter" / META_FILE).read_text(encoding="utf-8"))
+    raw["lora"]["a_later_setting"] = 1
+    del raw["train"]["fast_path"]
+    (tmp_path / META_FILE).write_text(json.dumps(raw), encoding="utf-8")
+    meta = read_meta(tmp_path)
+    assert meta.lora == read_meta(FIXTURE / "adapter").lora and meta.train.fast_path is TrainConfig().fast_path

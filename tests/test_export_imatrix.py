@@ -248,8 +248,9 @@ def write_run(root: Path, tokenizer_dir: Path, train: Path, fingerprint: str | N
     (root / "adapter").mkdir()
     (root / "adapter" / "adapter_config.json").write_text("{}")
     write_meta(root / "adapter", AdapterMeta(
-        BaseModelRef(str(tokenizer_dir), str(tokenizer_dir), None, "float32", "none"), prepared.template.to_dict(),
-        DataRef([str(train)], [], fingerprint or prepared.fingerprint, len(prepared.train), 0), 1024, {}, {}, {}, {}))
+        BaseModelRef(str(tokenizer_dir), str(tokenizer_dir), None, "float32", "none"), prepared.template,
+        DataRef([str(train)], [], fingerprint or prepared.fingerprint, len(prepared.train), 0), 1024,
+        config_mod.LoraConfig(), config_mod.TrainConfig(), {}, {}))
     return root
 
 

@@ -32,7 +32,6 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from lorakit.artifacts import META_FILE, AdapterMeta, check_same_base, find_adapter_dir, is_run_adapter, read_meta
-from lorakit.config import ModelConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
@@ -109,7 +108,7 @@ class Adapter:
 
     @classmethod
     def from_meta(cls, name: str, path: Path, meta: AdapterMeta) -> "Adapter":
-        return cls(name, path, meta, meta.template_object(), mixable=not meta.lora.get("use_dora"))
+        return cls(name, path, meta, meta.template, mixable=not meta.lora.use_dora)
 
 
 @dataclass
@@ -165,14 +164,6 @@ def adapter_name(adapter_dir: Path) -> str:
     return adapter_dir.parent.name if is_run_adapter(adapter_dir) else adapter_dir.name
 
 
-def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:
-    mcfg = ModelConfig(name=meta.base.name or meta.base.path, gguf_file=meta.base.gguf_file,
-                       revision=meta.base.revision)
-    for k, v in overrides.items():
-        setattr(mcfg, k, v)
-    return mcfg
-
-
 def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto",
                  trust_remote_code: bool = False, log: Callable[[str], None] = print) -> Session:
     """Load the base named in the (first) adapter's lorakit.json once and attach every adapter."""
@@ -185,7 +176,7 @@ def load_session(paths: str | Path | Sequence[str | Path], *, dtype: str = "auto
         raise LorakitError("no adapter given", hint="pass a run folder (runs/<name>) or an adapter folder")
     first_dir = find_adapter_dir(paths[0])
     meta = read_meta(first_dir)
-    mcfg = base_model_config(meta, dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
+    mcfg = meta.base.model_config(dtype=dtype, trust_remote_code=trust_remote_code, gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
     check_same_base(meta.base, info, policy="warn", unknown="same", held_as="on disk",

@@ -140,7 +140,7 @@ def merge(path: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: 
     out = Path(out)
     _check_out(out, adapter_dir, overwrite)
     check_finite(adapter_dir)
-    template = meta.template_object()
+    template = meta.template
 
     base, tokenizer, base_matches = _load_base(meta, "none", log)
     stop_ids, pad_id = template.stop_token_ids(tokenizer), tokenizer.pad_token_id
@@ -261,12 +261,11 @@ def check_finite(adapter_dir: Path) -> None:
 
 def _load_base(meta: AdapterMeta, quantization: str, log: Callable[[str], None]):
     """The base from disk: fp32 for the merge, or quantized as trained (with its training dtype)."""
-    from lorakit.infer import base_model_config
     from lorakit.model.load import load_model, load_tokenizer
 
     trained = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(meta.base.dtype, "fp32")
-    mcfg = base_model_config(meta, dtype="fp32" if quantization == "none" else trained, quantization=quantization,
-                             gradient_checkpointing="off")
+    mcfg = meta.base.model_config(dtype="fp32" if quantization == "none" else trained, quantization=quantization,
+                                  gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
     # warned about once, for the full-precision base the merge is made from

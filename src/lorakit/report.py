@@ -451,7 +451,7 @@ def _summary(f: RunFiles) -> str:
         base += f' <span class="dim">{esc(b.dtype)}, quantization {esc(b.quantization)}' + \
                 (f", sha256 {esc(b.sha256[:12])}…" if b.sha256 else "") + "</span>"
         rows.insert(0, ("base model", base))
-        rows.insert(1, ("template", esc(f.meta.template.get("name", "?"))))
+        rows.insert(1, ("template", esc(f.meta.template.name)))
     elif f.config is not None:
         rows.insert(0, ("base model", esc(f.config.model.name)))
         rows.insert(1, ("template", esc((f.data or {}).get("template", f.config.data.template))))

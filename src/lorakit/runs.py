@@ -48,7 +48,7 @@ def _row(paths: RunPaths) -> RunRow | None:
             return RunRow(paths.root.name, "unreadable", "?", "?", None, None, None, em, em_on,
                           meta_file.stat().st_mtime)
         m = meta.metrics
-        return RunRow(paths.root.name, "done", meta.base.name, meta.template.get("name", "?"), m.get("steps"),
+        return RunRow(paths.root.name, "done", meta.base.name, meta.template.name, m.get("steps"),
                       m.get("train_loss_last"), m.get("eval_loss"), em, em_on, meta_file.stat().st_mtime)
     train = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]

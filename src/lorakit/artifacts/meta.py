@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any, Callable, Literal
 
 from lorakit.artifacts.atomic import atomic_dir, atomic_write_text
 from lorakit.artifacts.paths import META_FILE
+from lorakit.config import LoraConfig, ModelConfig, TrainConfig
+from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
 
@@ -41,6 +44,10 @@ class BaseModelRef:
     quantization: str  # 'none' | '4bit' | '8bit'
     gguf_file: str | None = None
     revision: str | None = None
+
+    def model_config(self, **how: Any) -> ModelConfig:
+        """The model section that loads this base again; `how` sets the rest (dtype, quantization, ...)."""
+        return ModelConfig(name=self.name or self.path, gguf_file=self.gguf_file, revision=self.revision, **how)
 
 
 BasePolicy = Literal["error", "warn", "quiet"]
@@ -95,11 +102,11 @@ class AdapterMeta:
     added here is renamed or added everywhere."""
 
     base: BaseModelRef
-    template: dict[str, Any]  # lorakit.data.templates.Template.to_dict()
+    template: Template  # what training rendered, so every later stage renders the same
     data: DataRef
     max_length: int
-    lora: dict[str, Any]  # the run's resolved lora section
-    train: dict[str, Any]  # the run's resolved train section
+    lora: LoraConfig  # the run's resolved lora section
+    train: TrainConfig  # the run's resolved train section
     versions: dict[str, str]
     metrics: dict[str, Any]
     schema: int = SCHEMA_VERSION
@@ -107,21 +114,20 @@ class AdapterMeta:
     @classmethod
     def build(cls, cfg, prepared, info, metrics: dict[str, Any]) -> "AdapterMeta":
         """The metadata of a finished run: resolved config, prepared data, loaded base (ModelInfo)."""
-        d = cfg.to_dict()
         return cls(
             base=BaseModelRef(cfg.model.name, str(info.path), info.sha256, info.dtype, info.quantization,
                               cfg.model.gguf_file, cfg.model.revision),
-            template=prepared.template.to_dict(),
+            template=prepared.template,
             data=DataRef(list(cfg.data.train), list(cfg.data.validation), prepared.fingerprint,
                          len(prepared.train), len(prepared.validation)),
-            max_length=cfg.data.max_length, lora=d["lora"], train=d["train"], versions=library_versions(),
+            max_length=cfg.data.max_length, lora=copy.deepcopy(cfg.lora), train=copy.deepcopy(cfg.train),
+            versions=library_versions(),
             metrics=dict(metrics),
         )
 
-    def template_object(self):
-        from lorakit.data.templates import Template
-
-        return Template.from_dict(self.template)
+    def template_object(self) -> Template:
+        """The template (kept for callers from before `template` was typed)."""
+        return self.template
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -155,16 +161,24 @@ class AdapterMeta:
             return cls(
                 base=BaseModelRef(**{f.name: base[f.name] if f.default is dataclasses.MISSING else
                                      base.get(f.name, f.default) for f in dataclasses.fields(BaseModelRef)}),
-                template=dict(raw["template"]),
+                template=Template.from_dict(raw["template"]),
                 data=DataRef(**{f.name: data[f.name] for f in dataclasses.fields(DataRef)}),
-                max_length=int(raw["max_length"]), lora=dict(raw["lora"]), train=dict(raw["train"]),
+                max_length=int(raw["max_length"]), lora=_section(LoraConfig, raw["lora"]),
+                train=_section(TrainConfig, raw["train"]),
                 versions=dict(raw.get("versions") or {}), metrics=dict(raw.get("metrics") or {}),
                 schema=SCHEMA_VERSION,
             )
         except KeyError as e:
             raise bad(f"missing key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (AttributeError, TypeError, ValueError) as e:
             raise bad(f"malformed field: {e}") from None
+
+
+def _section(cls: type, raw: dict[str, Any]):
+    """A config section as lorakit.json stores it (`asdict` of the resolved section). A key this
+    lorakit does not know (written by a later one) is left out; a key it lacks takes its default."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(raw).items() if k in known})
 
 
 def read_meta(adapter_dir: Path) -> AdapterMeta:
@@ -198,5 +212,5 @@ def save_adapter(model, tokenizer, target: Path, meta: AdapterMeta) -> None:
     """PEFT files + tokenizer (with the trained chat template) + lorakit.json into `target`, atomically."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp, meta.template_object())
+        save_tokenizer(tokenizer, tmp, meta.template)
         write_meta(tmp, meta)

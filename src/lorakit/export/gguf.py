@@ -79,7 +79,7 @@ def trained_metadata(model_dir: Path, template_meta) -> dict[str, object]:
         if not (model_dir / META_FILE).is_file():
             return {}
         template_meta = read_meta(model_dir)
-    template = template_meta.template_object()
+    template = template_meta.template
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     stop = template.stop_token_ids(tokenizer)
     if not stop:

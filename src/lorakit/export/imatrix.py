@@ -379,10 +379,9 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
                            hint="point at a run folder made by `lorakit train` (runs/<name>)")
     cfg = config_mod.load(paths.config)
     if tokenizer is None:
-        from lorakit.infer import base_model_config
         from lorakit.model.load import load_tokenizer
 
-        tokenizer = load_tokenizer(base_model_config(meta))
+        tokenizer = load_tokenizer(meta.base.model_config())
     prepared = prepare(cfg, tokenizer)
     if prepared.fingerprint != meta.data.fingerprint:
         log("warning: the training data changed since this run (fingerprint differs): the importance matrix is "

@@ -87,7 +87,6 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
            max_size: float | None = None, log: Callable[[str], None] = print) -> ExportResult:
     from lorakit.export import require_toolchain
     from lorakit.export import gguf as G
-    from lorakit.infer import base_model_config
     from lorakit.model.load import load_tokenizer
 
     adapter_dir = find_adapter_dir(run)
@@ -127,12 +126,12 @@ def export(run: str | Path, *, gguf: str | None = None, adapter_only: bool = Fal
         import json
 
         G.adapter_alpha(json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8")), adapter_dir)
-    template = meta.template_object()
+    template = meta.template
     if ollama:
         from lorakit.export import ollama as O
 
         O.turn_texts(template)  # a template Ollama cannot express: refused before any work
-    tokenizer = load_tokenizer(base_model_config(meta))
+    tokenizer = load_tokenizer(meta.base.model_config())
     task_rows = None
     if verify:
         from lorakit.export.task import task_set

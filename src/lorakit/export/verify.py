@@ -345,7 +345,7 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
                            hint=f"use one of {', '.join(THRESHOLDS)}")
     start = time.perf_counter()
     reference_dir = Path(reference_dir)
-    template = read_meta(reference_dir).template_object()
+    template = read_meta(reference_dir).template
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     stop_ids = template.stop_token_ids(tokenizer)
     rendered = []

@@ -107,7 +107,7 @@ class Registry:
         except (OSError, json.JSONDecodeError) as e:
             raise LorakitError(f"cannot read {PEFT_CONFIG}: {e}", where=str(adapter_dir)) from None
         # PEFT mixes adapters per row (any rank, any target modules) for plain LoRA only.
-        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or meta.lora.get("use_dora"):
+        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or meta.lora.use_dora:
             raise LorakitError(f"adapter is {'DoRA' if cfg.get('use_dora') else cfg.get('peft_type')}, which cannot "
                                "share a batch with other adapters", where=str(adapter_dir / PEFT_CONFIG),
                                hint="merge it (lorakit merge) and serve the merged model on its own")
