@@ -56,8 +56,8 @@ def test_a_schema_2_meta_writes_back_the_same_json():
 SRC = Path(__file__).parents[1] / "src" / "lorakit"
 OWNER = SRC / "artifacts"
 FILES = {"lorakit.json", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
-         "diagnostics.jsonl", "data.json", "merge.json", "merge_parity.json", "report.html"}
-SUFFIXES = (".verify.json", ".summary.json", ".partial")
+         "diagnostics.jsonl", "data.json", "merge.json", "merge_parity.json", "report.html", "Modelfile"}
+SUFFIXES = (".verify.json", ".summary.json", ".partial", ".imatrix.gguf", "-lora.gguf", "-dynamic")
 STEMS = ("adapter_model.", "lorakit.json")
 FOLDERS = {"adapter", "checkpoints", ".staging", "logs", "eval", "export", "ollama"}
 

@@ -23,9 +23,13 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # inside a merged folder
 PARITY_FILE = "merge_parity.json"
-# inside an export folder (a run's export/ or --out)
+# inside an export folder (a run's export/ or --out): see `export_gguf` for the GGUFs
 OLLAMA_DIR = "ollama"
 VERIFY_SUFFIX = ".verify.json"
+# inside ollama/: what the Modelfile's FROM and ADAPTER lines name
+OLLAMA_MODEL = "model.gguf"
+OLLAMA_ADAPTER = "adapter.gguf"
+MODELFILE = "Modelfile"
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_STAGING = ".staging"  # inside checkpoints/
@@ -132,6 +136,22 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+def export_gguf(out_dir: Path, name: str, type: str, *, dynamic: bool = False) -> Path:
+    """<name>-<type>[-dynamic].gguf: a model GGUF in an export folder (`dynamic`: a --max-size mix)."""
+    return Path(out_dir) / f"{name}-{type}{'-dynamic' * dynamic}.gguf"
+
+
+def export_lora_gguf(out_dir: Path, name: str) -> Path:
+    """<name>-lora.gguf: the adapter in llama.cpp's LoRA format (--adapter-only)."""
+    return Path(out_dir) / f"{name}-lora.gguf"
+
+
+def imatrix_path(gguf_path: Path) -> Path:
+    """<file>.imatrix.gguf beside a GGUF: the importance matrix it was quantized with."""
+    p = Path(gguf_path)
+    return p.with_name(f"{p.stem}.imatrix.gguf")
 
 
 def verification_path(gguf_path: str | Path) -> Path:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorakit import artifacts as A
-from lorakit.artifacts import (OLLAMA_DIR, PEFT_CONFIG, RunPaths, find_adapter_dir, is_run_adapter, partial_path,
-                               read_meta)
+from lorakit.artifacts import (OLLAMA_DIR, PEFT_CONFIG, RunPaths, export_gguf, export_lora_gguf, find_adapter_dir,
+                               imatrix_path, is_run_adapter, partial_path, read_meta)
 from lorakit.errors import LorakitError
 
 AUTO = "auto"
@@ -183,8 +183,8 @@ def _adapter_only(adapter_dir: Path, meta, merged: Path, out_dir: Path, name: st
     from lorakit.export.verify import check_file, publish
 
     base_dir = Path(meta.base.path)
-    model_file = out_dir / f"{_slug(Path(meta.base.name).name)}-{s.gguf}.gguf"
-    lora_file = out_dir / f"{name}-lora.gguf"
+    model_file = export_gguf(out_dir, _slug(Path(meta.base.name).name), s.gguf)
+    lora_file = export_lora_gguf(out_dir, name)
     try:
         log(f"converting the base to {s.gguf} (with the trained template) ...")
         G.convert_merged(base_dir, partial_path(model_file), s.gguf, template_meta=meta, log=log)
@@ -252,7 +252,7 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
             f"keeping the first within {s.max_drop:g} points of the merged model")
     v = final = None
     for t, weighted, raised in plans:
-        final = out_dir / f"{name}-{t}{'-dynamic' * bool(raised)}.gguf"
+        final = export_gguf(out_dir, name, t, dynamic=bool(raised))
         start = time.perf_counter()
         try:
             G.convert_merged(merged, partial_path(final), t, f32=f32, imatrix=vectors if weighted else None,
@@ -283,7 +283,7 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
     if v is not None:
         result.verifications.append(publish(partial_path(final), final, v))
     if weighted:  # of the file published
-        result.imatrix_file = matrix.write(final.with_name(f"{final.stem}.imatrix.gguf"))
+        result.imatrix_file = matrix.write(imatrix_path(final))
         log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
     return final, None
 
