@@ -601,7 +601,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
 
 
 def save(cfg: Config, path: Path) -> None:
-    from lorakit.artifacts import atomic_write_text
+    from lorakit.artifacts import atomic_write_text  # not at the top: artifacts reads the sections typed here
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

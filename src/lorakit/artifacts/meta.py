@@ -68,10 +68,12 @@ def same_base(trained: BaseModelRef, held: BaseModelRef, *, unknown: Unknown) ->
 def check_same_base(trained: BaseModelRef, held: BaseModelRef, *, policy: BasePolicy, unknown: Unknown,
                     held_as: str, subject: str = "adapter", consequence: str = "", where: str | None = None,
                     hint: str = "", log: Callable[[str], None] = print) -> bool:
-    """The one "same base?" check of every stage that puts an adapter over a base it did not load
-    itself; returns the verdict. On a mismatch `policy` says what happens: 'error' raises (loading
-    the adapter anyway would give wrong answers silently), 'warn' logs and goes on (the user asked
-    for this base, the outputs are only off), 'quiet' leaves it to the caller."""
+    """The one "same base?" check of every stage that puts an adapter over a base (`held`: a
+    BaseModelRef, or the ModelInfo of the base just loaded); returns the verdict.
+
+    On a mismatch `policy` says what happens: 'error' raises (loading the adapter anyway would
+    give wrong answers silently), 'warn' logs and goes on (the user asked for this base, the
+    outputs are only off), 'quiet' leaves it to the caller."""
     if same_base(trained, held, unknown=unknown):
         return True
     if policy == "error":
