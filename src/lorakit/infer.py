@@ -148,7 +148,8 @@ class Session:
         if name in self.adapters or name == BASE:
             raise LorakitError(f"an adapter named {name!r} is already loaded", where=str(path),
                                hint="give it another name")
-        first = self.default.meta.base  # the weights actually in memory, else what the first adapter recorded
+        first = self.default.meta.base
+        # the weights actually in memory, else what the first adapter recorded
         held = dataclasses.replace(first, sha256=self.base_sha256 or first.sha256)
         check_same_base(meta.base, held, policy="error", unknown="by name", subject=f"adapter {name!r}",
                         held_as="this session's", where=str(adapter_dir / META_FILE),
