@@ -273,7 +273,6 @@ def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0)
     from lorakit.cli import _quiet_libraries
     from lorakit.export import gguf as G
     from lorakit.export import task as T
-    from lorakit.infer import base_model_config
     from lorakit.config import MergeConfig
     from lorakit.merge import merge
     from lorakit.model.load import load_tokenizer
@@ -282,7 +281,7 @@ def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0)
     quiet = lambda s: None  # noqa: E731
     adapter = find_adapter_dir(run)
     meta = read_meta(adapter)
-    tok = load_tokenizer(base_model_config(meta))
+    tok = load_tokenizer(meta.base.model_config())
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     merge(adapter, work / "merged", MergeConfig(dtype="fp32"), log=quiet)

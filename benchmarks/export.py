@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         importance = E.importance(adapter, work / "merged", f32, rows=256, text=None, tokenizer=tok, log=quiet)
         result["imatrix_s"] = round(time.perf_counter() - t0, 1)
-        template = meta.template_object()
+        template = meta.template
         kl_seq = [template.encode_prompt(tok, pr) for pr in rows.prompts[:args.kl_rows]]
         answers = [tok(r, add_special_tokens=False)["input_ids"] for r in rows.references[:args.kl_rows]]
         print(f"{adapter.parent.name}: {len(rows.prompts)} rows, metric {rows.metric}; merge {result['merge_s']} s, "

@@ -39,7 +39,7 @@ def make_adapters(base_dir: Path, root: Path, r: int = 8) -> dict[str, Path]:
     import torch
 
     from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, save_adapter
-    from lorakit.config import LoraConfig, ModelConfig
+    from lorakit.config import LoraConfig, ModelConfig, TrainConfig
     from lorakit.data.templates import resolve_template
     from lorakit.model.load import load_model, load_tokenizer
     from lorakit.model.lora import apply_lora
@@ -56,8 +56,8 @@ def make_adapters(base_dir: Path, root: Path, r: int = 8) -> dict[str, Path]:
                 if "lora_" in n:
                     p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
         meta = AdapterMeta(BaseModelRef(str(base_dir), str(base_dir), info.sha256, info.dtype, "none"),
-                           resolve_template("auto", tok).to_dict(), DataRef([], [], "", 0, 0), 2048,
-                           dict(vars(lora)), {}, {}, {})
+                           resolve_template("auto", tok), DataRef([], [], "", 0, 0), 2048,
+                           lora, TrainConfig(), {}, {})
         save_adapter(model, tok, root / name / "adapter", meta)
         out[name] = root / name
     return out

@@ -112,7 +112,7 @@ def make_adapter(base_dir: Path, tokenizer, folder: Path, seed: int, *, lora=Non
     import torch
 
     from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, save_adapter
-    from lorakit.config import LoraConfig, ModelConfig
+    from lorakit.config import LoraConfig, ModelConfig, TrainConfig
     from lorakit.data.templates import resolve_template
     from lorakit.model.load import load_model
     from lorakit.model.lora import apply_lora
@@ -128,8 +128,7 @@ def make_adapter(base_dir: Path, tokenizer, folder: Path, seed: int, *, lora=Non
                     else p.copy_(torch.randn(p.shape, generator=g) * scale)
     tmpl = resolve_template(template, tokenizer)
     meta = AdapterMeta(BaseModelRef(name or str(base_dir), str(base_dir), sha or info.sha256, info.dtype, quantization),
-                       tmpl.to_dict(), DataRef([], [], "", 0, 0), 96,
-                       {k: v for k, v in vars(lora).items()}, {}, {}, {})
+                       tmpl, DataRef([], [], "", 0, 0), 96, lora, TrainConfig(), {}, {})
     save_adapter(model, tokenizer, folder / "adapter", meta)
     return folder
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from lorakit.artifacts import (META_FILE, SCHEMA_VERSION, AdapterMeta, BaseModelRef, DataRef, read_meta,
                                save_adapter)
-from lorakit.config import LoraConfig, ModelConfig
+from lorakit.config import LoraConfig, ModelConfig, TrainConfig
 from lorakit.data.templates import resolve_template
 from lorakit.errors import LorakitError
 
@@ -17,9 +17,10 @@ from lorakit.errors import LorakitError
 def meta_for(template) -> AdapterMeta:
     return AdapterMeta(
         base=BaseModelRef("tiny", "/models/tiny", "ab" * 32, "float32", "none"),
-        template=template.to_dict(),
+        template=template,
         data=DataRef(["train.jsonl"], [], "cd" * 32, 12, 4),
-        max_length=96, lora={"r": 4}, train={"lr": 1e-3}, versions={"lorakit": "0.1.0"}, metrics={"eval_loss": 1.5},
+        max_length=96, lora=LoraConfig(r=4), train=TrainConfig(lr=1e-3), versions={"lorakit": "0.1.0"},
+        metrics={"eval_loss": 1.5},
     )
 
 

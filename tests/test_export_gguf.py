@@ -62,6 +62,7 @@ def build(folder: Path, tokenizer, *, arch: str = "llama", hidden: int = 256, la
     from transformers import LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
     from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, write_meta
+    from lorakit.config import LoraConfig, TrainConfig
     from lorakit.data.templates import resolve_template
 
     torch.manual_seed(0)
@@ -75,8 +76,8 @@ def build(folder: Path, tokenizer, *, arch: str = "llama", hidden: int = 256, la
     tokenizer.save_pretrained(folder)
     if template:
         tmpl = resolve_template(template, tokenizer)
-        write_meta(folder, AdapterMeta(BaseModelRef("tiny", str(folder), "0" * 64, "float32", "none"), tmpl.to_dict(),
-                                       DataRef([], [], "", 0, 0), 96, {"r": 4, "alpha": 8}, {}, {}, {}))
+        write_meta(folder, AdapterMeta(BaseModelRef("tiny", str(folder), "0" * 64, "float32", "none"), tmpl,
+                                       DataRef([], [], "", 0, 0), 96, LoraConfig(r=4, alpha=8), TrainConfig(), {}, {}))
     return folder
 
 
@@ -161,11 +162,12 @@ def test_chatml_template_stops_at_im_end(tmp_path, smol_tokenizer):
     smol_tokenizer.save_pretrained(folder)
     (folder / "config.json").write_text("{}")
     from lorakit.artifacts import AdapterMeta, BaseModelRef, DataRef, write_meta
+    from lorakit.config import LoraConfig, TrainConfig
     from lorakit.data.templates import resolve_template
 
     tmpl = resolve_template("chatml", smol_tokenizer)
-    write_meta(folder, AdapterMeta(BaseModelRef("t", "t", "0", "float32", "none"), tmpl.to_dict(),
-                                   DataRef([], [], "", 0, 0), 96, {}, {}, {}, {}))
+    write_meta(folder, AdapterMeta(BaseModelRef("t", "t", "0", "float32", "none"), tmpl,
+                                   DataRef([], [], "", 0, 0), 96, LoraConfig(), TrainConfig(), {}, {}))
     md = trained_metadata(folder, None)
     im_end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert md["tokenizer.ggml.eot_token_id"] == im_end

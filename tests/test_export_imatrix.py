@@ -243,13 +243,14 @@ def write_run(root: Path, tokenizer_dir: Path, train: Path, fingerprint: str | N
     cfg = config_mod.from_dict({"model": {"name": str(tokenizer_dir)},
                                 "data": {"train": [str(train)], "template": "alpaca", "val_fraction": 0.25}})
     root.mkdir(parents=True)
-    config_mod.save(cfg, root / "config.yaml")
+    (root / "config.yaml").write_text(config_mod.dump(cfg))
     prepared = prepare(cfg, AutoTokenizer.from_pretrained(tokenizer_dir))
     (root / "adapter").mkdir()
     (root / "adapter" / "adapter_config.json").write_text("{}")
     write_meta(root / "adapter", AdapterMeta(
-        BaseModelRef(str(tokenizer_dir), str(tokenizer_dir), None, "float32", "none"), prepared.template.to_dict(),
-        DataRef([str(train)], [], fingerprint or prepared.fingerprint, len(prepared.train), 0), 1024, {}, {}, {}, {}))
+        BaseModelRef(str(tokenizer_dir), str(tokenizer_dir), None, "float32", "none"), prepared.template,
+        DataRef([str(train)], [], fingerprint or prepared.fingerprint, len(prepared.train), 0), 1024,
+        config_mod.LoraConfig(), config_mod.TrainConfig(), {}, {}))
     return root
 
 

@@ -40,12 +40,11 @@ from typing import Any, Callable
 
 import torch
 
-from lorakit.artifacts import (ADAPTER_DIR, AdapterMeta, RunPaths, atomic_dir, atomic_write_json, find_adapter_dir,
-                               now_iso, read_meta, save_tokenizer, write_meta)
+from lorakit.artifacts import (PARITY_FILE, AdapterMeta, RunPaths, atomic_dir, atomic_write_json, check_same_base,
+                               find_adapter_dir, is_run_adapter, now_iso, read_meta, save_tokenizer, write_meta)
 from lorakit.config import MergeConfig
 from lorakit.errors import LorakitError
 
-PARITY_FILE = "merge_parity.json"
 DTYPES = typing.get_args(typing.get_type_hints(MergeConfig)["dtype"])  # the schema's choices
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 """u = 2^-p for a p-bit significand: round-to-nearest changes a weight by at most u·|w|."""
@@ -144,7 +143,7 @@ def merge(path: str | Path, out: str | Path, settings: MergeConfig | None = None
     out = Path(out)
     _check_out(out, adapter_dir, s.overwrite)
     check_finite(adapter_dir)
-    template = meta.template_object()
+    template = meta.template
 
     base, tokenizer, base_matches = _load_base(meta, "none", log)
     stop_ids, pad_id = template.stop_token_ids(tokenizer), tokenizer.pad_token_id
@@ -165,7 +164,7 @@ def merge(path: str | Path, out: str | Path, settings: MergeConfig | None = None
         qref = _Outputs.of(_with_adapter(qbase, adapter_dir), prompts, stop_ids, ref.sequences)
         del qbase
 
-    paths = RunPaths.of(adapter_dir) if adapter_dir.name == ADAPTER_DIR else None
+    paths = RunPaths.of(adapter_dir) if is_run_adapter(adapter_dir) else None
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         del merged
@@ -265,18 +264,16 @@ def check_finite(adapter_dir: Path) -> None:
 
 def _load_base(meta: AdapterMeta, quantization: str, log: Callable[[str], None]):
     """The base from disk: fp32 for the merge, or quantized as trained (with its training dtype)."""
-    from lorakit.infer import base_model_config
     from lorakit.model.load import load_model, load_tokenizer
 
     trained = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(meta.base.dtype, "fp32")
-    mcfg = base_model_config(meta, dtype="fp32" if quantization == "none" else trained, quantization=quantization,
-                             gradient_checkpointing="off")
+    mcfg = meta.base.model_config(dtype="fp32" if quantization == "none" else trained, quantization=quantization,
+                                  gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
-    matches = not (meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256)
-    if not matches and quantization == "none":
-        log(f"warning: the base weights on disk differ from the ones this adapter was trained on "
-            f"({info.sha256[:12]} != {meta.base.sha256[:12]}); the merged model will be off by as much")
+    # warned about once, for the full-precision base the merge is made from
+    matches = check_same_base(meta.base, info, policy="warn" if quantization == "none" else "quiet", unknown="same",
+                              held_as="on disk", consequence="the merged model will be off by as much", log=log)
     return model, tokenizer, matches
 
 

@@ -63,28 +63,28 @@ def read_run(run: str | Path) -> RunFiles:
     f = RunFiles(paths)
     f.metrics = artifacts.read_jsonl(paths.metrics)
     if not paths.metrics.is_file():
-        f.missing["metrics.jsonl"] = "no training log, so no curves"
+        f.missing[paths.label(paths.metrics)] = "no training log, so no curves"
     _read_config(f)
     if paths.adapter.is_dir():
         try:
             f.meta = artifacts.read_meta(paths.adapter)
         except LorakitError as e:
-            f.missing["adapter/lorakit.json"] = f"unreadable ({e.message})"
+            f.missing[paths.label(paths.meta)] = f"unreadable ({e.message})"
     else:
-        f.missing["adapter/"] = "no trained adapter: the run did not finish (killed, failed or stopped on NaN)"
-    f.data = _read_json(paths.data, "data.json", "no data statistics", f.missing)
+        f.missing[paths.label(paths.adapter)] = "no trained adapter: the run did not finish (killed, failed or stopped on NaN)"
+    f.data = _read_json(paths.data, paths.label(paths.data), "no data statistics", f.missing)
     if paths.diagnostics.is_file():
         try:
             f.diagnostics = artifacts.read_diagnostics(paths)
         except (AttributeError, TypeError) as e:  # a line that is not an object
-            f.missing["diagnostics.jsonl"] = f"unreadable ({e})"
+            f.missing[paths.label(paths.diagnostics)] = f"unreadable ({e})"
     else:
-        f.missing["diagnostics.jsonl"] = "the run's warnings were not recorded"
+        f.missing[paths.label(paths.diagnostics)] = "the run's warnings were not recorded"
     _read_evals(f)
     if paths.merge.is_file():
-        f.merge = _read_json(paths.merge, "merge.json", "unreadable", f.missing)
+        f.merge = _read_json(paths.merge, paths.label(paths.merge), "unreadable", f.missing)
     for p in paths.verifications():
-        v = _read_json(p, f"export/{p.name}", "unreadable", f.missing)
+        v = _read_json(p, paths.label(p), "unreadable", f.missing)
         if v is not None:
             f.exports.append(v)
     return f
@@ -109,12 +109,12 @@ def _read_config(f: RunFiles) -> None:
     from lorakit import config as config_mod
 
     if not f.paths.config.is_file():
-        f.missing["config.yaml"] = "the run's settings are unknown"
+        f.missing[f.paths.label(f.paths.config)] = "the run's settings are unknown"
         return
     try:
         f.config = config_mod.load(f.paths.config)
     except LorakitError as e:
-        f.missing["config.yaml"] = f"unreadable ({e.message})"
+        f.missing[f.paths.label(f.paths.config)] = f"unreadable ({e.message})"
         return
     defaults = _flatten(config_mod.Config().to_dict())
     for key, value in _flatten(f.config.to_dict()).items():
@@ -133,25 +133,25 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_evals(f: RunFiles) -> None:
-    folder = f.paths.eval_dir
-    if not folder.is_dir():
-        f.missing["eval/"] = "not evaluated yet: `lorakit eval RUN` writes it and this report shows base vs tuned"
+    label = f.paths.label
+    if not f.paths.eval_dir.is_dir():
+        f.missing[label(f.paths.eval_dir)] = "not evaluated yet: `lorakit eval RUN` writes it and this report shows base vs tuned"
         return
     summaries = []
-    for p in sorted(folder.glob("*.summary.json")):
+    for p in f.paths.eval_summary_files():
         try:
             summaries.append(EvalSummary.read(p))
         except LorakitError as e:
-            f.missing[f"eval/{p.name}"] = f"unreadable ({e.message})"
+            f.missing[label(p)] = f"unreadable ({e.message})"
     for s in sorted(summaries, key=lambda s: s.created):
         path = f.paths.eval_records(s.data)
         try:
             records = [EvalRecord.from_dict(r) for r in artifacts.read_jsonl(path)] if path.is_file() else None
         except (KeyError, TypeError, ValueError) as e:
-            f.missing[f"eval/{path.name}"] = f"unreadable ({e!r})"
+            f.missing[label(path)] = f"unreadable ({e!r})"
             records = None
-        if records is None and f"eval/{path.name}" not in f.missing:
-            f.missing[f"eval/{path.name}"] = "no per-example answers, so no samples"
+        if records is None and label(path) not in f.missing:
+            f.missing[label(path)] = "no per-example answers, so no samples"
         f.evals.append((s, records))
 
 
@@ -410,7 +410,7 @@ def _status(f: RunFiles) -> tuple[str, str]:
         return "bad", f"stopped{at}: {(d.message.splitlines() or [d.kind])[0]}"
     if f.meta is not None:
         return "good", "finished: adapter saved"
-    if (f.paths.adapter / "adapter_config.json").is_file():
+    if (f.paths.adapter / artifacts.PEFT_CONFIG).is_file():
         return "good", "finished: adapter saved (its lorakit.json is unreadable)"
     last = max((r["step"] for r in f.metrics if finite(r.get("step"))), default=None)
     return "bad", "not finished: no adapter" + (f" (last log at step {last})" if last is not None else "")
@@ -452,7 +452,7 @@ def _summary(f: RunFiles) -> str:
         base += f' <span class="dim">{esc(b.dtype)}, quantization {esc(b.quantization)}' + \
                 (f", sha256 {esc(b.sha256[:12])}…" if b.sha256 else "") + "</span>"
         rows.insert(0, ("base model", base))
-        rows.insert(1, ("template", esc(f.meta.template.get("name", "?"))))
+        rows.insert(1, ("template", esc(f.meta.template.name)))
     elif f.config is not None:
         rows.insert(0, ("base model", esc(f.config.model.name)))
         rows.insert(1, ("template", esc((f.data or {}).get("template", f.config.data.template))))
@@ -499,8 +499,8 @@ def _charts(f: RunFiles) -> str:
 def _config(f: RunFiles) -> str:
     head = "<h2>Configuration</h2>"
     if f.config is None:
-        return f'<section id="config">{head}<p class="missing">config.yaml: {esc(f.missing.get("config.yaml", ""))}' \
-               f'</p></section>'
+        name = f.paths.label(f.paths.config)
+        return f'<section id="config">{head}<p class="missing">{esc(name)}: {esc(f.missing.get(name, ""))}</p></section>'
     if not f.config_diff:
         return f'<section id="config">{head}<p>Every setting is at its default.</p></section>'
     rows = [[f"<code>{esc(k)}</code>", f'<code class="dim">{esc(value_text(d))}</code>',
@@ -518,8 +518,9 @@ def _data(f: RunFiles) -> str:
         if f.meta:
             counts = (f"<p>{num(f.meta.data.train_examples)} train / {num(f.meta.data.validation_examples)} "
                       f"validation examples (from lorakit.json).</p>")
-        why = esc(f.missing.get("data.json", ""))
-        return f'<section id="data">{head}{counts}<p class="missing">data.json: {why}</p></section>'
+        name = f.paths.label(f.paths.data)
+        why = esc(f.missing.get(name, ""))
+        return f'<section id="data">{head}{counts}<p class="missing">{esc(name)}: {why}</p></section>'
     splits = [s for s in ("train", "validation") if s in (d.get("counts") or {}) or s in (d.get("rows") or {})]
     rows = [[esc(s), num((d.get("rows") or {}).get(s)), num((d.get("counts") or {}).get(s)),
              num((d.get("tokens") or {}).get(s)), num((d.get("trained_tokens") or {}).get(s))] for s in splits]
@@ -635,7 +636,7 @@ def _sample(r: EvalRecord) -> str:
 def _evals(f: RunFiles) -> str:
     head = "<h2>Evaluation</h2>"
     if not f.evals:
-        why = f.missing.get("eval/", "no eval summary in eval/")
+        why = f.missing.get(f.paths.label(f.paths.eval_dir), "no eval summary in eval/")
         return f'<section id="eval">{head}<p class="missing">{prose(why)}</p></section>'
     out = [head]
     for s, records in f.evals:

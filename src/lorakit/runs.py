@@ -10,7 +10,7 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.artifacts import META_FILE, RunPaths, read_jsonl, read_meta
+from lorakit.artifacts import RunPaths, read_jsonl, read_meta
 from lorakit.errors import LorakitError
 
 
@@ -29,7 +29,7 @@ class RunRow:
 
 
 def _row(paths: RunPaths) -> RunRow | None:
-    meta_file = paths.adapter / META_FILE
+    meta_file = paths.meta
     records = read_jsonl(paths.metrics)
     if not meta_file.is_file() and not records and not paths.config.is_file():
         return None  # not a run folder
@@ -48,7 +48,7 @@ def _row(paths: RunPaths) -> RunRow | None:
             return RunRow(paths.root.name, "unreadable", "?", "?", None, None, None, em, em_on,
                           meta_file.stat().st_mtime)
         m = meta.metrics
-        return RunRow(paths.root.name, "done", meta.base.name, meta.template.get("name", "?"), m.get("steps"),
+        return RunRow(paths.root.name, "done", meta.base.name, meta.template.name, m.get("steps"),
                       m.get("train_loss_last"), m.get("eval_loss"), em, em_on, meta_file.stat().st_mtime)
     train = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]

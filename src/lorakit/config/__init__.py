@@ -612,8 +612,9 @@ def load_section(path: str | Path, name: str):
     return section
 
 
-def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+def dump(cfg: Config) -> str:
+    """The YAML a run folder keeps as config.yaml (written by the run-folder contract, artifacts)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- documentation

@@ -17,7 +17,7 @@ DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 
 
 def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, test_limit: int | None = None) -> int:
-    from lorakit.artifacts import read_jsonl
+    from lorakit.artifacts import RunPaths, read_jsonl
     from lorakit.config import EvalConfig
     from lorakit.evaluate import format_summary, perplexity, wins
     from lorakit.infer import load_session
@@ -40,7 +40,8 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
         print(f"{'validation loss':24}{ls:>12.3f}{le:>12.3f}")
         print(f"{'validation perplexity':24}{perplexity(ls):>12.2f}{perplexity(le):>12.2f}")
     print(format_summary(summary))
-    records = read_jsonl(run_dir / "eval" / "test.jsonl")
+    paths = RunPaths(run_dir)
+    records = read_jsonl(paths.eval_records("test"))
     refs = [r["reference"] for r in records]
     for i in wins([r["answers"]["tuned"] for r in records], [r["answers"]["base"] for r in records], refs, 2):
         prompt = records[i]["prompt"][-1]
@@ -49,6 +50,6 @@ def run_demo(output_dir: str = "runs", overrides: list[str] | None = None, *, te
               f"\n--- tuned: {records[i]['answers']['tuned'][:200]}")
     total = time.perf_counter() - t0
     print(f"\ntrained in {t_train:.0f} s ({metrics.get('trained_tokens_per_s')} trained tokens/s); demo total {total:.0f} s")
-    print(f"adapter: {run_dir / 'adapter'}   per-example results: {run_dir / 'eval'}")
+    print(f"adapter: {paths.adapter}   per-example results: {paths.eval_dir}")
     print(f"try: lorakit generate {run_dir} --instruction \"Explain the return policy.\"")
     return 0

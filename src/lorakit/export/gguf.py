@@ -17,13 +17,12 @@ quantizer for every quantized type, and the same types as `llama-quantize ... Q8
 converter would choose per tensor on its own; its numpy Q8_0 is byte-identical to libgguf's on
 the rows it quantizes, which tests/test_export_gguf.py checks).
 
-Every output is written to a temporary file beside the target, fsynced and renamed: a failed
-or interrupted export leaves no file that looks finished.
+Every output is written through `lorakit.artifacts.atomic_file` (beside the target, fsynced,
+renamed): a failed or interrupted export leaves no file that looks finished.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -33,11 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from lorakit.artifacts import umask_mode
+from lorakit.artifacts import PEFT_CONFIG, PEFT_WEIGHTS, atomic_file
 from lorakit.errors import LorakitError
 from lorakit.export.quantize import FTYPES  # the quantized types: one owner
 
@@ -50,28 +49,6 @@ def _check_type(type: str) -> None:
         raise LorakitError(f"GGUF type {type!r} is not one of {', '.join(TYPES)}",
                            hint=f"use --gguf one of {', '.join(TYPES)} (q4_k_m is the usual choice, iq4_xs the "
                            "smallest)")
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target` that becomes `target` (fsynced, one rename) on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, umask_mode())  # mkstemp's 0600 would keep the Ollama service from reading the file
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _run_converter(script: Path, args: list[str]) -> None:
@@ -102,7 +79,7 @@ def trained_metadata(model_dir: Path, template_meta) -> dict[str, object]:
         if not (model_dir / META_FILE).is_file():
             return {}
         template_meta = read_meta(model_dir)
-    template = template_meta.template_object()
+    template = template_meta.template
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     stop = template.stop_token_ids(tokenizer)
     if not stop:
@@ -126,7 +103,7 @@ def rewrite_gguf(src: str | Path, out_file: str | Path, type: str, *, metadata: 
     One f32 conversion can so give several types without running the converter again."""
     _check_type(type)
     out_file = Path(out_file)
-    with _atomic_file(out_file) as tmp:
+    with atomic_file(out_file) as tmp:
         _rewrite(Path(src), tmp, dict(metadata or {}), type, dict(imatrix or {}), frozenset(raised), log)
     return out_file
 
@@ -288,7 +265,7 @@ def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, te
         raw = Path(f32) if f32 is not None and outtype == "f32" else \
             convert_raw(model_dir, Path(work) / f"model-{outtype}.gguf", outtype, log=log)
         if type in _FLOAT_FTYPE and not overrides:
-            with _atomic_file(out_file) as tmp:
+            with atomic_file(out_file) as tmp:
                 shutil.copyfile(raw, tmp)
         else:
             log(f"writing {type}" + (" (llama-quantize's per-tensor mix)" if type not in _FLOAT_FTYPE else "")
@@ -302,7 +279,7 @@ def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, te
 
 def _refuse(key: str, why: str, adapter_dir: Path) -> LorakitError:
     return LorakitError(f"{key} is set: {why}, which llama.cpp's LoRA format cannot express",
-                        where=str(adapter_dir / "adapter_config.json"),
+                        where=str(adapter_dir / PEFT_CONFIG),
                         hint="export the merged model instead: lorakit export RUN --gguf TYPE (without --adapter-only)")
 
 
@@ -330,12 +307,12 @@ def convert_adapter(adapter_dir: str | Path, base_dir: str | Path, out_file: str
     asks the hub for the base config) over a copy of adapter_config.json whose lora_alpha makes
     llama.cpp's alpha / r equal to PEFT's scale."""
     adapter_dir, base_dir, out_file = Path(adapter_dir), Path(base_dir), Path(out_file)
-    cfg_path = adapter_dir / "adapter_config.json"
+    cfg_path = adapter_dir / PEFT_CONFIG
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LorakitError(f"cannot read {cfg_path}: {e}", hint="pass a run or adapter folder written by lorakit train")
-    weights = adapter_dir / "adapter_model.safetensors"
+    weights = adapter_dir / PEFT_WEIGHTS
     if not weights.is_file():
         raise LorakitError(f"{weights} not found", hint="pass a run or adapter folder written by lorakit train")
     if not (base_dir / "config.json").is_file():
@@ -348,14 +325,14 @@ def convert_adapter(adapter_dir: str | Path, base_dir: str | Path, out_file: str
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".lorakit-lora-") as work:
         staged = Path(work)
-        (staged / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": alpha, "use_rslora": False,
+        (staged / PEFT_CONFIG).write_text(json.dumps({**cfg, "lora_alpha": alpha, "use_rslora": False,
                                                                 "base_model_name_or_path": str(base_dir)}))
-        (staged / "adapter_model.safetensors").symlink_to(weights.resolve())
+        (staged / PEFT_WEIGHTS).symlink_to(weights.resolve())
         raw = staged / "adapter.gguf"
         log(f"converting {adapter_dir} with llama.cpp's convert_lora_to_gguf.py (alpha {alpha:g}, r {cfg['r']})")
         _run_converter(tc.convert_lora, ["--base", str(base_dir), "--outtype", "f32", "--outfile", str(raw),
                                          str(staged)])
-        with _atomic_file(out_file) as tmp:
+        with atomic_file(out_file) as tmp:
             shutil.copyfile(raw, tmp)
     log(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     return out_file

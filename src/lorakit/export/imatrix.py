@@ -99,16 +99,16 @@ class Imatrix:
     def write(self, path: str | Path) -> Path:
         """Write llama.cpp's GGUF imatrix format, as imatrix.cpp's save_imatrix writes it.
 
-        Atomic and with the umask's mode, as every exported file (export.gguf._atomic_file)."""
+        Atomic and with the umask's mode, as every exported file (lorakit.artifacts.atomic_file)."""
         import gguf
 
-        from lorakit.export.gguf import _atomic_file
+        from lorakit.artifacts import atomic_file
 
         if not self.datasets:
             raise ValueError("name the data the matrix was collected on (Imatrix.datasets)")
         path = Path(path)
         K = gguf.Keys.IMatrix
-        with _atomic_file(path) as tmp:
+        with atomic_file(path) as tmp:
             writer = _imatrix_writer(tmp)
             writer.add_type(gguf.GGUFType.IMATRIX)
             writer.add_key_value(K.DATASETS, list(self.datasets), gguf.GGUFValueType.ARRAY,
@@ -405,10 +405,9 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
                            hint="point at a run folder made by `lorakit train` (runs/<name>)")
     cfg = config_mod.load(paths.config)
     if tokenizer is None:
-        from lorakit.infer import base_model_config
         from lorakit.model.load import load_tokenizer
 
-        tokenizer = load_tokenizer(base_model_config(meta))
+        tokenizer = load_tokenizer(meta.base.model_config())
     prepared = prepare(cfg, tokenizer)
     if prepared.fingerprint != meta.data.fingerprint:
         log("warning: the training data changed since this run (fingerprint differs): the importance matrix is "

@@ -45,14 +45,12 @@ import shutil
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lorakit.artifacts import atomic_dir
+from lorakit.artifacts import MODELFILE, OLLAMA_ADAPTER, OLLAMA_MODEL, atomic_dir
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
 ROLES = ("system", "user", "assistant")
-MODEL_FILE = "model.gguf"
-ADAPTER_FILE = "adapter.gguf"
-MODELFILE = "Modelfile"
+MODEL_FILE, ADAPTER_FILE = OLLAMA_MODEL, OLLAMA_ADAPTER
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*(:[A-Za-z0-9._-]+)?")
 
 

@@ -22,7 +22,6 @@ Layout of `--out` (default `runs/<name>/export/`):
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tempfile
 import time
@@ -30,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lorakit.artifacts import RunPaths, find_adapter_dir, read_meta
+from lorakit import artifacts as A
+from lorakit.artifacts import (OLLAMA_DIR, PEFT_CONFIG, RunPaths, export_gguf, export_lora_gguf, find_adapter_dir,
+                               imatrix_path, is_run_adapter, partial_path, read_meta)
 from lorakit.config import ExportConfig
 from lorakit.errors import LorakitError
 
@@ -52,11 +53,6 @@ class ExportResult:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
-
-
-def _partial(final: Path) -> Path:
-    """Where a GGUF is written until it has been verified: a name no tool takes for a model."""
-    return final.with_name(f".{final.name}.partial")
 
 
 def run_settings(run: str | Path, **flags: Any) -> ExportConfig:
@@ -126,7 +122,6 @@ def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_onl
     """`lorakit export`: `settings` (None: the run's `export:` section) decides the type and the checks."""
     from lorakit.export import require_toolchain
     from lorakit.export import gguf as G
-    from lorakit.infer import base_model_config
     from lorakit.model.load import load_tokenizer
 
     adapter_dir = find_adapter_dir(run)
@@ -135,18 +130,18 @@ def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_onl
     _check_request(s, paths, adapter_dir, adapter_only=adapter_only, verify=verify)
     require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
-    name = _slug(paths.root.name if adapter_dir.name == "adapter" else adapter_dir.name)
-    out_dir = Path(out) if out is not None else paths.root / "export"
+    name = _slug(paths.root.name if is_run_adapter(adapter_dir) else adapter_dir.name)
+    out_dir = Path(out) if out is not None else paths.export_dir
     if adapter_only:  # DoRA / modules_to_save / rank patterns: refused before any work
         import json
 
-        G.adapter_alpha(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")), adapter_dir)
-    template = meta.template_object()
+        G.adapter_alpha(json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8")), adapter_dir)
+    template = meta.template
     if ollama:
         from lorakit.export import ollama as O
 
         O.turn_texts(template)  # a template Ollama cannot express: refused before any work
-    tokenizer = load_tokenizer(base_model_config(meta))
+    tokenizer = load_tokenizer(meta.base.model_config())
     task_rows = None
     if verify:
         from lorakit.export.task import task_set
@@ -176,7 +171,7 @@ def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_onl
                                             verify, result, log)
     result.files = [f for f in (model_file, lora_file) if f is not None]
     if ollama:  # O was imported for the check above
-        folder = O.write_ollama_folder(out_dir / "ollama", model_file, template, tokenizer, adapter_gguf=lora_file,
+        folder = O.write_ollama_folder(out_dir / OLLAMA_DIR, model_file, template, tokenizer, adapter_gguf=lora_file,
                                        max_length=meta.max_length, name=name)
         result.ollama_dir, result.ollama_command = folder, O.create_command(folder, name)
     return result
@@ -199,24 +194,24 @@ def _adapter_only(adapter_dir: Path, meta, merged: Path, out_dir: Path, name: st
     from lorakit.export.verify import check_file, publish
 
     base_dir = Path(meta.base.path)
-    model_file = out_dir / f"{_slug(Path(meta.base.name).name)}-{s.gguf}.gguf"
-    lora_file = out_dir / f"{name}-lora.gguf"
+    model_file = export_gguf(out_dir, _slug(Path(meta.base.name).name), s.gguf)
+    lora_file = export_lora_gguf(out_dir, name)
     try:
         log(f"converting the base to {s.gguf} (with the trained template) ...")
-        G.convert_merged(base_dir, _partial(model_file), s.gguf, template_meta=meta, log=log)
+        G.convert_merged(base_dir, partial_path(model_file), s.gguf, template_meta=meta, log=log)
         log("converting the adapter to llama.cpp's LoRA format ...")
-        G.convert_adapter(adapter_dir, base_dir, _partial(lora_file), log=log)
+        G.convert_adapter(adapter_dir, base_dir, partial_path(lora_file), log=log)
         if verify:
-            v = check_file(_partial(model_file), model_file, merged, s.gguf, adapter_gguf=_partial(lora_file),
-                           adapter_final=lora_file, task=_task(task_rows, s.max_drop, log, _partial(lora_file)),
+            v = check_file(partial_path(model_file), model_file, merged, s.gguf, adapter_gguf=partial_path(lora_file),
+                           adapter_final=lora_file, task=_task(task_rows, s.max_drop, log, partial_path(lora_file)),
                            log=log)
-            result.verifications.append(publish(_partial(model_file), model_file, v))
+            result.verifications.append(publish(partial_path(model_file), model_file, v))
         else:
-            os.replace(_partial(model_file), model_file)
-        os.replace(_partial(lora_file), lora_file)
+            A.publish(partial_path(model_file), model_file)
+        A.publish(partial_path(lora_file), lora_file)
     finally:
         for f in (model_file, lora_file):
-            _partial(f).unlink(missing_ok=True)
+            partial_path(f).unlink(missing_ok=True)
     return model_file, lora_file
 
 
@@ -268,26 +263,26 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
             f"keeping the first within {s.max_drop:g} points of the merged model")
     v = final = None
     for t, weighted, raised in plans:
-        final = out_dir / f"{name}-{t}{'-dynamic' * bool(raised)}.gguf"
+        final = export_gguf(out_dir, name, t, dynamic=bool(raised))
         start = time.perf_counter()
         try:
-            G.convert_merged(merged, _partial(final), t, f32=f32, imatrix=vectors if weighted else None,
+            G.convert_merged(merged, partial_path(final), t, f32=f32, imatrix=vectors if weighted else None,
                              raised=raised, log=log)
             if not verify:
-                os.replace(_partial(final), final)
+                A.publish(partial_path(final), final)
                 break
-            v = check_file(_partial(final), final, merged, t, task=_task(task_rows, s.max_drop, log), log=log)
+            v = check_file(partial_path(final), final, merged, t, task=_task(task_rows, s.max_drop, log), log=log)
             if raised:
                 v = dataclasses.replace(v, raised=sorted(raised))
         except BaseException:
-            _partial(final).unlink(missing_ok=True)
+            partial_path(final).unlink(missing_ok=True)
             raise
         if auto:
-            result.candidates.append(_candidate_row(t, _partial(final), v, weighted, time.perf_counter() - start,
+            result.candidates.append(_candidate_row(t, partial_path(final), v, weighted, time.perf_counter() - start,
                                                     raised=len(raised)))
         if v.passed or not auto:
             break
-        _partial(final).unlink(missing_ok=True)
+        partial_path(final).unlink(missing_ok=True)
     if auto:
         log(format_candidates(result.candidates))
         if v is not None and not v.passed:
@@ -297,9 +292,9 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
                                "drop with --max-drop POINTS" + (", or a larger --max-size" if budget else ""))
         v = dataclasses.replace(v, auto=result.candidates) if v is not None else None
     if v is not None:
-        result.verifications.append(publish(_partial(final), final, v))
+        result.verifications.append(publish(partial_path(final), final, v))
     if weighted:  # of the file published
-        result.imatrix_file = matrix.write(final.with_name(f"{final.stem}.imatrix.gguf"))
+        result.imatrix_file = matrix.write(imatrix_path(final))
         log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
     return final, None
 

@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from lorakit.artifacts import atomic_write_json, verification_path
+from lorakit.artifacts import publish as publish_file
 from lorakit.errors import DataError, LorakitError
 from lorakit.export.llama import Llama, cut_at_stop
 from lorakit.infer.decoder import greedy as decoder_greedy
@@ -249,7 +251,7 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
                            hint=f"use one of {', '.join(THRESHOLDS)}")
     start = time.perf_counter()
     reference_dir = Path(reference_dir)
-    template = read_meta(reference_dir).template_object()
+    template = read_meta(reference_dir).template
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     stop_ids = template.stop_token_ids(tokenizer)
     rendered = []
@@ -356,15 +358,7 @@ def format_verification(v: Verification) -> str:
     return "\n".join(lines)
 
 
-def verification_path(gguf_path: str | Path) -> Path:
-    """Where a GGUF's verification is stored: beside it, `<file>.verify.json`."""
-    p = Path(gguf_path)
-    return p.with_name(p.name + ".verify.json")
-
-
 def write_verification(v: Verification, path: str | Path | None = None) -> Path:
-    from lorakit.artifacts import atomic_write_json
-
     path = Path(path) if path is not None else verification_path(v.gguf)
     atomic_write_json(path, v.to_dict())
     return path
@@ -407,7 +401,7 @@ def publish(tmp_gguf: str | Path, final: str | Path, v: Verification) -> Verific
                 "use a larger one (q8_0)")
         raise LorakitError(f"the {v.type} GGUF {what}: " + "; ".join(v.failures), where=str(final),
                            hint=f"see {verification_path(final)}; {hint}")
-    os.replace(tmp_gguf, final)
+    publish_file(tmp_gguf, final)
     return v
 
 

@@ -12,8 +12,8 @@ from lorakit.infer.decoder import BASE, Decoder, Request, Row
 from lorakit.infer.generate import Completion, answer_text, generate, generate_batch
 from lorakit.infer.messages import ROLES, messages_from_instruction, read_messages_file, validate_messages
 from lorakit.infer.sampling import Sampler, Sampling
-from lorakit.infer.session import Adapter, Session, adapter_name, base_model_config, load_session
+from lorakit.infer.session import Adapter, Session, adapter_name, load_session
 
 __all__ = ["Adapter", "BASE", "Completion", "Decoder", "ROLES", "Request", "Row", "Sampler", "Sampling", "Session",
-           "adapter_name", "answer_text", "base_model_config", "generate", "generate_batch", "load_session",
+           "adapter_name", "answer_text", "generate", "generate_batch", "load_session",
            "messages_from_instruction", "read_messages_file", "validate_messages"]

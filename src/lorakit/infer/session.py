@@ -10,12 +10,13 @@ DoRA adapters cannot be stacked that way; a session holding one decodes one adap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, find_adapter_dir, read_meta
-from lorakit.config import ModelConfig, SessionConfig
+from lorakit.artifacts import META_FILE, AdapterMeta, check_same_base, find_adapter_dir, is_run_adapter, read_meta
+from lorakit.config import SessionConfig
 from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 from lorakit.infer.decoder import BASE, Decoder
@@ -33,7 +34,7 @@ class Adapter:
 
     @classmethod
     def from_meta(cls, name: str, path: Path, meta: AdapterMeta) -> "Adapter":
-        return cls(name, path, meta, meta.template_object(), mixable=not meta.lora.get("use_dora"))
+        return cls(name, path, meta, meta.template, mixable=not meta.lora.use_dora)
 
 
 @dataclass
@@ -96,14 +97,11 @@ class Session:
             raise LorakitError(f"an adapter named {name!r} is already loaded", where=str(path),
                                hint="give it another name")
         first = self.default.meta.base
-        loaded = self.base_sha256  # the weights actually in memory, else what the first adapter recorded
-        ours = loaded or first.sha256
-        if (meta.base.sha256 and ours and meta.base.sha256 != ours) or \
-                (not (meta.base.sha256 and ours) and meta.base.name != first.name):
-            raise LorakitError(
-                f"adapter {name!r} was trained on another base ({meta.base.name}, weights "
-                f"{(meta.base.sha256 or '?')[:12]}) than this session's ({first.name}, {(ours or '?')[:12]})",
-                where=str(adapter_dir / "lorakit.json"), hint="serve it over its own base in another session")
+        # the weights actually in memory, else what the first adapter recorded
+        held = dataclasses.replace(first, sha256=self.base_sha256 or first.sha256)
+        check_same_base(meta.base, held, policy="error", unknown="by name", subject=f"adapter {name!r}",
+                        held_as="this session's", where=str(adapter_dir / META_FILE),
+                        hint="serve it over its own base in another session")
         self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self.adapters[name] = Adapter.from_meta(name, adapter_dir, meta)
         self.model.eval()
@@ -112,15 +110,7 @@ class Session:
 
 def adapter_name(adapter_dir: Path) -> str:
     """runs/<name>/adapter -> <name>; any other adapter folder -> its own name."""
-    return adapter_dir.parent.name if adapter_dir.name == ADAPTER_DIR else adapter_dir.name
-
-
-def base_model_config(meta: AdapterMeta, **overrides: Any) -> ModelConfig:
-    mcfg = ModelConfig(name=meta.base.name or meta.base.path, gguf_file=meta.base.gguf_file,
-                       revision=meta.base.revision)
-    for k, v in overrides.items():
-        setattr(mcfg, k, v)
-    return mcfg
+    return adapter_dir.parent.name if is_run_adapter(adapter_dir) else adapter_dir.name
 
 
 def load_session(paths: str | Path | Sequence[str | Path], settings: SessionConfig | None = None, *,
@@ -137,13 +127,12 @@ def load_session(paths: str | Path | Sequence[str | Path], settings: SessionConf
     first_dir = find_adapter_dir(paths[0])
     meta = read_meta(first_dir)
     settings = settings or SessionConfig()
-    mcfg = base_model_config(meta, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
-                             gradient_checkpointing="off")
+    mcfg = meta.base.model_config(dtype=settings.dtype, trust_remote_code=settings.trust_remote_code,
+                                  gradient_checkpointing="off")
     tokenizer = load_tokenizer(mcfg)
     model, info = load_model(mcfg, training=False, tokenizer=tokenizer)
-    if meta.base.sha256 and info.sha256 and meta.base.sha256 != info.sha256:
-        log(f"warning: base model weights differ from the ones this adapter was trained on "
-            f"({info.sha256[:12]} != {meta.base.sha256[:12]}); outputs may be off")
+    check_same_base(meta.base, info, policy="warn", unknown="same", held_as="on disk",
+                    consequence="outputs may be off", log=log)
     name = adapter_name(first_dir)
     model = PeftModel.from_pretrained(model, str(first_dir), adapter_name=name, is_trainable=False)
     model.eval()
@@ -153,4 +142,4 @@ def load_session(paths: str | Path | Sequence[str | Path], settings: SessionConf
     return session
 
 
-__all__ = ["Adapter", "Session", "adapter_name", "base_model_config", "load_session"]
+__all__ = ["Adapter", "Session", "adapter_name", "load_session"]

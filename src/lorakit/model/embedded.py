@@ -19,7 +19,8 @@ A user GGUF folder is keyed by path + size + mtime rather than by content so tha
 cached folder never reads a multi-GB file; editing or replacing the file changes its mtime and
 so the key.  The marker records the source's sha256 (computed once, during conversion) for
 provenance.  Folders appear atomically: conversion writes into a temporary folder beside the
-target and renames it into place, under a file lock so parallel processes (torchrun) convert once.
+target and renames it into place (lorakit.artifacts.atomic_dir), under a file lock so parallel
+processes (torchrun) convert once.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from lorakit.artifacts import atomic_dir, leftovers
 from lorakit.config import DEFAULT_MODEL
 from lorakit.errors import LorakitError, ModelError
 
@@ -103,14 +104,10 @@ def ensure_converted(gguf: Path, dest: Path) -> Path:
     with _lock(dest.parent / f".{dest.name}.lock"):
         if _is_current(gguf, dest):  # another process finished while we waited
             return dest
-        _sweep_temps(dest)  # we hold the lock: any temp folder left is from a killed run
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
+        for p in leftovers(dest):  # we hold the lock: any temp folder left is from a killed run
+            shutil.rmtree(p, ignore_errors=True)
+        with atomic_dir(dest) as tmp:
             convert_gguf(gguf, tmp)
-            _swap_in(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dest
 
 
@@ -182,29 +179,6 @@ def _is_current(gguf: Path, dest: Path) -> bool:
     if (marker.get("source_size"), marker.get("source_mtime_ns")) == (st.st_size, st.st_mtime_ns):
         return True
     return marker.get("source_size") == st.st_size and marker.get("source_sha256") == file_sha256(gguf)
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`; an outdated `dest` is renamed away first, then deleted.
-
-    A reader never sees a half-written folder: `dest` is either the old complete folder, absent
-    for an instant, or the new complete one.
-    """
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sweep_temps(dest: Path) -> None:
-    for p in dest.parent.glob(f".{dest.name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in dest.parent.glob(f".{dest.name}.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager

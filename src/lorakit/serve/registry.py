@@ -10,15 +10,16 @@ two decode steps (a handler never touches it), with unload refused while request
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
 from lorakit import infer
-from lorakit.artifacts import find_adapter_dir, read_meta
+from lorakit.artifacts import META_FILE, PEFT_CONFIG, PEFT_WEIGHTS, check_same_base, find_adapter_dir, read_meta
 from lorakit.data.templates import resolve_template
 from lorakit.errors import LorakitError, ModelError
 
-WEIGHTS = "adapter_model.safetensors"
+WEIGHTS = PEFT_WEIGHTS  # safetensors only: loading pickle (.bin) weights can run code
 
 
 class AdapterNotFound(LorakitError):
@@ -91,24 +92,24 @@ class Registry:
         """The adapter folder of `path`, checked to be loadable into this session; returns (dir, meta)."""
         adapter_dir = find_adapter_dir(path)
         if not (adapter_dir / WEIGHTS).is_file():
-            found = ", ".join(sorted(p.name for p in adapter_dir.glob("adapter_model.*"))) or "none"
+            found = ", ".join(sorted(p.name for p in adapter_dir.glob(f"{Path(WEIGHTS).stem}.*"))) or "none"
             raise LorakitError(f"no {WEIGHTS} in {adapter_dir} (found: {found})", where=str(adapter_dir),
                                hint="save the adapter as safetensors; pickle (.bin) weights are never loaded "
                                "because loading one can run code")
         meta = read_meta(adapter_dir)
-        ours = self.session.base_sha256 or self.session.default.meta.base.sha256
-        if not meta.base.sha256 or not ours or meta.base.sha256 != ours:
-            raise LorakitError(f"adapter was trained on base weights {meta.base.sha256 or 'unknown'}, this server "
-                               f"holds {ours or 'unknown'} ({self.base_id})", where=str(adapter_dir / "lorakit.json"),
-                               hint="serve it in a server started over its own base")
+        first = self.session.default.meta.base
+        held = dataclasses.replace(first, name=self.base_id, sha256=self.session.base_sha256 or first.sha256)
+        # strict: a hot-loaded adapter of unknown provenance must not answer over this base
+        check_same_base(meta.base, held, policy="error", unknown="different", held_as="this server's",
+                        where=str(adapter_dir / META_FILE), hint="serve it in a server started over its own base")
         try:
-            cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            cfg = json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
-            raise LorakitError(f"cannot read adapter_config.json: {e}", where=str(adapter_dir)) from None
+            raise LorakitError(f"cannot read {PEFT_CONFIG}: {e}", where=str(adapter_dir)) from None
         # PEFT mixes adapters per row (any rank, any target modules) for plain LoRA only.
-        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or meta.lora.get("use_dora"):
+        if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or meta.lora.use_dora:
             raise LorakitError(f"adapter is {'DoRA' if cfg.get('use_dora') else cfg.get('peft_type')}, which cannot "
-                               "share a batch with other adapters", where=str(adapter_dir / "adapter_config.json"),
+                               "share a batch with other adapters", where=str(adapter_dir / PEFT_CONFIG),
                                hint="merge it (lorakit merge) and serve the merged model on its own")
         return adapter_dir, meta
 

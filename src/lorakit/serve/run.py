@@ -57,7 +57,7 @@ def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
 def build_session(adapters: list[str], named: list[tuple[str, str]], base: str | None, log=print):
     """One session holding every adapter; a --adapter NAME=PATH first adapter is renamed to NAME."""
     from lorakit import infer
-    from lorakit.artifacts import find_adapter_dir, read_meta
+    from lorakit.artifacts import BaseModelRef, check_same_base, find_adapter_dir, read_meta
 
     specs = [(None, p) for p in adapters] + list(named)
     if not specs:
@@ -67,9 +67,9 @@ def build_session(adapters: list[str], named: list[tuple[str, str]], base: str |
     first_name, first_path = specs[0]
     if base is not None:
         meta = read_meta(find_adapter_dir(first_path))
-        if base not in (meta.base.name, meta.base.path):
-            raise LorakitError(f"--base {base} is not the base the adapter was trained on ({meta.base.name})",
-                               where=str(first_path), hint="drop --base: the base is read from lorakit.json")
+        named = BaseModelRef(base, base, None, meta.base.dtype, meta.base.quantization)  # a name, no hash
+        check_same_base(meta.base, named, policy="error", unknown="by name", held_as="--base", where=str(first_path),
+                        hint="drop --base: the base is read from lorakit.json")
     session = infer.load_session([first_path], log=log)
     if first_name is not None and first_name != session.default.name:
         old = session.default

@@ -10,18 +10,18 @@ a run whose model, data or LoRA settings changed since it started.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import yaml
 
-from lorakit.artifacts import fsync_tree
+from lorakit import artifacts
+from lorakit.artifacts import CHECKPOINT_STAGING, RunPaths, fsync_tree
 from lorakit.config import Config
 from lorakit.errors import LorakitError
 
-STAGING = ".staging"
+STAGING = CHECKPOINT_STAGING
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # Keys a resumed run may change: how long to train and how often to log, eval and save.
 _MAY_CHANGE = {"output", "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps",
@@ -32,14 +32,7 @@ def publish(staging_root: Path, final_root: Path, name: str) -> Path:
     """Move a fully written `staging_root/name` to `final_root/name` in one rename."""
     src, dst = staging_root / name, final_root / name
     fsync_tree(src)
-    if dst.exists():  # a re-save of the same step after resume
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-    fd = os.open(final_root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    artifacts.publish(src, dst)  # a re-save of the same step after resume replaces the old folder whole
     shutil.rmtree(staging_root, ignore_errors=True)
     return dst
 
@@ -65,13 +58,14 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 def check_resumable(cfg: Config, run_dir: Path) -> Path:
     """The checkpoint to resume from; a LorakitError when there is none or the config changed."""
-    ckpts = checkpoints(run_dir / "checkpoints")
+    paths = RunPaths(run_dir)
+    ckpts = checkpoints(paths.checkpoints)
     if not ckpts:
         raise LorakitError(
-            f"nothing to resume in {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}",
+            f"nothing to resume in {run_dir}: no complete checkpoint in {paths.checkpoints}",
             hint="start the run without --resume (set train.save_steps so the next run leaves checkpoints)",
         )
-    saved_path = run_dir / "config.yaml"
+    saved_path = paths.config
     if saved_path.is_file():
         saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
         now = _flatten(cfg.to_dict())
@@ -93,4 +87,4 @@ def trim_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    artifacts.atomic_write_text(path, "".join(line + "\n" for line in kept))

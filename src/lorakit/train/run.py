@@ -20,7 +20,7 @@ from transformers.integrations import TensorBoardCallback
 
 from lorakit import artifacts
 from lorakit import config as config_mod
-from lorakit.artifacts import ADAPTER_DIR, AdapterMeta, RunPaths
+from lorakit.artifacts import AdapterMeta, RunPaths
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
@@ -77,7 +77,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     backup = None
     with distributed.main_first() as main:  # the run folder is claimed once; the others then use it
         if main and resume:
-            trim_metrics(cfg.run_dir / "metrics.jsonl", int(checkpoint.name.split("-")[1]))
+            trim_metrics(RunPaths(cfg.run_dir).metrics, int(checkpoint.name.split("-")[1]))
         elif main:
             backup = artifacts.claim(cfg.run_dir)
     if resume:
@@ -135,7 +135,7 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
     eval_every = t.eval_steps if t.eval_steps > 0 else total
     rows, accum = (t.batch_size * t.grad_accum, 1) if cfg.data.packing else (t.batch_size, t.grad_accum)
     args = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(RunPaths(run_dir).checkpoints),
         per_device_train_batch_size=rows,
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=accum,
@@ -203,7 +203,7 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     paths = RunPaths(run_dir)
     main = distributed.is_main()
     if main:  # the run folder's files: written once, by the main process
-        config_mod.save(cfg, paths.config)
+        artifacts.atomic_write_text(paths.config, config_mod.dump(cfg))
         artifacts.atomic_write_json(paths.data, {"template": prepared.template.name, **prepared.stats.to_dict()})
     warn = warn or DiagnosticLog(log)
     if main:
@@ -212,13 +212,13 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     diagnostics = Diagnostics(cfg, health, warn)
     setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
     if main:
-        (run_dir / "logs").mkdir(exist_ok=True)
+        paths.logs.mkdir(exist_ok=True)
     all_callbacks = [
-        MetricsLogger(run_dir / "metrics.jsonl", counter),
+        MetricsLogger(paths.metrics, counter),
         Progress(counter, enabled=progress),
         diagnostics,
         # Our own TensorBoard callback, so events land in runs/<name>/logs whatever the Trainer's default.
-        _tensorboard(run_dir / "logs") if "tensorboard" in cfg.train.report_to and main else None,
+        _tensorboard(paths.logs) if "tensorboard" in cfg.train.report_to and main else None,
         *callbacks,
     ]
     for note in apply_fast_path(resolved, model, setup.fast_half):
@@ -266,9 +266,9 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     metrics = _final_metrics(trainer, counter, seconds, resolved.machine.device)
     with distributed.main_first() as main:  # the others leave once the adapter is published
         if main:
-            artifacts.save_adapter(model, tokenizer, run_dir / ADAPTER_DIR,
+            artifacts.save_adapter(model, tokenizer, paths.adapter,
                                    AdapterMeta.build(cfg, prepared, info, metrics))
-            log(f"adapter saved to {run_dir / ADAPTER_DIR}")
+            log(f"adapter saved to {paths.adapter}")
     return metrics
 
 
