@@ -130,3 +130,30 @@ def test_no_thread_local_state_in_src():
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if re.search(r"threading\.local\(", line)]
     assert not found, found
+
+
+def test_packed_prefill_answers_as_each_prompt_alone(pair):
+    """Prompts of two adapters and the base prefilled end to end in one forward (each at its own
+    positions, attending only to itself, with its own adapter per position) answer greedily
+    exactly as each does prefilled alone, and the first tokens' logits agree bit for bit where this
+    CPU's products are row-invariant (the decoder's own premise, RowSizes)."""
+    tok = pair.tokenizer
+    template = pair.adapter(None).template
+    names = [*pair.adapters, BASE]
+    prompts = [template.encode_prompt(tok, messages_from_instruction(q)) for q in
+               ("Say hello.", "Where is my order #123?", "What is the return policy for shoes bought online?",
+                "Hi", "Tell me about shipping to Canada and how long it takes.")]
+    reqs = [Request(p, 6, adapter=names[i % 3]) for i, p in enumerate(prompts)]
+    with Decoder(pair.model, tok, adapters=list(pair.adapters)) as d, torch.inference_mode():
+        together = [r.ids for r in d.run(reqs)]
+        alone = [d.run([r])[0].ids for r in reqs]
+        packed = d.start_many(reqs)
+        single = [d.start(r) for r in reqs]
+        assert d.rows.exact
+        first_packed = [d.forward(torch.tensor([[r.last]]), torch.tensor([[r.slot.length]]), [r.slot],
+                                  [r.req.adapter])[0] for r, _ in packed]
+        first_single = [d.forward(torch.tensor([[r.last]]), torch.tensor([[r.slot.length]]), [r.slot],
+                                  [r.req.adapter])[0] for r, _ in single]
+    assert together == alone and len({tuple(a) for a in alone}) > 1
+    assert [r.last for r, _ in packed] == [r.last for r, _ in single]
+    assert all(torch.equal(a, b) for a, b in zip(first_packed, first_single))

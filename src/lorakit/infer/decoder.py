@@ -30,6 +30,8 @@ from lorakit.infer.text import TextStream
 
 BASE = "__base__"
 """PEFT's name for "no adapter" in `adapter_names`; also how callers ask for the base model."""
+PREFILL_TOKENS = 2048
+"""Most prompt tokens one packed prefill forward takes (a prompt longer than that goes alone)."""
 
 
 @dataclass
@@ -218,13 +220,43 @@ class Decoder:
 
     def start(self, req: Request) -> tuple[Row, str]:
         """Prefill one request alone and take its first token: (the row, its first text)."""
-        if not req.prompt_ids:
-            raise LorakitError("the prompt is empty", hint="a prompt needs at least one token")
-        row = Row(req, self.layers, self.tokenizer)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        pos = torch.arange(len(req.prompt_ids), device=self.device).unsqueeze(0)
-        logits = self.forward(ids, pos, [row.slot], [req.adapter])
-        return row, row.take(logits[0])
+        return self.start_many([req])[0]
+
+    def start_many(self, reqs: Sequence[Request]) -> list[tuple[Row, str]]:
+        """Prefill requests and take each one's first token. Prompts are packed end to end into
+        forwards of up to PREFILL_TOKENS tokens, each at its own positions and attending only to
+        itself (kv.Rows.packed): on CPU a product over one prompt's ~100 rows runs several times
+        slower per row than over a thousand. Rows of different adapters share a packed forward
+        unless some layer keeps PEFT's per-adapter path."""
+        for req in reqs:
+            if not req.prompt_ids:
+                raise LorakitError("the prompt is empty", hint="a prompt needs at least one token")
+        rows = [Row(req, self.layers, self.tokenizer) for req in reqs]
+        out: list[tuple[Row, str]] = []
+        for group in self._prefill_groups(rows):
+            lengths = [len(r.req.prompt_ids) for r in group]
+            ids = torch.tensor([[t for r in group for t in r.req.prompt_ids]], device=self.device)
+            pos = torch.tensor([[p for n in lengths for p in range(n)]], device=self.device)
+            ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+            names = [r.req.adapter for r, n in zip(group, lengths) for _ in range(n)]
+            logits = self.forward(ids, pos, kv.Rows.packed([r.slot for r in group], lengths), names, keep=ends,
+                                  row_names=[group[0].req.adapter])
+            out += [(r, r.take(lg)) for r, lg in zip(group, logits)]
+        return out
+
+    def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
+        groups: list[list[Row]] = []
+        size = 0
+        for r in rows:
+            n = len(r.req.prompt_ids)
+            same = not groups or not self.grouped or groups[-1][0].req.adapter == r.req.adapter
+            if groups and same and size + n <= PREFILL_TOKENS:
+                groups[-1].append(r)
+                size += n
+            else:
+                groups.append([r])
+                size = n
+        return groups
 
     def step(self, rows: list[Row]) -> list[str]:
         """One decode step for `rows` (each feeds its last token): each row's new text."""
@@ -258,20 +290,24 @@ class Decoder:
         slots = [r.slot if r is not None else kv.Slot(self.layers) for r in order]  # dummies attend to themselves
         return self.forward(ids, pos, slots, names)[perm]
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: list[kv.Slot], names: list[str]) -> torch.Tensor:
-        """Logits of the last position of each batch row; row i's keys and values go to slots[i],
-        and it uses adapter names[i]."""
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: kv.Rows | list[kv.Slot], names: list[str], *,
+                keep: torch.Tensor | None = None, row_names: list[str] | None = None) -> torch.Tensor:
+        """Next-token logits. With a list of slots: of the last position of each batch row, whose
+        keys and values go to slots[i] and which uses adapter names[i]. With packed `rows`: of the
+        positions `keep` of batch row 0, `names` one adapter per position (`row_names`: the batch
+        row's, for the layers that keep PEFT's path)."""
+        rows = rows if isinstance(rows, kv.Rows) else kv.Rows.per_row(rows)
         if self.lora is not None:
             from lorakit.model.lora_runtime import Plan
 
-            self.lora.plan = Plan(names, self.device)
+            self.lora.plan = Plan(names, self.device, per_token=keep is not None, row_names=row_names)
         try:
-            out = self.model(input_ids=ids, position_ids=pos, cache=kv.RowCache(slots), use_cache=True,
-                             logits_to_keep=1, **{kv.SLOTS: slots})
+            out = self.model(input_ids=ids, position_ids=pos, cache=kv.RowCache(rows), use_cache=True,
+                             logits_to_keep=1 if keep is None else keep, **{kv.SLOTS: rows})
         finally:
             if self.lora is not None:
                 self.lora.plan = None
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :] if keep is None else out.logits[0]
 
     @torch.inference_mode()
     def run(self, reqs: Sequence[Request], *, on_text: Callable[[int, str], None] | None = None,
@@ -280,8 +316,7 @@ class Decoder:
         receives each row's text as it comes; once `cancel()` is true the rows still going end
         'cancelled' with the text so far."""
         rows: list[Row] = []
-        for i, req in enumerate(reqs):
-            row, delta = self.start(req)
+        for i, (row, delta) in enumerate(self.start_many(reqs)):
             rows.append(row)
             if delta and on_text:
                 on_text(i, delta)

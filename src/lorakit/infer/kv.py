@@ -6,9 +6,9 @@ and changes rounding (measured: 9e-8). So attention runs per row over that row's
 (`row_attention`, registered as a transformers attention implementation), on per-request
 key/value buffers (`Slot`), with no padding anywhere.
 
-The slots of a forward reach the attention function as an explicit keyword argument of the
-model call (`lorakit_slots=`; transformers hands unknown keywords down to the attention
-interface), never through module or thread state.
+The slots of a forward (`Rows`: which queries go to which slot) reach the attention function as
+an explicit keyword argument of the model call (`lorakit_parts=`; transformers hands unknown
+keywords down to the attention interface), never through module or thread state.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 ATTENTION = "lorakit_rows"
-SLOTS = "lorakit_slots"  # the keyword a decoder forward passes the rows' slots under
+SLOTS = "lorakit_parts"  # the keyword a decoder forward passes its `Rows` under
 
 
 class Slot:
@@ -56,52 +56,74 @@ class Slot:
         return c
 
 
-class RowCache:
-    """What the model's attention layers call `update` on: stores each real row's new keys and
-    values in its slot; `row_attention` reads them back per row."""
+class Rows:
+    """Where each query of a forward goes: `parts[j] = (batch row, start, end, slot)`. A decode step
+    has one part per batch row (the whole row); a packed prefill has several prompts end to end in
+    batch row 0, each its own part, at its own positions, attending only to itself."""
 
-    def __init__(self, slots: list[Slot]):
-        self.slots = slots
+    def __init__(self, parts: list[tuple[int, int | None, int | None, Slot]]):
+        self.parts = parts
+
+    @classmethod
+    def per_row(cls, slots: list[Slot]) -> "Rows":
+        return cls([(i, None, None, slot) for i, slot in enumerate(slots)])
+
+    @classmethod
+    def packed(cls, slots: list[Slot], lengths: list[int]) -> "Rows":
+        parts, at = [], 0
+        for slot, n in zip(slots, lengths):
+            parts.append((0, at, at + n, slot))
+            at += n
+        return cls(parts)
+
+
+class RowCache:
+    """What the model's attention layers call `update` on: stores each part's new keys and values
+    in its slot; `row_attention` reads them back per part."""
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        for i, slot in enumerate(self.slots):
-            slot.append(layer_idx, key_states[i], value_states[i])
+        for i, a, b, slot in self.rows.parts:
+            slot.append(layer_idx, key_states[i, :, a:b], value_states[i, :, a:b])
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((s.n[layer_idx] for s in self.slots), default=0)
+        return max((s.n[layer_idx] for *_, s in self.rows.parts), default=0)
 
 
 def row_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention for each row over its own slot (no padding). A forward without slots (a plain
-    call on a model the decoder is installed on) is transformers' SDPA for one unpadded row; no
-    mask function is registered for this implementation, so a padded batch would be attended
-    wrongly: refused."""
+    """Attention for each part (infer/kv.Rows) over its own slot (no padding). A forward without
+    them (a plain call on a model the decoder is installed on) is transformers' SDPA for one
+    unpadded row; no mask function is registered for this implementation, so a padded batch would
+    be attended wrongly: refused."""
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    slots = kwargs.pop(SLOTS, None)
-    if slots is None:
+    rows = kwargs.pop(SLOTS, None)
+    if rows is None:
         if query.shape[0] > 1:
             raise RuntimeError("a lorakit decoder is installed on this model: batched forwards go through it")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer = module.layer_idx
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    b, h, q, d = query.shape
-    out = query.new_zeros((b, q, h, d))
+    b, h, t, d = query.shape
+    out = query.new_zeros((b, t, h, d))
     gqa = h != key.shape[1]
-    for i, slot in enumerate(slots):
-        n = slot.n[layer]
+    for i, start, end, slot in rows.parts:
+        q = query[i:i + 1, :, start:end]
+        n, m = slot.n[layer], q.shape[2]
         k, v = slot.k[layer][:, :n], slot.v[layer][:, :n]
-        mask, causal = None, q > 1
+        mask, causal = None, m > 1  # m > 1 only in a prefill, where the slot holds just these queries
         if window and n > window:  # a sliding-window layer: each query sees its last `window` keys
-            at = torch.arange(n - q, n, device=query.device).unsqueeze(1)  # the queries' positions
+            at = torch.arange(n - m, n, device=query.device).unsqueeze(1)  # the queries' positions
             keys = torch.arange(n, device=query.device).unsqueeze(0)
             mask, causal = (keys <= at) & (keys > at - window), False
-        o = F.scaled_dot_product_attention(query[i:i + 1], k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-                                           is_causal=causal, scale=scaling, enable_gqa=gqa)
-        out[i] = o[0].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=causal,
+                                           scale=scaling, enable_gqa=gqa)
+        out[i, start:end] = o[0].transpose(0, 1)
     return out, None
 
 
@@ -120,4 +142,4 @@ def register() -> None:
     AttentionInterface.register(ATTENTION, row_attention)
 
 
-__all__ = ["ATTENTION", "RowCache", "SLOTS", "Slot", "register", "row_attention", "unsupported"]
+__all__ = ["ATTENTION", "RowCache", "Rows", "SLOTS", "Slot", "register", "row_attention", "unsupported"]

@@ -269,11 +269,14 @@ class Stack:
 
 
 class Plan:
-    """One forward's per-row adapter names, and the mask and scales each layout needs (built once
-    per forward and layout, shared by every layer with that layout)."""
+    """One forward's adapters — one name per batch row, or with `per_token` one per position of a
+    packed row — and the mask and scales each layout needs (built once per forward and layout,
+    shared by every layer with that layout). `row_names`: what PEFT's own `adapter_names` gets (one
+    per batch row) in the layers without a stack."""
 
-    def __init__(self, names: list[str], device):
-        self.names, self.device = names, device
+    def __init__(self, names: list[str], device, *, per_token: bool = False, row_names: list[str] | None = None):
+        self.names, self.device, self.per_token = names, device, per_token
+        self.row_names = row_names if row_names is not None else names
         self._masks: dict = {}
 
     def mask(self, layout, dtype):
@@ -290,6 +293,8 @@ class Plan:
                     sel[i, 0, a:b] = 1
                     scale[i, 0, 0] = sc
                     used = True
+            if self.per_token:  # (positions, 1, w) -> (1, positions, w): one packed batch row
+                sel, scale = sel.transpose(0, 1), scale.transpose(0, 1)
             got = self._masks[(layout, dtype)] = (sel, scale) if used else (None, None)
         return got
 
@@ -383,7 +388,7 @@ class StackedLora:
         """PEFT's own `adapter_names=` for the layers without a stack, registered once instead of
         walked onto every module each forward (that walk cost 20-35 ms per decode step on SmolLM2)."""
         if self.plan is not None:
-            kwargs["adapter_names"] = self.plan.names
+            kwargs["adapter_names"] = self.plan.row_names
         return args, kwargs
 
 
