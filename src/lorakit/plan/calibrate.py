@@ -96,13 +96,14 @@ def calibrate(resolved: Resolved, prepared, tokenizer, steps: int = 3) -> Calibr
             torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
         with _RssPeak() as rss:
-            model, info = run_mod.build_model(run_resolved, tokenizer, no_eval, quiet)
+            model, _ = run_mod.build_model(run_resolved, tokenizer, no_eval, quiet)
             if cuda and cfg.model.quantization == "none":
                 model.to("cuda")
             run_dir = Path(tmp) / "calibration"
             run_dir.mkdir()
-            run_mod.fit(run_resolved, run_dir, model, tokenizer, no_eval, info, log=quiet, progress=False,
-                        counter=counter, callbacks=[timer])
+            # build and run only: a calibration publishes no adapter (and draws no report)
+            run_mod.run_steps(run_mod.build(run_resolved, run_dir, model, tokenizer, no_eval, log=quiet,
+                                            progress=False, counter=counter, callbacks=[timer]))
         peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
     del model
     timed_t, timed_s = (timer.tokens[1:], timer.seconds[1:]) if len(timer.tokens) > 1 else (timer.tokens, timer.seconds)

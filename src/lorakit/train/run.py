@@ -197,6 +197,34 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     """The training loop proper, into a claimed run folder; ends with the published adapter.
     Returns the run's final metrics. `probe`: scores greedy answers at each evaluation (the eval
     stage's GenerationProbe, made by `train`'s probe factory)."""
+    fitting = build(resolved, run_dir, model, tokenizer, prepared, log=log, progress=progress, counter=counter,
+                    callbacks=callbacks, warn=warn, probe=probe)
+    metrics = run_steps(fitting, checkpoint=checkpoint)
+    publish(fitting, info, metrics, log)
+    return metrics
+
+
+@dataclasses.dataclass
+class Fitting:
+    """A built training run: the Trainer and what watches it (`build`), run by `run_steps`."""
+
+    resolved: Resolved
+    prepared: Prepared
+    paths: RunPaths
+    model: Any  # the PEFT model being trained (what is saved, whatever the Trainer wraps it in)
+    tokenizer: Any
+    trainer: Any  # trainer_mod.LorakitTrainer
+    counter: TokenCounter
+    health: Health
+    diagnostics: Diagnostics
+    warn: DiagnosticLog
+
+
+def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared, *,
+          log: Callable[[str], None] = print, progress: bool = True, counter: TokenCounter | None = None,
+          callbacks: list[TrainerCallback] = (), warn: DiagnosticLog | None = None, probe=None) -> Fitting:
+    """The run folder's first files (config.yaml, data.json, diagnostics), the fast path switched
+    on, and the Trainer with lorakit's callbacks."""
     from transformers import TrainingArguments
 
     cfg = resolved.cfg
@@ -205,14 +233,13 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     if main:  # the run folder's files: written once, by the main process
         artifacts.atomic_write_text(paths.config, config_mod.dump(cfg))
         artifacts.atomic_write_json(paths.data, {"template": prepared.template.name, **prepared.stats.to_dict()})
+        paths.logs.mkdir(exist_ok=True)
     warn = warn or DiagnosticLog(log)
     if main:
         warn.attach(paths.diagnostics)
     counter, health = counter or TokenCounter(), Health()
     diagnostics = Diagnostics(cfg, health, warn)
     setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
-    if main:
-        paths.logs.mkdir(exist_ok=True)
     all_callbacks = [
         MetricsLogger(paths.metrics, counter),
         Progress(counter, enabled=progress),
@@ -245,31 +272,42 @@ def fit(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared,
     if trainer.processes > 1:
         log(f"distributed: {trainer.processes} processes ({trainer.accelerator.distributed_type}), "
             f"{trainer.args.per_device_train_batch_size} rows per process and step")
+    return Fitting(resolved, prepared, paths, model, tokenizer, trainer, counter, health, diagnostics, warn)
+
+
+def run_steps(f: Fitting, *, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Train (from `checkpoint` when resuming); the run's final metrics. A run that runs out of
+    memory or whose loss stops being finite raises TrainingStopped, with the advice recorded."""
+    trainer, cfg = f.trainer, f.resolved.cfg
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _finish_trackers(cfg)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        error = oom_error(resolved, prepared.stats.length_percentiles.get("p99"))
-        warn.record(error.render(), kind="oom")
+        error = oom_error(f.resolved, f.prepared.stats.length_percentiles.get("p99"))
+        f.warn.record(error.render(), kind="oom")
         raise error from e
     seconds = time.perf_counter() - start
-    if diagnostics.stopped == "nonfinite":
-        error = nonfinite_error(health, checkpoints(paths.checkpoints))
-        warn.record(error.render(), kind="nonfinite", step=health.nonfinite_step)
+    if f.diagnostics.stopped == "nonfinite":
+        error = nonfinite_error(f.health, checkpoints(f.paths.checkpoints))
+        f.warn.record(error.render(), kind="nonfinite", step=f.health.nonfinite_step)
         raise error
     if trainer.processes > 1:
-        counter.sync(distributed.sum_ranks)
+        f.counter.sync(distributed.sum_ranks)
         # One line from every process: each says it trained as one of N, in the wrapper DDP gave it.
         print(f"lorakit: process {distributed.rank()} of {trainer.processes} trained "
               f"({trainer.accelerator.distributed_type}, model in {trainer.wrapped})", flush=True)
-    metrics = _final_metrics(trainer, counter, seconds, resolved.machine.device)
-    with distributed.main_first() as main:  # the others leave once the adapter is published
+    return _final_metrics(trainer, f.counter, seconds, f.resolved.machine.device)
+
+
+def publish(f: Fitting, info, metrics: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    """The adapter, its tokenizer and lorakit.json into the run folder, by the main process; the
+    others leave once it is published."""
+    with distributed.main_first() as main:
         if main:
-            artifacts.save_adapter(model, tokenizer, paths.adapter,
-                                   AdapterMeta.build(cfg, prepared, info, metrics))
-            log(f"adapter saved to {paths.adapter}")
-    return metrics
+            artifacts.save_adapter(f.model, f.tokenizer, f.paths.adapter,
+                                   AdapterMeta.build(f.resolved.cfg, f.prepared, info, metrics))
+            log(f"adapter saved to {f.paths.adapter}")
 
 
 def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list[str]:
