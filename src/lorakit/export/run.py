@@ -223,50 +223,16 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
     sensitive tensors one type up: export/sensitivity.py) as the last candidate — or, for a named
     type, in place of its plain mix."""
     from lorakit.export import gguf as G
-    from lorakit.export.quantize import FTYPES
     from lorakit.export.verify import check_file, publish
 
     auto = s.gguf == AUTO
-    types = list(dict.fromkeys(s.auto_types)) if auto else [s.gguf]
-    lossy = any(t in FTYPES for t in types)
-    f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if lossy or s.max_size is not None else None
-    plans = [(t, w, frozenset()) for t in types for w in _weightings(t, s.imatrix, auto and verify)]
-
-    def size(plan) -> int:
-        return G.planned_size(f32, plan[0], has_imatrix=plan[1], raised=plan[2])
-
-    if auto and f32 is not None:
-        plans.sort(key=size)  # stable: weighted first at a tie
-    budget = None
-    if s.max_size is not None:
-        budget = int(s.max_size * 2**20) - G.header_bytes(f32)
-        fitting = [p for p in plans if size(p) <= budget]
-        if not fitting:
-            smallest = min(plans, key=size)
-            raise LorakitError(f"a {smallest[0]} file of this model is about "
-                               f"{(size(smallest) + G.header_bytes(f32)) / 2**20:.1f} MiB, over --max-size "
-                               f"{s.max_size:g}", where="--max-size / export.max_size",
-                               hint="allow a larger file, or pick a smaller type (q4_0 and iq4_xs are the smallest)")
-        plans = fitting
-    calibration = None
-    if any(w for _, w, _ in plans) or (budget is not None and lossy):
-        from lorakit.export import imatrix as I
-
-        calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=s.imatrix_rows, text=s.imatrix_text, log=log)
-    matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
-                        calibration=calibration, log=log) if any(w for _, w, _ in plans) else None
-    vectors = matrix.vectors() if matrix is not None else None  # one division for every weighted candidate
-    if budget is not None and any(t in FTYPES for t, _, _ in plans):
-        plans = _dynamic(plans, auto, f32, merged, budget, calibration, vectors, s, size, log)
-    if auto:
-        log(f"--gguf auto: trying {', '.join(_label(*p) for p in plans)} (smallest file first), "
-            f"keeping the first within {s.max_drop:g} points of the merged model")
+    c = _candidates(adapter_dir, tokenizer, merged, work, s, auto and verify, log)
     v = final = None
-    for t, weighted, raised in plans:
+    for t, weighted, raised in c.plans:
         final = export_gguf(out_dir, name, t, dynamic=bool(raised))
         start = time.perf_counter()
         try:
-            G.convert_merged(merged, partial_path(final), t, f32=f32, imatrix=vectors if weighted else None,
+            G.convert_merged(merged, partial_path(final), t, f32=c.f32, imatrix=c.vectors if weighted else None,
                              raised=raised, log=log)
             if not verify:
                 A.publish(partial_path(final), final)
@@ -284,19 +250,82 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
             break
         partial_path(final).unlink(missing_ok=True)
     if auto:
-        log(format_candidates(result.candidates))
-        if v is not None and not v.passed:
-            raise LorakitError(f"no candidate of --gguf auto ({', '.join(types)}) stays within {s.max_drop:g} points "
-                               "of the merged model on the task", where=str(out_dir),
-                               hint="add a wider type to export.auto_types (f16 always passes), allow a larger "
-                               "drop with --max-drop POINTS" + (", or a larger --max-size" if budget else ""))
-        v = dataclasses.replace(v, auto=result.candidates) if v is not None else None
+        v = _auto_outcome(v, result, s, c.budget, out_dir, log)
     if v is not None:
         result.verifications.append(publish(partial_path(final), final, v))
     if weighted:  # of the file published
-        result.imatrix_file = matrix.write(imatrix_path(final))
+        result.imatrix_file = c.matrix.write(imatrix_path(final))
         log(f"wrote {result.imatrix_file} (reuse it with llama-quantize --imatrix)")
     return final, None
+
+
+@dataclass
+class _Candidates:
+    """What `_merged` writes, in order — (type, importance-weighted, tensors raised) — and what they
+    share: the f32 conversion, the importance matrix (and its vectors), the size budget."""
+
+    plans: list
+    f32: Path | None
+    matrix: Any
+    vectors: dict | None
+    budget: int | None
+
+
+def _candidates(adapter_dir: Path, tokenizer, merged: Path, work: Path, s, measure_both: bool, log) -> _Candidates:
+    """The files to try: the named type, or auto's types by planned size (4-bit ones with and without
+    the importance matrix when `measure_both`), within --max-size, plus its dynamic mix."""
+    from lorakit.export import gguf as G
+    from lorakit.export.quantize import FTYPES
+
+    auto = s.gguf == AUTO
+    types = list(dict.fromkeys(s.auto_types)) if auto else [s.gguf]
+    lossy = any(t in FTYPES for t in types)
+    f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if lossy or s.max_size is not None else None
+    plans = [(t, w, frozenset()) for t in types for w in _weightings(t, s.imatrix, measure_both)]
+
+    def size(plan) -> int:
+        return G.planned_size(f32, plan[0], has_imatrix=plan[1], raised=plan[2])
+
+    if auto and f32 is not None:
+        plans.sort(key=size)  # stable: weighted first at a tie
+    budget = None
+    if s.max_size is not None:
+        budget = int(s.max_size * 2**20) - G.header_bytes(f32)
+        fitting = [p for p in plans if size(p) <= budget]
+        if not fitting:
+            smallest = min(plans, key=size)
+            raise LorakitError(f"a {smallest[0]} file of this model is about "
+                               f"{(size(smallest) + G.header_bytes(f32)) / 2**20:.1f} MiB, over --max-size "
+                               f"{s.max_size:g}", where="--max-size / export.max_size",
+                               hint="allow a larger file, or pick a smaller type (q4_0 and iq4_xs are the smallest)")
+        plans = fitting
+    weighted = any(w for _, w, _ in plans)
+    calibration = None
+    if weighted or (budget is not None and lossy):
+        from lorakit.export import imatrix as I
+
+        calibration = I.chunks_for_run(adapter_dir, tokenizer, max_rows=s.imatrix_rows, text=s.imatrix_text, log=log)
+    matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
+                        calibration=calibration, log=log) if weighted else None
+    vectors = matrix.vectors() if matrix is not None else None  # one division for every weighted candidate
+    if budget is not None and any(t in FTYPES for t, _, _ in plans):
+        plans = _dynamic(plans, auto, f32, merged, budget, calibration, vectors, s, size, log)
+    if auto:
+        log(f"--gguf auto: trying {', '.join(_label(*p) for p in plans)} (smallest file first), "
+            f"keeping the first within {s.max_drop:g} points of the merged model")
+    return _Candidates(plans, f32, matrix, vectors, budget)
+
+
+def _auto_outcome(v, result: ExportResult, s, budget: int | None, out_dir: Path, log):
+    """--gguf auto's table printed; the kept file's verification holds it, or none passed: refused."""
+    log(format_candidates(result.candidates))
+    if v is not None and not v.passed:
+        tried = ", ".join(dict.fromkeys(s.auto_types))
+        raise LorakitError(f"no candidate of --gguf auto ({tried}) stays within {s.max_drop:g} points of the "
+                           "merged model on the task", where=str(out_dir),
+                           hint="add a wider type to export.auto_types (f16 always passes), allow a larger "
+                           "drop with --max-drop POINTS" + (", or a larger --max-size" if budget else ""))
+    return dataclasses.replace(v, auto=result.candidates) if v is not None else None
 
 
 def _label(type: str, weighted: bool, raised: frozenset[str]) -> str:
