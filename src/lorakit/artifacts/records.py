@@ -7,13 +7,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lorakit.artifacts.atomic import atomic_write_json
 from lorakit.errors import LorakitError
-
-if TYPE_CHECKING:
-    from lorakit.artifacts.paths import RunPaths
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -55,7 +52,8 @@ class Diagnostic:
         return cls(str(d.get("kind", "")), str(d.get("message", "")), d.get("step"), str(d.get("time", "")))
 
 
-def read_diagnostics(paths: "RunPaths") -> list[Diagnostic]:
+def read_diagnostics(paths) -> list[Diagnostic]:
+    """The run's diagnostics.jsonl (`paths`: its RunPaths; paths.py reads records, not the reverse)."""
     return [Diagnostic.from_dict(d) for d in read_jsonl(paths.diagnostics)]
 
 
