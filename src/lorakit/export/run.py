@@ -22,6 +22,7 @@ Layout of `--out` (default `runs/<name>/export/`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import tempfile
 import time
@@ -283,6 +284,7 @@ def _candidates(adapter_dir: Path, tokenizer, merged: Path, work: Path, s, measu
     f32 = G.convert_raw(merged, work / "model-f32.gguf", log=log) if lossy or s.max_size is not None else None
     plans = [(t, w, frozenset()) for t in types for w in _weightings(t, s.imatrix, measure_both)]
 
+    @functools.cache  # each call reads the f32 file's header: once per plan, however often it is asked
     def size(plan) -> int:
         return G.planned_size(f32, plan[0], has_imatrix=plan[1], raised=plan[2])
 
@@ -290,12 +292,13 @@ def _candidates(adapter_dir: Path, tokenizer, merged: Path, work: Path, s, measu
         plans.sort(key=size)  # stable: weighted first at a tie
     budget = None
     if s.max_size is not None:
-        budget = int(s.max_size * 2**20) - G.header_bytes(f32)
+        header = G.header_bytes(f32)
+        budget = int(s.max_size * 2**20) - header
         fitting = [p for p in plans if size(p) <= budget]
         if not fitting:
             smallest = min(plans, key=size)
             raise LorakitError(f"a {smallest[0]} file of this model is about "
-                               f"{(size(smallest) + G.header_bytes(f32)) / 2**20:.1f} MiB, over --max-size "
+                               f"{(size(smallest) + header) / 2**20:.1f} MiB, over --max-size "
                                f"{s.max_size:g}", where="--max-size / export.max_size",
                                hint="allow a larger file, or pick a smaller type (q4_0 and iq4_xs are the smallest)")
         plans = fitting
