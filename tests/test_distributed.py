@@ -60,7 +60,10 @@ def launch(args: list, cwd: Path, processes: int = 2, launcher: str = "torchrun"
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # The process that failed first is often not the one whose traceback ends stderr (the others
+    # then fail in a collective): every process's error lines come first, then the tails.
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert proc.returncode == 0, "\n".join(errors[-40:]) + "\n---\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
