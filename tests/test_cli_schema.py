@@ -161,6 +161,22 @@ def test_lorakit_config_lists_the_stage_sections():
         assert f"\n{key}  (default:" in text
 
 
+def test_lorakit_config_shows_a_file_of_stage_sections_without_asking_for_training_data(tmp_path, capsys):
+    import yaml
+
+    from lorakit.cli import main
+
+    f = tmp_path / "serve.yaml"
+    f.write_text("serve:\n  port: 9000\neval:\n  limit: 5\n", encoding="utf-8")
+    assert main(["config", str(f)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert set(shown) == {"serve", "eval"}  # only the file's sections, at their values
+    assert shown["serve"]["port"] == 9000 and shown["eval"]["limit"] == 5 and shown["serve"]["host"] == "127.0.0.1"
+    f.write_text("serve:\n  port: 70000\n", encoding="utf-8")
+    assert main(["config", str(f)]) != 0  # still checked: a bad value is an error, not shown
+    assert "serve.port" in capsys.readouterr().err
+
+
 def test_the_commands_hand_their_section_to_the_stage(monkeypatch, tmp_path):
     import lorakit.merge
     import lorakit.serve.run

@@ -159,7 +159,10 @@ def cmd_doctor(args) -> int:
 def cmd_config(args) -> int:
     from lorakit import config
 
-    if args.config or args.overrides:
+    stages = config.stage_sections_of(args.config) if args.config and not args.overrides else None
+    if stages:
+        print(config.to_yaml(config.load_stages(args.config, stages), sections=stages), end="")
+    elif args.config or args.overrides:
         print(config.to_yaml(_load_config(args)), end="")
     else:
         print(config.to_yaml() if args.yaml else config.describe(), end="")

@@ -612,6 +612,23 @@ def load_section(path: str | Path, name: str):
     return section
 
 
+def stage_sections_of(path: str | Path) -> list[str] | None:
+    """The stage sections (serve:, eval:, ...) a file holds when it holds nothing else: a file made
+    for `lorakit serve --config` is not a training config and needs no data.train. None otherwise."""
+    raw = _read_yaml(Path(path))
+    names = list(raw)
+    return names if names and all(n in STAGE_CHECKS for n in names) else None
+
+
+def load_stages(path: str | Path, names: list[str]) -> Config:
+    """A config whose `names` sections come from the file, checked; every other section its default
+    (unchecked: such a config is shown, never trained)."""
+    cfg = Config()
+    for name in names:
+        setattr(cfg, name, load_section(path, name))
+    return cfg
+
+
 def dump(cfg: Config) -> str:
     """The YAML a run folder keeps as config.yaml (written by the run-folder contract, artifacts)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -689,7 +706,7 @@ def describe(width: int = 88) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_yaml(cfg: Config | None = None, width: int = 88) -> str:
+def to_yaml(cfg: Config | None = None, width: int = 88, sections: list[str] | None = None) -> str:
     """A complete config as commented YAML: every section and key, its help and type as comments.
 
     Without `cfg`: the defaults, with the example value in place of a required key, so the text
@@ -704,6 +721,8 @@ def to_yaml(cfg: Config | None = None, width: int = 88) -> str:
     section = None
     for doc in field_docs():
         name, key = doc.key.split(".")
+        if sections is not None and name not in sections:
+            continue
         if name != section:
             section = name
             lines += ["", f"{name}:"]
