@@ -75,6 +75,12 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
+    def reference(self) -> Path:
+        """reference_logps.json: DPO / KTO's reference log-probs of every training and validation
+        example, computed once as training starts and read again on resume."""
+        return self.root / "reference_logps.json"
+
+    @property
     def checkpoint_staging(self) -> Path:
         """checkpoints/.staging: where the Trainer writes a checkpoint before it is published whole."""
         return self.checkpoints / CHECKPOINT_STAGING

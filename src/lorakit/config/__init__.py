@@ -26,6 +26,7 @@ import yaml
 from lorakit.config.declare import _help
 from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, SamplingConfig
 from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
+from lorakit.config.preference import METHODS, DpoConfig, KtoConfig, OrpoConfig, SimpoConfig, check_preference
 from lorakit.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -46,6 +47,10 @@ class ModelConfig:
         "(the embedded offline default).",
         DEFAULT_MODEL,
     )
+    adapter: str | None = _help(
+        "Start from a trained adapter (a run folder or adapter folder over this base) instead of a new "
+        "one: the usual SFT -> DPO flow. Its LoRA settings replace lora:, and with train.method dpo or "
+        "kto the reference is base + this adapter, frozen.", None)
     gguf_file: str | None = _help("GGUF file name inside `name` when `name` is a folder or hub id.", None)
     revision: str | None = _help("Hub revision (branch, tag or commit) when `name` is a hub id.", None)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = _help(
@@ -152,6 +157,11 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    method: Literal[METHODS] = _help(  # type: ignore[valid-type]
+        "What the adapter learns from: 'sft' (answers to imitate) or a preference method on "
+        "{prompt, chosen, rejected} pairs — 'dpo', 'orpo', 'simpo' — or on single answers labelled "
+        "good/bad — 'kto'. Each method's own settings are in its section (dpo:, kto:, orpo:, simpo:).",
+        "sft")
     epochs: Union[float, Literal["auto"]] = _help(
         "Passes over the training data (ignored when max_steps > 0)." + _BY_SIZE, 3
     )
@@ -249,6 +259,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -403,6 +417,7 @@ def _set(value: Any) -> bool:
 def _check(cfg: Config, problems: list[str]) -> None:
     """Cross-field and range checks, all in one place."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
+    check_preference(cfg, problems)
     if not d.train:
         problems.append("data.train: no training data given; set it to a file, folder or hub dataset id")
     if not 0 <= d.val_fraction < 1:

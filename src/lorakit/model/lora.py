@@ -43,6 +43,32 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig) -> peft.PeftModel:
     return peft.get_peft_model(model, config)
 
 
+def continue_adapter(model: nn.Module, adapter: str, info, *, dropout: float | None = None):
+    """`model` (the base just loaded, described by `info`) with the trained adapter at `adapter` (a
+    run or adapter folder) attached and trainable, as the starting point of another run (SFT then
+    DPO). Returns (PeftModel, the adapter's LoRA section, its AdapterMeta). The adapter must have
+    been trained on this very base: on another one its update means nothing."""
+    import copy
+
+    from lorakit.artifacts import check_same_base, find_adapter_dir, read_meta
+
+    folder = find_adapter_dir(adapter)
+    meta = read_meta(folder)
+    check_same_base(meta.base, info, policy="error", unknown="by name", held_as="model.name",
+                    where="model.adapter", hint="set model.name to the base the adapter was trained on "
+                    f"({meta.base.name}) or start a new adapter (remove model.adapter)")
+    peft_model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    lora = copy.deepcopy(meta.lora)
+    if dropout is not None:
+        lora.dropout = dropout
+        for module in peft_model.modules():
+            drop = getattr(module, "lora_dropout", None)
+            if isinstance(drop, nn.ModuleDict):
+                for name in list(drop):
+                    drop[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+    return peft_model, lora, meta
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, tied weights counted once.
 

@@ -81,18 +81,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         grad = torch.empty_like(rows) if need_grad else None
         for s in range(0, rows.shape[0], chunk):
-            h = rows[s:s + chunk].to(weight.dtype)
-            t = targets[s:s + chunk]
-            logits = F.linear(h, weight).float()  # (c, V)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # one pass of exp, in place of the logits
-            norm = probs.sum(dim=-1, keepdim=True)
-            total += (top.squeeze(1) + norm.log().squeeze(1) - picked).sum()  # log-sum-exp − target logit
-            if need_grad:
-                probs.div_(norm)  # softmax
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[s:s + chunk] = probs.to(weight.dtype) @ weight
+            per_row = _chunk_cross_entropy(rows, weight, targets, s, chunk, grad)
+            total += per_row.sum()
         if need_grad:
             ctx.save_for_backward(grad)
         return total
@@ -101,6 +91,51 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return grad * g, None, None, None, None
+
+
+def _chunk_cross_entropy(rows, weight, targets, s: int, chunk: int, grad: torch.Tensor | None) -> torch.Tensor:
+    """Token cross-entropies of rows[s:s+chunk] through the frozen head; their gradient w.r.t. the
+    rows written into grad[s:s+chunk] when `grad` is given (see `_HeadCrossEntropy`)."""
+    h = rows[s:s + chunk].to(weight.dtype)
+    t = targets[s:s + chunk]
+    logits = F.linear(h, weight).float()  # (c, V)
+    picked = logits.gather(1, t[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()  # one pass of exp, in place of the logits
+    norm = probs.sum(dim=-1, keepdim=True)
+    per_row = top.squeeze(1) + norm.log().squeeze(1) - picked  # log-sum-exp − target logit
+    if grad is not None:
+        probs.div_(norm)  # softmax
+        probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+        grad[s:s + chunk] = probs.to(weight.dtype) @ weight
+    return per_row
+
+
+class _HeadTokenCrossEntropy(torch.autograd.Function):
+    """`_HeadCrossEntropy` per row: the N token cross-entropies, for losses that weigh tokens
+    unequally (preference losses sum them per sequence). Row i's gradient is its saved
+    (softmax − onehot) · W times the upstream gradient of its own value."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, need_grad: bool, chunk: int):
+        grad = torch.empty_like(rows) if need_grad else None
+        out = torch.cat([_chunk_cross_entropy(rows, weight, targets, s, chunk, grad)
+                         for s in range(0, rows.shape[0], chunk)]) if rows.shape[0] else rows.new_zeros(0).float()
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (grad.float() * g[:, None].float()).to(grad.dtype), None, None, None, None
+
+
+def head_token_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """The (N,) token cross-entropies of `rows` (N, H) through the frozen head `weight` (V, H)."""
+    need_grad = torch.is_grad_enabled() and rows.requires_grad
+    return _HeadTokenCrossEntropy.apply(rows, weight.detach(), targets, need_grad, chunk)
 
 
 def head_cross_entropy(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

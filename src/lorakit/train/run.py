@@ -25,7 +25,7 @@ from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared, prepare
 from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
-from lorakit.model.lora import apply_lora, count_parameters, describe_parameters
+from lorakit.model.lora import apply_lora, continue_adapter, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
 from lorakit.train import distributed, speed
 from lorakit.train import trainer as trainer_mod
@@ -63,14 +63,23 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
 
+    if world > 1 and cfg.train.method != "sft":
+        from lorakit.errors import ConfigError
+
+        raise ConfigError([f"train.method: {cfg.train.method} runs in one process for now; launch it without "
+                           "torchrun / accelerate launch"])
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare(cfg, tokenizer)
+    prepared = prepare_for(cfg, tokenizer)
     log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
         f"template '{prepared.template.name}'")
     resolved = resolve(cfg, machine, len(prepared.train))
     for note in resolved.notes:  # written into the run's config.yaml
         log(note)
     cfg = resolved.cfg
+    if cfg.train.method != "sft" and cfg.lora.dropout:
+        log(f"lora.dropout {cfg.lora.dropout} -> 0 for {cfg.train.method}: the policy must equal the reference "
+            "at the first step, and the compared log-probs must not be noisy")
+        cfg.lora.dropout = 0.0
     checkpoint = check_resumable(cfg, cfg.run_dir) if resume else None
 
     model, info = build_model(resolved, tokenizer, prepared, log, warn)
@@ -94,6 +103,15 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     return cfg.run_dir
 
 
+def prepare_for(cfg: Config, tokenizer):
+    """The training data as the method reads it: SFT examples, or preference pairs / KTO answers."""
+    if cfg.train.method == "sft":
+        return prepare(cfg, tokenizer)
+    from lorakit.data.preference import prepare_preference
+
+    return prepare_preference(cfg, tokenizer)
+
+
 def _quiet(message: str) -> None:
     """The log of a process other than the main one (whose log already says it all)."""
 
@@ -103,10 +121,16 @@ def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable
     """The base with LoRA attached, checked before training (`preflight`); returns (model, ModelInfo)."""
     cfg = resolved.cfg
     model, info = load_model(cfg.model, training=True, tokenizer=tokenizer, machine=resolved.machine)
-    model = apply_lora(model, cfg.lora)
+    if cfg.model.adapter:
+        keep_dropout = None if cfg.train.method == "sft" else cfg.lora.dropout
+        model, cfg.lora, _ = continue_adapter(model, cfg.model.adapter, info, dropout=keep_dropout)
+        log(f"starting from the adapter in {cfg.model.adapter} (r {cfg.lora.r}, alpha {cfg.lora.alpha})")
+    else:
+        model = apply_lora(model, cfg.lora)
     trainable, _ = count_parameters(model)
     log(describe_parameters(model))
-    preflight(cfg, prepared, tokenizer, trainable, warn or log)
+    if cfg.train.method == "sft":
+        preflight(cfg, prepared, tokenizer, trainable, warn or log)
     return model, info
 
 
@@ -250,12 +274,21 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
     ]
     for note in apply_fast_path(resolved, model, setup.fast_half):
         log(note)
-    # Looked up at call time: benchmarks/compare.py substitutes a counting subclass.
-    trainer = trainer_mod.LorakitTrainer(
+    method = cfg.train.method
+    if method == "sft":
+        # Looked up at call time: benchmarks/compare.py substitutes a counting subclass.
+        make, extra = trainer_mod.LorakitTrainer, {}
+        collator = PackedCollator(tokens_per_pass=setup.tokens_per_pass) if cfg.data.packing \
+            else Collator(tokenizer.pad_token_id)
+    else:
+        from lorakit.train import preference
+
+        make, extra = preference.PreferenceTrainer, {"method": method, "settings": getattr(cfg, method)}
+        collator, probe = preference.PairCollator(setup.tokens_per_pass), None
+    trainer = make(
         model=model,
         args=TrainingArguments(**setup.args),
-        data_collator=PackedCollator(tokens_per_pass=setup.tokens_per_pass) if cfg.data.packing
-        else Collator(tokenizer.pad_token_id),
+        data_collator=collator,
         tokens_per_pass=setup.tokens_per_pass,
         fast_path=cfg.train.fast_path,
         train_dataset=prepared.train,
@@ -265,7 +298,11 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         token_counter=counter,
         health=health,
         generation_probe=probe,
+        **extra,
     )
+    if method != "sft":
+        for note in preference.attach_reference(trainer, paths, prepared):
+            log(note)
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably
     if setup.checkpoint_oversize and trainer.checkpoint_oversize_passes():
         log(f"gradient checkpointing: only for passes over {trainer.tokens_per_pass:,} tokens (one long example)")
