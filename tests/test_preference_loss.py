@@ -180,3 +180,21 @@ def test_reference_of_a_new_adapter_is_the_base_and_of_a_trained_one_base_plus_i
     assert [x for r in trained for x in r] == pytest.approx(direct, abs=1e-4)
     assert off == pytest.approx(base, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(direct, base)) > 1e-2  # the adapter matters here
+
+
+def test_kto_items_pack_with_their_kl_partner_and_the_label(tiny):
+    from lorakit.train.preference import DESIRABLE, KTO, with_kl_partners
+
+    _, tok = tiny
+    pairs = _pairs(tok)
+    items = with_kl_partners([{"completion": pairs[0]["chosen"], "label": True},
+                              {"completion": pairs[1]["rejected"], "label": False}])
+    # item 0's KL sequence: its own prompt, then item 1's answer (and the last wraps to the first)
+    p0 = pairs[0]["chosen"]["labels"].index(next(x for x in pairs[0]["chosen"]["labels"] if x != -100))
+    a1 = [x for x in pairs[1]["rejected"]["labels"] if x != -100]
+    assert items[0]["kl"]["input_ids"][-len(a1):] == a1 and items[0]["kl"]["input_ids"][:p0] == \
+        pairs[0]["chosen"]["input_ids"][:p0]
+    assert [x for x in items[0]["kl"]["labels"] if x != -100] == a1
+    batch = PairCollator(sides=KTO)(items)
+    starts = batch["position_ids"][0] == 0
+    assert batch[DESIRABLE][0][starts].tolist() == [1.0, 0.0, 0.0, 0.0]

@@ -32,28 +32,44 @@ REF = "lorakit_ref"
 (0 elsewhere), so that cutting a row into passes cuts it with the sequences."""
 
 
-class PairCollator:
-    """Pairs into one padding-free row: chosen then rejected of each pair, passes of whole pairs."""
+DESIRABLE = "lorakit_desirable"
+"""Batch key of KTO: 1.0 at the first position of an answer labelled good, else 0 (as `REF`)."""
 
-    def __init__(self, tokens_per_pass: int | None = None):
-        self.tokens_per_pass = tokens_per_pass
+PAIR = ("chosen", "rejected")
+KTO = ("completion", "kl")
+"""The two sequences of a KTO item: the labelled answer, and the next item's answer to this prompt
+(the mismatched pair whose log-ratio estimates the KL reference point z0, as in the KTO paper)."""
+
+
+class PairCollator:
+    """Items into one padding-free row: the two sequences of each item (chosen then rejected, or a
+    KTO answer then its KL partner) one after the other, passes of whole items."""
+
+    def __init__(self, tokens_per_pass: int | None = None, sides: tuple[str, str] = PAIR):
+        self.tokens_per_pass, self.sides = tokens_per_pass, sides
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        lengths = [len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in features]
+        a, b = self.sides
+        lengths = [len(f[a]["input_ids"]) + len(f[b]["input_ids"]) for f in features]
         bins = pack_bins(lengths, self.tokens_per_pass) if self.tokens_per_pass else [list(range(len(features)))]
-        ids, labels, positions, refs, starts = [], [], [], [], []
+        ids, labels, positions, refs, good, starts = [], [], [], [], [], []
         for group in bins:
             starts.append(len(ids))
             for i in group:
-                for side, ref in zip(("chosen", "rejected"), features[i].get("ref") or (0.0, 0.0)):
-                    seq = features[i][side]
-                    refs.extend([ref] + [0.0] * (len(seq["input_ids"]) - 1))
+                f = features[i]
+                for side, ref in zip(self.sides, f.get("ref") or (0.0, 0.0)):
+                    seq = f[side]
+                    rest = [0.0] * (len(seq["input_ids"]) - 1)
+                    refs.extend([ref, *rest])
+                    good.extend([float(bool(f.get("label")) and side == a), *rest])
                     ids.extend(seq["input_ids"])
                     labels.extend([IGNORE_INDEX, *seq["labels"][1:]])  # nothing predicts a sequence's first token
                     positions.extend(range(len(seq["input_ids"])))
         row = lambda xs, dtype=torch.long: torch.tensor([xs], dtype=dtype)  # noqa: E731
         out = {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions),
                REF: row(refs, torch.float32)}
+        if "label" in features[0]:
+            out[DESIRABLE] = row(good, torch.float32)
         if self.tokens_per_pass:
             out[PASSES] = starts
         return out
@@ -64,6 +80,26 @@ def pair_refs(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     starts = inputs["position_ids"][0] == 0
     ref = inputs[REF][0][starts]
     return ref[0::2], ref[1::2]
+
+
+def with_kl_partners(items: list[dict]) -> list[dict]:
+    """KTO items given their `kl` sequence: this prompt followed by the next item's answer (the last
+    takes the first's), so the pairing is fixed and the reference log-probs can be computed once.
+    The prompt is cut from the left where the pair would outgrow the longer of the two items."""
+    n = len(items)
+    for i, item in enumerate(items):
+        own, other = item["completion"], items[(i + 1) % n]["completion"]
+        prompt = _prompt_len(own)
+        answer_at = _prompt_len(other)
+        answer = other["input_ids"][answer_at:]
+        room = max(len(own["input_ids"]), len(other["input_ids"])) - len(answer)
+        head = own["input_ids"][:prompt][-room:] if room > 0 else []
+        item["kl"] = {"input_ids": head + answer, "labels": [IGNORE_INDEX] * len(head) + other["labels"][answer_at:]}
+    return items
+
+
+def _prompt_len(seq: dict) -> int:
+    return next((i for i, x in enumerate(seq["labels"]) if x != IGNORE_INDEX), len(seq["labels"]))
 
 
 class PreferenceTrainer(LorakitTrainer):
@@ -102,11 +138,28 @@ class PreferenceTrainer(LorakitTrainer):
         elif self.method == "orpo":
             loss, wc, wr, log_odds = P.orpo(pc, pr, nc, nr, beta=s.beta)
             figures["log_odds_ratio"] = log_odds
+        elif self.method == "kto":
+            return self._kto(inputs, pc, pr)
         else:
             raise ValueError(f"train.method {self.method!r} is not a paired method")
         figures.update({"rewards/chosen": wc, "rewards/rejected": wr, "rewards/margins": wc - wr,
                         "rewards/accuracies": (wc > wr).float(), "logps/chosen": pc.detach(),
                         "logps/rejected": pr.detach()})
+        return loss, figures
+
+    def _kto(self, inputs, p, p_kl) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r, r_kl = pair_refs(inputs)
+        starts = inputs["position_ids"][0] == 0
+        good = inputs[DESIRABLE][0][starts][0::2] > 0.5
+        kl = (p_kl - r_kl).detach().mean()
+        s = self.settings
+        loss, rewards = P.kto(p, r, good, kl, beta=s.beta, desirable_weight=s.desirable_weight,
+                              undesirable_weight=s.undesirable_weight)
+        figures = {"kl": kl.reshape(1), "logps/completion": p.detach()}
+        if good.any():
+            figures["rewards/chosen"] = rewards[good]
+        if (~good).any():
+            figures["rewards/rejected"] = rewards[~good]
         return loss, figures
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -142,7 +195,7 @@ def reference_logps(model, items: list[dict], tokens_per_pass: int = 2048, autoc
     was_training = model.training
     model.eval()
     head = split_head(model)
-    collate = PairCollator()
+    collate = PairCollator(sides=KTO if items and "kl" in items[0] else PAIR)
     out: list[list[float]] = []
     try:
         for group in pack_bins_in_order(items, tokens_per_pass):
@@ -157,6 +210,16 @@ def reference_logps(model, items: list[dict], tokens_per_pass: int = 2048, autoc
     finally:
         model.train(was_training)
     return out
+
+
+def collator_for(method: str, tokens_per_pass: int | None, prepared) -> PairCollator:
+    """The batches of `method` (KTO items get their KL partners first, in both splits)."""
+    if method != "kto":
+        return PairCollator(tokens_per_pass)
+    with_kl_partners(prepared.train)
+    if prepared.validation:
+        with_kl_partners(prepared.validation)
+    return PairCollator(tokens_per_pass, sides=KTO)
 
 
 def attach_reference(trainer, paths, prepared) -> list[str]:
@@ -178,7 +241,8 @@ def attach_reference(trainer, paths, prepared) -> list[str]:
         with distributed.main_first() as main:
             if main:
                 artifacts.atomic_write_json(paths.reference, {"fingerprint": prepared.fingerprint, **stored})
-        notes.append(f"reference log-probs of {sum(map(len, splits.values()))} pairs computed in "
+        what = "answers (and their KL partners)" if trainer.method == "kto" else "pairs"
+        notes.append(f"reference log-probs of {sum(map(len, splits.values()))} {what} computed in "
                      f"{time.perf_counter() - start:.1f} s (the model as training starts, dropout off)")
     for name, items in splits.items():
         for item, ref in zip(items, stored[name]):
@@ -201,8 +265,9 @@ def pack_bins_in_order(items: list[dict], budget: int) -> list[list[int]]:
     """Consecutive groups of pairs of at most `budget` tokens (a longer pair alone): the results come
     back in the items' order."""
     groups, current, used = [], [], 0
+    a, b = KTO if items and "kl" in items[0] else PAIR
     for i, it in enumerate(items):
-        n = len(it["chosen"]["input_ids"]) + len(it["rejected"]["input_ids"])
+        n = len(it[a]["input_ids"]) + len(it[b]["input_ids"])
         if current and used + n > budget:
             groups.append(current)
             current, used = [], 0

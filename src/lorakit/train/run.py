@@ -284,7 +284,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         from lorakit.train import preference
 
         make, extra = preference.PreferenceTrainer, {"method": method, "settings": getattr(cfg, method)}
-        collator, probe = preference.PairCollator(setup.tokens_per_pass), None
+        collator, probe = preference.collator_for(method, setup.tokens_per_pass, prepared), None
     trainer = make(
         model=model,
         args=TrainingArguments(**setup.args),
