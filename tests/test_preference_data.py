@@ -285,3 +285,24 @@ def test_lorakit_data_command_on_a_preference_config(tiny_model_dir, tmp_path):
     assert f"{data} line 5: chosen and rejected are the same text" in text
     assert f"Pair ({data} line 1)" in text
     assert f"{OPEN}Hello world!<|im_end|>{CLOSE}" in text and f"{OPEN}Go away.<|im_end|>{CLOSE}" in text
+
+
+def test_a_template_whose_prompt_is_not_the_conversation_start_is_named_with_the_row(tiny_tokenizer, tmp_path):
+    odd = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+           "{% if add_generation_prompt %}{{ 'answer: ' }}{% endif %}")
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "Bye"}])
+    with pytest.raises(DataError) as info:
+        prepare_preference(cfg_for(path, template=odd), tiny_tokenizer)
+    msg = str(info.value)
+    assert f"{path} line 1" in msg and "template 'custom'" in msg and "fix:" in msg, msg
+
+
+def test_kto_report_counts_labels(tiny_tokenizer, tmp_path):
+    rows = [{"prompt": "Say hello.", "completion": "Hello world!", "label": True},
+            {"prompt": "Say hello.", "completion": "Go away.", "label": False},
+            {"prompt": "Hi", "completion": "Bye.", "label": False}]
+    p = prepare_preference(cfg_for(write_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer)
+    text = format_preference_report(p, tiny_tokenizer)
+    assert "Data (kto: prompt, completion, label)" in text and "train         3 completions" in text
+    assert "labels        1 desirable, 2 undesirable (train)" in text
+    assert "label true (desirable)" in text and f"completion: 7 of 8 tokens trained\n{OPEN}Hello world!" in text
