@@ -59,12 +59,16 @@ def cmd_train(args) -> int:
 
 def cmd_data(args) -> int:
     from lorakit.data.dataset import prepare
-    from lorakit.data.report import format_report
+    from lorakit.data.preference import preference_kind, prepare_preference
+    from lorakit.data.report import format_preference_report, format_report
     from lorakit.model.load import load_tokenizer
 
     cfg = _load_config(args)
     tokenizer = load_tokenizer(cfg.model)
-    print(format_report(prepare(cfg, tokenizer), tokenizer))
+    if preference_kind(cfg.data):  # declared by data.format, or the first training row's keys
+        print(format_preference_report(prepare_preference(cfg, tokenizer), tokenizer))
+    else:
+        print(format_report(prepare(cfg, tokenizer), tokenizer))
     return 0
 
 

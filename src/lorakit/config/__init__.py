@@ -97,8 +97,10 @@ class DataConfig:
         "what `lorakit eval RUN --split test` scores.",
         factory=list,
     )
-    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text"] = _help(
-        "Row format. 'auto' detects it from the keys of each file's first row.", "auto"
+    format: Literal["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "text", "preference", "kto"] = _help(
+        "Row format. 'auto' detects it from the keys of each file's first row. 'preference' (prompt, "
+        "chosen, rejected) and 'kto' (prompt, completion, label) are rows for preference training.",
+        "auto",
     )
     template: str = _help(
         "Prompt template: 'alpaca' (the guide's ### Instruction / ### Response), 'chatml', "

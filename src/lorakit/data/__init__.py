@@ -19,6 +19,9 @@ _EXPORTS = {
     "Prepared": "dataset",
     "DataStats": "dataset",
     "format_report": "report",
+    "prepare_preference": "preference",
+    "PreparedPreference": "preference",
+    "format_preference_report": "report",
 }
 __all__ = list(_EXPORTS)
 

@@ -16,6 +16,9 @@ from lorakit.errors import DataError
 Example = dict[str, Any]
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt", "text")
+PREFERENCE_FORMATS = ("preference", "kto")
+"""Rows that compare or judge responses (lorakit.data.preference reads them): they hold no single
+conversation to imitate, so they never become an Example."""
 ROLES = ("system", "user", "assistant", "tool")
 
 _KEYS = {
@@ -24,25 +27,31 @@ _KEYS = {
     "messages": "messages: a list of {role, content}",
     "sharegpt": "conversations: a list of {from, value}",
     "text": "text",
+    "preference": "prompt (text or messages) or instruction (optional: input), chosen, rejected (optional: system)",
+    "kto": "prompt (text or messages) or instruction (optional: input), completion, label: true/false "
+           "(optional: system)",
 }
-# Checked in order: the first key present decides, so a row that is merely missing its
-# second field still gets the precise "field 'output' missing" error of its format.
-_DETECT = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
-           ("output", "alpaca"), ("prompt", "prompt_completion"), ("completion", "prompt_completion"),
-           ("text", "text"))
+# Checked in order: the first entry whose keys are all present decides, so a row that is merely
+# missing its second field still gets the precise "field 'output' missing" error of its format.
+# The preference entries come first: their rows also hold `prompt` / `instruction`, and
+# `completion` + `label` is what tells a KTO row from a prompt_completion one.
+_DETECT = ((("chosen",), "preference"), (("rejected",), "preference"), (("label", "completion"), "kto"),
+           (("messages",), "messages"), (("conversations",), "sharegpt"), (("instruction",), "alpaca"),
+           (("output",), "alpaca"), (("prompt",), "prompt_completion"), (("completion",), "prompt_completion"),
+           (("text",), "text"))
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "model": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool",
                    "function": "tool", "observation": "tool"}
 
 
-def expected_keys() -> str:
-    return "; ".join(f"{fmt}: {keys}" for fmt, keys in _KEYS.items())
+def expected_keys(formats: tuple[str, ...] = FORMATS) -> str:
+    return "; ".join(f"{fmt}: {_KEYS[fmt]}" for fmt in formats)
 
 
 def detect_format(row: dict, where: str) -> str:
     """Name the format of one row from its keys."""
-    for key, fmt in _DETECT:
-        if key in row:
+    for keys, fmt in _DETECT:
+        if all(key in row for key in keys):
             return fmt
     raise DataError(
         f"cannot tell the row format from its keys ({', '.join(map(repr, row)) or 'no keys'})",
@@ -55,6 +64,13 @@ def to_example(row: dict, fmt: str, where: str) -> Example:
     """Validate one row of format `fmt` and convert it to an Example."""
     if fmt == "auto":
         fmt = detect_format(row, where)
+    if fmt in PREFERENCE_FORMATS:
+        raise DataError(
+            f"a {fmt} row ({_KEYS[fmt]}) among supervised rows: it compares answers rather than giving one "
+            f"to imitate (row keys: {', '.join(map(repr, row))})",
+            hint=f"supervised fine-tuning reads {expected_keys()}; keep {fmt} rows in a file of their own",
+            where=where,
+        )
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)} or 'auto'", where=where)
     return _CONVERT[fmt](row, where)
@@ -120,10 +136,15 @@ def _text(row: dict, where: str) -> Example:
 
 
 def _messages(row: dict, where: str) -> Example:
-    turns = _turn_list(row, "messages", where, "messages")
+    return {"messages": _check_turns(message_list(row, "messages", where, "messages"), where, "messages")}
+
+
+def message_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
+    """`row[key]` as validated {role, content} turns; whether an assistant turn is needed is the caller's rule."""
+    turns = _turn_list(row, key, where, fmt)
     out = []
     for i, turn in enumerate(turns):
-        at = f"{where}, field 'messages[{i}]"
+        at = f"{where}, field '{key}[{i}]"
         role = turn.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
@@ -134,7 +155,7 @@ def _messages(row: dict, where: str) -> Example:
                 where=f"{at}.role'",
             )
         out.append({"role": role, "content": _content(turn.get("content"), f"{at}.content'", role)})
-    return {"messages": _check_turns(out, where, "messages")}
+    return out
 
 
 def _sharegpt(row: dict, where: str) -> Example:
