@@ -169,7 +169,8 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
     """The sets to score: each --data file, else the run's validation split (re-made from its
     config, checked against the training fingerprint) or its data.test files."""
     from lorakit import config as config_mod
-    from lorakit.data.dataset import encode_sources, prepare
+    from lorakit.data.dataset import encode_sources
+    from lorakit.data.preference import answers, prepare_method
 
     template, tok = session.template, session.tokenizer
     if not paths.config.is_file():
@@ -200,14 +201,15 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
         return [encoded("test", cfg.data.test, "test")]
     if split != "validation":
         raise LorakitError(f"--split {split!r} is not 'validation' or 'test'", hint="use --split validation|test")
-    if cfg.data.validation:
+    if cfg.data.validation and cfg.train.method == "sft":
         return [encoded("validation", cfg.data.validation, "validation")]
-    prepared = prepare(cfg, tok)  # the seeded split of train, as training made it
+    prepared = prepare_method(cfg, tok)  # the seeded split of train, as training made it
     if prepared.fingerprint != session.meta.data.fingerprint:
         log("warning: the training data changed since this run (fingerprint differs): the validation split "
             "re-made from it may overlap what was trained")
-    return [EvalSet("validation", [f"{s} (validation split)" for s in cfg.data.train], prepared.validation,
-                    prepared.validation_examples)]
+    items, examples = answers(prepared, "validation")  # a preference run: against the chosen answers
+    sources = cfg.data.validation or [f"{s} (validation split)" for s in cfg.data.train]
+    return [EvalSet("validation", list(sources), items, examples)]
 
 
 def evaluate_set(session: Session, s: EvalSet, *, base: bool = False, max_new_tokens: int | None = None,

@@ -68,7 +68,8 @@ def to_example(row: dict, fmt: str, where: str) -> Example:
         raise DataError(
             f"a {fmt} row ({_KEYS[fmt]}) among supervised rows: it compares answers rather than giving one "
             f"to imitate (row keys: {', '.join(map(repr, row))})",
-            hint=f"supervised fine-tuning reads {expected_keys()}; keep {fmt} rows in a file of their own",
+            hint=f"to train on {fmt} rows set train.method: {'kto' if fmt == 'kto' else 'dpo (or orpo, simpo)'}; "
+                 f"supervised fine-tuning (train.method: sft) reads {expected_keys()}",
             where=where,
         )
     if fmt not in FORMATS:

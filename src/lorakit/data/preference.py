@@ -363,3 +363,36 @@ def _all_dropped(stats: DataStats, n_rows: int) -> DataError:
         f"{stats.length_percentiles['max']} tokens; responses are never cut)",
         where="data.train",
     )
+
+
+# --------------------------------------------------------------------------- by train.method
+
+
+def prepare_method(cfg: Config, tokenizer: Any):
+    """The training data as `train.method` reads it: SFT examples (`dataset.prepare`), pairs for
+    dpo / orpo / simpo, labelled answers for kto; a method and data of another kind are refused."""
+    from lorakit.data.dataset import prepare
+
+    if cfg.train.method == "sft":
+        return prepare(cfg, tokenizer)
+    prepared = prepare_preference(cfg, tokenizer)
+    wanted = "kto" if cfg.train.method == "kto" else "preference"
+    if prepared.kind != wanted:
+        have = "single answers labelled good or bad (kto rows)" if prepared.kind == "kto" else \
+            "{prompt, chosen, rejected} pairs"
+        raise DataError(f"train.method {cfg.train.method} needs {wanted} rows, and the data holds {have}",
+                        hint="set train.method: kto for labelled answers, dpo / orpo / simpo for pairs",
+                        where="data.train")
+    return prepared
+
+
+def answers(prepared, split: str) -> tuple[list[dict], list[dict]]:
+    """A split as SFT (items, examples) with the answer to imitate: a pair's chosen answer, or a KTO
+    answer labelled good. What `lorakit eval` scores a preference run's validation split against."""
+    items, examples = getattr(prepared, split), getattr(prepared, f"{split}_examples")
+    if not isinstance(prepared, PreparedPreference):
+        return items, examples
+    side = "completion" if prepared.kind == "kto" else "chosen"
+    kept = [(it, ex) for it, ex in zip(items, examples) if prepared.kind != "kto" or ex["label"]]
+    return ([it[side] for it, _ in kept],
+            [{"messages": [*ex["prompt"], {"role": "assistant", "content": ex[side]}]} for _, ex in kept])

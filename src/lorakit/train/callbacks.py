@@ -110,10 +110,16 @@ class Progress(TrainerCallback):
             self.last["loss"] = f"{logs['loss']:.4f}"
         if "learning_rate" in logs:
             self.last["lr"] = f"{logs['learning_rate']:.2e}"
+        if "rewards/accuracies" in logs:  # a preference method: how often chosen out-scores rejected
+            self.last["acc"] = f"{logs['rewards/accuracies']:.2f}"
         if "eval_loss" in logs:
             loss = logs["eval_loss"]
-            ppl = math.exp(loss) if loss < 50 else float("inf")
-            self.bar.write(f"step {state.global_step}: eval loss {loss:.4f} (perplexity {ppl:.2f})")
+            if "eval_rewards/accuracies" in logs:  # perplexity means nothing for a preference loss
+                then = (f"preference accuracy {logs['eval_rewards/accuracies']:.3f}, "
+                        f"margin {logs['eval_rewards/margins']:.4f}")
+            else:
+                then = f"perplexity {math.exp(loss) if loss < 50 else float('inf'):.2f}"
+            self.bar.write(f"step {state.global_step}: eval loss {loss:.4f} ({then})")
         self.bar.set_postfix(self.last, refresh=True)
 
     def on_train_end(self, args, state, control, **kwargs):

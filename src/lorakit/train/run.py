@@ -23,7 +23,8 @@ from lorakit import config as config_mod
 from lorakit.artifacts import AdapterMeta, RunPaths
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
-from lorakit.data.dataset import Prepared, prepare
+from lorakit.data.dataset import Prepared
+from lorakit.data.preference import prepare_method
 from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, continue_adapter, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
@@ -69,7 +70,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         raise ConfigError([f"train.method: {cfg.train.method} runs in one process for now; launch it without "
                            "torchrun / accelerate launch"])
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_for(cfg, tokenizer)
+    prepared = prepare_method(cfg, tokenizer)
     log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
         f"template '{prepared.template.name}'")
     resolved = resolve(cfg, machine, len(prepared.train))
@@ -101,15 +102,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     if distributed.is_main():
         artifacts.release(backup)
     return cfg.run_dir
-
-
-def prepare_for(cfg: Config, tokenizer):
-    """The training data as the method reads it: SFT examples, or preference pairs / KTO answers."""
-    if cfg.train.method == "sft":
-        return prepare(cfg, tokenizer)
-    from lorakit.data.preference import prepare_preference
-
-    return prepare_preference(cfg, tokenizer)
 
 
 def _quiet(message: str) -> None:
