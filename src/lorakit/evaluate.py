@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -162,6 +162,7 @@ class EvalSet:
     sources: list[str]
     items: list[dict]  # encoded as training encodes
     examples: list[dict]
+    wheres: list[str] = field(default_factory=list)  # each example's file and line, for tracing a result back
 
 
 def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = None, split: str = EvalConfig.split,
@@ -182,7 +183,7 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
 
     def encoded(name: str, specs: list[str], which: str) -> EvalSet:
         e = encode_sources(specs, template, tok, cfg.data, which)
-        return EvalSet(name, list(specs), e.items, e.examples)
+        return EvalSet(name, list(specs), e.items, e.examples, e.wheres)
 
     if data:
         sets = []
@@ -207,7 +208,7 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
         log("warning: the training data changed since this run (fingerprint differs): the validation split "
             "re-made from it may overlap what was trained")
     return [EvalSet("validation", [f"{s} (validation split)" for s in cfg.data.train], prepared.validation,
-                    prepared.validation_examples)]
+                    prepared.validation_examples, prepared.validation_where)]
 
 
 def evaluate_set(session: Session, s: EvalSet, *, base: bool = False, max_new_tokens: int | None = None,
