@@ -125,13 +125,29 @@ def _checked_out(settings: PairsConfig) -> Path:
     return out
 
 
+def _check_split(paths: RunPaths, settings: PairsConfig) -> None:
+    """A split the run does not have, named by its flag before the model loads (eval_sets would
+    find out too, after the load, in words about the config)."""
+    from lorakit import config
+
+    if settings.data or not paths.config.is_file():
+        return
+    d = config.load(paths.config).data
+    if settings.split == "test" and not d.test:
+        raise LorakitError("--split test: the run's config has no data.test", where=str(paths.config),
+                           hint="pass --data FILE, or --split validation")
+    if settings.split == "validation" and not d.validation and d.val_fraction <= 0:
+        raise LorakitError("--split validation: the run has no validation split (no data.validation, "
+                           "data.val_fraction 0)", where=str(paths.config),
+                           hint="pass --split test for the run's data.test files, or --data FILE")
+
+
 def _nothing_to_answer(s: EvalSet, settings: PairsConfig) -> LorakitError:
     if s.name == "validation" and not settings.data:
-        return LorakitError("--split validation: the run has no validation rows (trained with data.val_fraction 0 "
-                            "and no data.validation, or every validation row was dropped)",
+        return LorakitError("--split validation: every row of the run's validation split was dropped (too long?)",
                             hint="pass --split test for the run's data.test files, or --data FILE")
     return LorakitError(f"set {s.name!r} has no row with a reference answer", where=", ".join(s.sources),
-                        hint="check the file with `lorakit data`: rows dropped as too long, or without an assistant turn?")
+                        hint="check the file with `lorakit data` (rows dropped as too long? no assistant turn?)")
 
 
 def _require_json(refs: list[str], wheres: list[str]) -> None:
@@ -196,8 +212,10 @@ def make_pairs(run: str | Path, settings: PairsConfig, *, session: Session | Non
 
     out = _checked_out(settings)  # before the model loads: a typo should cost no minutes
     adapter_dir = find_adapter_dir(run)
+    paths = RunPaths.of(adapter_dir)
+    _check_split(paths, settings)
     session = session or load_session(adapter_dir, log=log)
-    sets = eval_sets(RunPaths.of(adapter_dir), session, data=settings.data or None, split=settings.split, log=log)
+    sets = eval_sets(paths, session, data=settings.data or None, split=settings.split, log=log)
     result = PairsResult(out, settings.metric, settings.threshold, [s.name for s in sets])
     rows = [row for s in sets for row in set_pairs(session, s, settings, result, log)]
     write_jsonl_atomic(out, rows)
