@@ -141,7 +141,7 @@ def test_pairs_render_the_prompt_eval_answered(run, session, tmp_path):
         for p, r in zip(pairs, records):
             back = {k: v for k, v in p.items() if k not in ("chosen", "rejected", "lorakit")}
             if fmt == "alpaca":
-                assert set(back) == ({"instruction", "input", "system"} if "system" in r["prompt"][0]["role"]
+                assert set(back) == ({"instruction", "input", "system"} if r["prompt"][0]["role"] == "system"
                                      else {"instruction", "input"})
                 example = to_example({**back, "output": p["chosen"]}, "alpaca", "pair")
             else:
