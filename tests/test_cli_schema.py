@@ -46,8 +46,9 @@ def test_every_recorded_flag_is_unchanged(command):
 
 # --------------------------------------------------------------------------- generated from the schema
 
-STAGES = {"generate": "GenerateConfig", "chat": "ChatConfig", "eval": "EvalConfig", "merge": "MergeConfig",
-          "export": "ExportConfig", "serve": "ServeConfig"}
+STAGES = {"generate": "GenerateConfig", "chat": "ChatConfig", "eval": "EvalConfig", "pairs": "PairsConfig",
+          "merge": "MergeConfig", "export": "ExportConfig", "serve": "ServeConfig"}
+BORN_GENERATED = {"pairs"}  # recorded when first added, flags (and --config) generated from its section already
 
 
 def _actions(command: str):
@@ -76,7 +77,7 @@ def test_stage_flags_take_help_and_default_from_the_schema(command):
             assert a.default == default_of(f), a.dest
 
 
-@pytest.mark.parametrize("command", sorted(STAGES))
+@pytest.mark.parametrize("command", sorted(set(STAGES) - BORN_GENERATED))
 def test_the_only_new_flag_is_config(command):
     recorded = {_key(a) for a in RECORDED[command]}
     added = {_key(a) for a in CURRENT[command]} - recorded

@@ -133,6 +133,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from lorakit.config import PairsConfig
+    from lorakit.pairs import format_result, make_pairs
+
+    print(format_result(make_pairs(args.run, _settings(args, PairsConfig)), args.run))
+    return 0
+
+
 def cmd_runs(args) -> int:
     from lorakit.runs import format_runs, list_runs
 
@@ -311,6 +319,18 @@ def _eval_parser(sub) -> None:
               flag("base"), flag("max_new_tokens"), flag("batch_size"), flag("limit"))
 
 
+def _pairs_parser(sub) -> None:
+    from lorakit.config import PairsConfig
+
+    p = _stage_parser(sub, "pairs", "DPO preference pairs from the adapter's own mistakes: every held-out row it "
+                      "answers wrong (by --metric) gives the reference as chosen and its answer as rejected.",
+                      cmd_pairs)
+    p.add_argument("run", help="run folder (runs/<name>) or its adapter folder")
+    add_flags(p, PairsConfig, flag("data", nargs="+", action="store", metavar="FILE", default=None), flag("split"),
+              flag("out", metavar="FILE"), flag("metric"), flag("threshold"), flag("samples", metavar="K"),
+              flag("temperature"), flag("seed"), flag("max_new_tokens"), flag("batch_size"), flag("limit"))
+
+
 def _merge_parser(sub) -> None:
     from lorakit.config import MergeConfig
 
@@ -386,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
     _training_parsers(sub)
-    for add in (_generate_parser, _eval_parser, _tool_parsers, _chat_parser, _merge_parser, _export_parser,
-                _serve_parser):
+    for add in (_generate_parser, _eval_parser, _pairs_parser, _tool_parsers, _chat_parser, _merge_parser,
+                _export_parser, _serve_parser):
         add(sub)
     return p
 
@@ -396,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "runs", "chat", "report", "merge", "export", "serve"):
+    if extra and args.command in ("generate", "eval", "pairs", "runs", "chat", "report", "merge", "export", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     args.argv = argv

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -162,6 +162,7 @@ class EvalSet:
     sources: list[str]
     items: list[dict]  # encoded as training encodes
     examples: list[dict]
+    wheres: list[str] = field(default_factory=list)  # each example's file and line, for tracing a result back
 
 
 def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = None, split: str = EvalConfig.split,
@@ -183,7 +184,7 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
 
     def encoded(name: str, specs: list[str], which: str) -> EvalSet:
         e = encode_sources(specs, template, tok, cfg.data, which)
-        return EvalSet(name, list(specs), e.items, e.examples)
+        return EvalSet(name, list(specs), e.items, e.examples, e.wheres)
 
     if data:
         sets = []
@@ -207,9 +208,9 @@ def eval_sets(paths: RunPaths, session: Session, *, data: list[str] | None = Non
     if prepared.fingerprint != session.meta.data.fingerprint:
         log("warning: the training data changed since this run (fingerprint differs): the validation split "
             "re-made from it may overlap what was trained")
-    items, examples = answers(prepared, "validation")  # a preference run: against the chosen answers
+    items, examples, wheres = answers(prepared, "validation")  # a preference run: against the chosen answers
     sources = cfg.data.validation or [f"{s} (validation split)" for s in cfg.data.train]
-    return [EvalSet("validation", list(sources), items, examples)]
+    return [EvalSet("validation", list(sources), items, examples, wheres)]
 
 
 def evaluate_set(session: Session, s: EvalSet, *, base: bool = False, max_new_tokens: int | None = None,

@@ -6,7 +6,7 @@ Every default lives here and nowhere else; code reads `cfg.train.lr`, never
 together in one `ConfigError`, so a user fixes a config in one pass.
 
 The training sections are here; the sections of the stages after training (generate, chat,
-eval, merge, export, serve) are in `stages.py` and re-exported, and `flags.py` turns a section
+eval, pairs, merge, export, serve) are in `stages.py` and re-exported, and `flags.py` turns a section
 into its command's flags, so `lorakit serve --help` and `serve:` in a file are the same schema.
 """
 
@@ -24,7 +24,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from lorakit.config.declare import _help
-from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, SamplingConfig
+from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PairsConfig
+from lorakit.config.stages import SamplingConfig
 from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.config.preference import METHODS, DpoConfig, KtoConfig, OrpoConfig, SimpoConfig, check_preference
 from lorakit.errors import ConfigError
@@ -259,6 +260,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
@@ -488,6 +490,27 @@ def _check_eval(e: EvalConfig, problems: list[str]) -> None:
             problems.append(f"eval.{key}: {getattr(e, key)} must be at least 1, or null")
 
 
+def _check_pairs(p: PairsConfig, problems: list[str]) -> None:
+    """Each problem names the key and its flag: the section comes from a file or from `lorakit pairs`'s flags."""
+    metrics = ("exact_match", "json_fields", "rouge_l")
+    if p.metric not in metrics:
+        problems.append(f"pairs.metric (--metric): {p.metric!r} is not one of {', '.join(metrics)}")
+    if p.split not in ("validation", "test"):
+        problems.append(f"pairs.split (--split): {p.split!r} is not 'validation' or 'test'")
+    if not 0 <= p.threshold <= 1:
+        problems.append(f"pairs.threshold (--threshold): {p.threshold} must be in [0, 1] (ROUGE-L's range)")
+    if p.samples < 0:
+        problems.append(f"pairs.samples (--samples): {p.samples} must be 0 (greedy only) or more")
+    if p.samples and p.temperature <= 0:
+        problems.append(f"pairs.temperature (--temperature): {p.temperature} must be above 0 when sampling "
+                        "(at 0 every sample is the greedy answer)")
+    if p.batch_size < 1:
+        problems.append(f"pairs.batch_size (--batch-size): {p.batch_size} must be at least 1")
+    for key in ("max_new_tokens", "limit"):
+        if getattr(p, key) is not None and getattr(p, key) < 1:
+            problems.append(f"pairs.{key} (--{key.replace('_', '-')}): {getattr(p, key)} must be at least 1, or null")
+
+
 def _check_serve(s: ServeConfig, problems: list[str]) -> None:
     if not 0 <= s.port < 65536:
         problems.append(f"serve.port: {s.port} is not a port (0-65535)")
@@ -502,6 +525,7 @@ STAGE_CHECKS = {
     "generate": lambda s, problems: _check_sampling("generate", s, problems),
     "chat": lambda s, problems: _check_sampling("chat", s, problems),
     "eval": _check_eval,
+    "pairs": _check_pairs,
     "merge": lambda s, problems: None,  # its one key is a choice, checked on load
     "export": _check_export,
     "serve": _check_serve,

@@ -1,4 +1,4 @@
-"""The schema sections of the stages after training: generate, chat, eval, merge, export, serve.
+"""The schema sections of the stages after training: generate, chat, eval, pairs, merge, export, serve.
 
 Each section is the one owner of its stage's defaults: the stage function takes the section
 object, the command's flags are generated from its fields (`lorakit.config.flags`), and a YAML file
@@ -77,6 +77,33 @@ class EvalConfig:
     max_new_tokens: int | None = _help("Answer length limit, in tokens; null: the longest reference + 16.", None)
     batch_size: int = _help("Prompts answered per batch.", 16)
     limit: int | None = _help("Score only the first N examples; null: all of them.", None)
+
+
+@dataclass
+class PairsConfig:
+    """`lorakit pairs`: DPO preference pairs from the held-out rows the adapter answers wrong (the
+    reference is `chosen`, the adapter's answer `rejected`), found on the rows eval scores."""
+
+    data: list[str] = _help("Files whose rows are answered (any training format); []: the run's split (pairs.split).",
+                            factory=list)
+    split: Literal["validation", "test"] = _help(
+        "The run's validation split (as training made it) or its data.test files.", "validation")
+    out: str | None = _help("The JSONL file the pairs are written to (its folder must exist); required.", None)
+    metric: Literal["exact_match", "json_fields", "rouge_l"] = _help(
+        "What makes an answer wrong: exact_match false (normalized, as eval scores it), JSON field accuracy "
+        "below 1 (json_fields: every reference must be a JSON object or array), or ROUGE-L below "
+        "pairs.threshold (rouge_l).", "exact_match")
+    threshold: float = _help("rouge_l only: an answer scoring below this ROUGE-L is wrong.", 0.5)
+    samples: int = _help(
+        "Sampled answers drawn per row besides the greedy one (at pairs.temperature, no top-p/top-k cut); "
+        "each distinct wrong answer becomes a pair of its own. 0: the greedy answer only.", 0)
+    temperature: float = _help("Sampling temperature of the pairs.samples answers.", 0.8)
+    seed: int = _help("Seed the sampled answers' per-row seeds are derived from: the same seed writes the same file.",
+                      0)
+    max_new_tokens: int | None = _help("Answer length limit, in tokens; null: the longest reference + 16 (as eval).",
+                                       None)
+    batch_size: int = _help("Prompts answered per batch.", 16)
+    limit: int | None = _help("Answer only the first N rows of each set; null: all of them.", None)
 
 
 @dataclass

@@ -386,13 +386,15 @@ def prepare_method(cfg: Config, tokenizer: Any):
     return prepared
 
 
-def answers(prepared, split: str) -> tuple[list[dict], list[dict]]:
-    """A split as SFT (items, examples) with the answer to imitate: a pair's chosen answer, or a KTO
-    answer labelled good. What `lorakit eval` scores a preference run's validation split against."""
+def answers(prepared, split: str) -> tuple[list[dict], list[dict], list[str]]:
+    """A split as SFT (items, examples, wheres) with the answer to imitate: a pair's chosen answer, or
+    a KTO answer labelled good. What `lorakit eval` scores a preference run's validation split against."""
     items, examples = getattr(prepared, split), getattr(prepared, f"{split}_examples")
+    wheres = getattr(prepared, f"{split}_where")
     if not isinstance(prepared, PreparedPreference):
-        return items, examples
+        return items, examples, wheres
     side = "completion" if prepared.kind == "kto" else "chosen"
-    kept = [(it, ex) for it, ex in zip(items, examples) if prepared.kind != "kto" or ex["label"]]
-    return ([it[side] for it, _ in kept],
-            [{"messages": [*ex["prompt"], {"role": "assistant", "content": ex[side]}]} for _, ex in kept])
+    kept = [(it, ex, w) for it, ex, w in zip(items, examples, wheres) if prepared.kind != "kto" or ex["label"]]
+    return ([it[side] for it, _, _ in kept],
+            [{"messages": [*ex["prompt"], {"role": "assistant", "content": ex[side]}]} for _, ex, _ in kept],
+            [w for _, _, w in kept])
