@@ -66,6 +66,8 @@ def test_reference_shows_every_key_with_type_default_and_help(capsys):
     assert list(blocks) == keys  # every key, once, in schema order, nothing else
     for section, key, default, f, tp in schema():
         head, type_line, *help_lines = blocks[f"{section}.{key}"].splitlines()
+        while type_line.endswith("|"):  # a long list of choices wraps onto the next lines
+            type_line += " " + help_lines.pop(0).strip()
         if "example" in f.metadata:  # a required key: no default shown, an example instead
             assert head.startswith("(required, no default; e.g. ")
             assert yaml.safe_load(head.removeprefix("(required, no default; e.g. ").removesuffix(")")) \
