@@ -185,3 +185,33 @@ def test_dpo_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, 
     losses = [r["loss"] for r in records(tmp_path / "runs" / "cut") if "loss" in r]
     assert len(losses) == 5 and losses == pytest.approx([r["loss"] for r in records(tmp_path / "runs" / "whole")
                                                          if "loss" in r], rel=1e-5)
+
+
+def _watch(method: str = "dpo"):
+    from types import SimpleNamespace
+
+    from lorakit.train.diagnostics import Diagnostics, Health
+
+    cfg = config.from_dict({"data": {"train": ["x.jsonl"]}, "train": {"method": method}})
+    seen = []
+    diag = Diagnostics(cfg, Health(), lambda message, kind=None, step=None: seen.append(kind))
+    log = lambda step, **logs: diag.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)  # noqa: E731
+    return log, seen
+
+
+def test_diagnostics_name_the_known_preference_failures():
+    log, seen = _watch()
+    log(0, eval_loss=0.6931, **{"eval_rewards/chosen": 1e-4, "eval_rewards/rejected": -2e-4})
+    assert seen == []  # rounding between the fused policy and the eval-mode reference
+    log(0, eval_loss=0.9, **{"eval_rewards/chosen": 0.8, "eval_rewards/rejected": -0.1})
+    assert seen == ["reference"]
+
+    log, seen = _watch()
+    for step, margin in enumerate([0.2, 0.1, 0.15, 0.1, 0.12, 0.11], 1):  # never grows
+        log(step, loss=0.69, **{"rewards/margins": margin, "logps/chosen": -30.0})
+    assert "margin_flat" in seen and "chosen_collapse" not in seen
+
+    log, seen = _watch()
+    for step, (margin, chosen) in enumerate([(0.0, -30), (0.5, -33), (1.0, -36), (1.5, -39), (2.0, -42)], 1):
+        log(step, loss=0.5, **{"rewards/margins": margin, "logps/chosen": float(chosen)})
+    assert seen == ["chosen_collapse"]  # the margin grows by pushing the chosen answers down too

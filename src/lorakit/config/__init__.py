@@ -593,6 +593,8 @@ def from_dict(raw: dict[str, Any], source: str | None = None, base_dir: Path | N
         cfg.data.validation = [_resolve(p, base_dir) for p in cfg.data.validation]
         cfg.data.test = [_resolve(p, base_dir) for p in cfg.data.test]
         cfg.model.name = _resolve(cfg.model.name, base_dir)
+        if cfg.model.adapter:
+            cfg.model.adapter = _resolve(cfg.model.adapter, base_dir)
     return cfg
 
 

@@ -89,7 +89,7 @@ def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = Non
               processes: int = 1) -> Plan:
     """Everything `lorakit plan` prints, for `cfg` (not modified) on `device` ('cpu' | 'cuda'), run
     as `processes` processes (torchrun --nproc_per_node N)."""
-    from lorakit.data.dataset import prepare
+    from lorakit.data.preference import prepare_method
     from lorakit.model.load import load_tokenizer
 
     if device not in ("cpu", "cuda"):
@@ -105,7 +105,7 @@ def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = Non
     tokenizer = load_tokenizer(cfg.model)  # a wrong model.name is a model error, not unreadable data
     prepared = None
     try:
-        prepared = prepare(cfg, tokenizer)
+        prepared = prepare_method(cfg, tokenizer)
     except LorakitError as e:
         notes.append(f"data not readable ({e.message.splitlines()[0]}): every example assumed "
                      f"{cfg.data.max_length} tokens long")
@@ -114,6 +114,12 @@ def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = Non
     machine = Machine.for_device(device)
     resolved = resolve(cfg, machine, n_train)
     cfg = resolved.cfg
+    if cfg.train.method != "sft":
+        notes.append(f"train.method {cfg.train.method}: an example is a pair's two sequences (KTO: an answer and "
+                     "its KL partner), packed together" + (
+                         "; the reference log-probs take one forward pass over every example before the first "
+                         "step (about a third of an epoch's training compute)" if cfg.train.method in ("dpo", "kto")
+                         else ""))
     if resolved.notes and n_train is None:
         notes.append("auto values need a readable dataset; planned with the schema's defaults")
     batches = Batches.from_prepared(prepared) if prepared else Batches.assumed(cfg)

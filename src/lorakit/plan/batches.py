@@ -23,9 +23,14 @@ class Batches:
 
     @classmethod
     def from_prepared(cls, prepared) -> "Batches":
-        lab = [sum(1 for y in it["labels"][1:] if y != -100) for it in prepared.train]
-        return cls(np.array([len(it["input_ids"]) for it in prepared.train]), np.array(lab),
-                   np.array([len(it["input_ids"]) for it in prepared.validation]), True,
+        """An example is what the collator keeps together: an SFT example, or a preference pair's two
+        sequences (a KTO answer and its KL partner, assumed as long as the answer) as one unit."""
+        def units(items):
+            return [_sequences(it) for it in items]
+
+        lab = [sum(sum(1 for y in s["labels"][1:] if y != -100) for s in u) for u in units(prepared.train)]
+        return cls(np.array([sum(len(s["input_ids"]) for s in u) for u in units(prepared.train)]), np.array(lab),
+                   np.array([sum(len(s["input_ids"]) for s in u) for u in units(prepared.validation)]), True,
                    dict(prepared.stats.length_percentiles))
 
     @classmethod
@@ -40,6 +45,14 @@ class Batches:
         ev = self.eval_lengths[self.eval_lengths <= max_length] if drop else np.minimum(self.eval_lengths, max_length)
         return Batches(np.minimum(self.lengths, max_length)[keep], np.maximum(self.labelled - cut, 0)[keep],
                        ev, self.measured, self.percentiles)
+
+
+def _sequences(item: dict) -> list[dict]:
+    if "chosen" in item:
+        return [item["chosen"], item["rejected"]]
+    if "completion" in item:
+        return [item["completion"], item["completion"]]
+    return [item]
 
 
 @dataclass

@@ -26,6 +26,13 @@ GRAD_HIGH = 10.0
 GRAD_LOW = 1e-6
 FLAT_WINDOW = 3  # "flat from the start": mean of logs 4-6 not 1% below the mean of logs 1-3
 FLAT_REL = 0.01
+REFERENCE_DRIFT = 1e-2
+"""Largest mean |reward| (beta x log-ratio to the reference) at step 0 that is still rounding: the
+policy's fused fast path and the eval-mode reference differ by ~1e-5 relative in a log-prob of a
+few hundred nats, beta 0.1 -> ~1e-3; a stale or foreign reference is off by whole nats."""
+CHOSEN_COLLAPSE = 0.25
+"""Fall of the chosen answers' mean log-prob, as a share of its start, that counts as a collapse
+(likelihood displacement: the margin grows by pushing both answers down)."""
 
 
 @dataclass
@@ -105,6 +112,8 @@ class Diagnostics(TrainerCallback):
         self.best_eval: float | None = None
         self.evals_worse = 0
         self.stopped: str | None = None  # why training was stopped early, if it was
+        self.margins: list[float] = []  # preference methods: logged reward margins, chosen log-probs
+        self.chosen: list[float] = []
 
     def _once(self, key: str, message: str, step: int | None = None) -> None:
         if key not in self.warned:
@@ -144,6 +153,36 @@ class Diagnostics(TrainerCallback):
                                "too small", state.global_step)
         if "eval_loss" in logs:
             self._watch_eval(logs["eval_loss"], state, control)
+        if self.cfg.train.method != "sft":
+            self._watch_preference(logs, state.global_step)
+
+    def _watch_preference(self, logs: dict, step: int) -> None:
+        """The known ways preference tuning fails, read from the method's own figures."""
+        method = self.cfg.train.method
+        if method in ("dpo", "kto") and step == 0 and "eval_rewards/chosen" in logs:
+            drift = max(abs(logs["eval_rewards/chosen"]), abs(logs.get("eval_rewards/rejected", 0.0)))
+            if drift > REFERENCE_DRIFT:
+                self._once("reference", f"warning: at step 0 the policy differs from the {method} reference "
+                           f"(mean reward {drift:.3g}, should be 0): the stored reference_logps.json belongs to other "
+                           "weights or data; delete it and train again", step)
+        if "rewards/margins" not in logs:
+            return
+        self.margins.append(logs["rewards/margins"])
+        self.chosen.append(logs.get("logps/chosen", math.nan))
+        if len(self.margins) == 2 * FLAT_WINDOW:
+            first = sum(self.margins[:FLAT_WINDOW]) / FLAT_WINDOW
+            later = sum(self.margins[FLAT_WINDOW:]) / FLAT_WINDOW
+            if later <= first:
+                self._once("margin_flat", f"warning: the reward margin has not grown in the first {len(self.margins)} "
+                           f"logs ({first:.4f} -> {later:.4f}): the pairs are not being told apart. Check that chosen "
+                           "and rejected differ where it matters (`lorakit data CONFIG`) and that train.lr is not "
+                           f"too small, or raise {method}.beta", step)
+        start, now = self.chosen[0], self.chosen[-1]
+        if (len(self.chosen) > FLAT_WINDOW and self.margins[-1] > self.margins[0]
+                and now < start - CHOSEN_COLLAPSE * abs(start)):
+            self._once("chosen_collapse", f"warning: the margin grows while the chosen answers' log-prob falls "
+                       f"({start:.2f} -> {now:.2f}): both answers are being pushed down, and generation degrades. "
+                       f"Lower train.lr, raise {method}.beta, or use train.method orpo (it keeps an SFT term)", step)
 
     def _watch_eval(self, loss: float, state, control) -> None:
         patience = self.cfg.train.early_stopping_patience
