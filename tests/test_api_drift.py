@@ -41,6 +41,28 @@ def test_trainer_hooks_we_override():
     assert "_get_output_dir(trial=trial)" in inspect.getsource(Trainer._save_checkpoint)
 
 
+def test_preference_trainer_hooks():
+    """PreferenceTrainer counts pairs, not tokens, through the Trainer's item count, and evaluates
+    through prediction_step; PeftModel.from_pretrained(is_trainable=True) continues an adapter."""
+    from peft import PeftModel
+    from transformers import Trainer
+
+    assert {"batch_samples", "device"} <= params(Trainer._get_num_items_in_batch)
+    assert "self._get_num_items_in_batch(" in inspect.getsource(Trainer.get_batch_samples)
+    assert {"model", "inputs", "prediction_loss_only", "ignore_keys"} <= params(Trainer.prediction_step)
+    assert "is_trainable" in params(PeftModel.from_pretrained)
+
+
+def test_trl_dpo_api_the_benchmark_drives():
+    """benchmarks/dpo.py runs TRL's DPOTrainer at its defaults as the comparison."""
+    from trl import DPOConfig, DPOTrainer
+
+    assert {"model", "args", "train_dataset", "processing_class", "peft_config"} <= params(DPOTrainer.__init__)
+    fields = set(DPOConfig.__dataclass_fields__)
+    assert {"beta", "loss_type", "precompute_ref_log_probs", "max_length", "padding_free"} <= fields
+    assert DPOConfig(output_dir="x", use_cpu=True).loss_type == ["sigmoid"]
+
+
 def test_checkpoint_utilities():
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
