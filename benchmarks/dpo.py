@@ -60,13 +60,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+MODEL: str | None = None  # --model: another base (tests use a tiny one)
+
+
 def model_dir() -> str:
+    if MODEL:
+        return MODEL
     from lorakit.model import embedded
 
     return str(embedded.embedded_model_dir())
 
 
 # --------------------------------------------------------------------------- the two sides
+
+
+def loop_timer():
+    """A callback timing the Trainer's loop, on_train_begin to on_train_end (the two sides' batches
+    differ in shape, so pairs are counted from the steps, not from the batches)."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
+    return LoopTimer()
 
 
 def side_trl(train_file: Path, out: Path, steps: int) -> dict:
@@ -76,7 +98,7 @@ def side_trl(train_file: Path, out: Path, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from common import Meter, MeteredMixin, peak_rss_bytes
+    from common import peak_rss_bytes
     from lorakit.data.templates import ALPACA, Template
 
     path = model_dir()
@@ -88,35 +110,29 @@ def side_trl(train_file: Path, out: Path, steps: int) -> dict:
                                   add_generation_prompt=True),
         "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    meter = Meter()
-
-    class Metered(MeteredMixin, DPOTrainer):
-        pass
+    timer = loop_timer()
 
     args = DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
                      max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, beta=BETA,
                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
                      disable_tqdm=True)
-    trainer = Metered(model=model, args=args, train_dataset=data, processing_class=tok,
-                      peft_config=peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                  task_type="CAUSAL_LM"))
-    trainer.meter = meter
-    trainer.add_callback(meter)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer],
+                         peft_config=peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                                     task_type="CAUSAL_LM"))
     trainer.train()
     trainer.model.save_pretrained(str(out / "trl" / "adapter"))
-    m = meter.result()
-    return {"side": "trl", "loop_s": m["train_seconds"], "pairs": steps * BATCH * ACCUM, "peak_rss": peak_rss_bytes(),
+    return {"side": "trl", "loop_s": timer.seconds, "pairs": steps * BATCH * ACCUM, "peak_rss": peak_rss_bytes(),
             "adapter": str(out / "trl" / "adapter"),
             "last_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
 
 
 def side_lorakit(train_file: Path, out: Path, steps: int) -> dict:
-    from common import Meter, MeteredMixin, peak_rss_bytes
+    from common import peak_rss_bytes
     from lorakit import config
     from lorakit.train import preference
     from lorakit.train import run as lk_run
 
-    meter = Meter()
+    timer = loop_timer()
     ref_seconds = {}
     attach = preference.attach_reference
 
@@ -126,13 +142,12 @@ def side_lorakit(train_file: Path, out: Path, steps: int) -> dict:
         ref_seconds["s"] = time.perf_counter() - start
         return notes
 
-    class Metered(MeteredMixin, preference.PreferenceTrainer):
+    class Timed(preference.PreferenceTrainer):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.meter = meter
-            self.add_callback(meter)
+            self.add_callback(timer)
 
-    preference.PreferenceTrainer, preference.attach_reference = Metered, timed_attach
+    preference.PreferenceTrainer, preference.attach_reference = Timed, timed_attach
     cfg = config.from_dict({
         "model": {"name": model_dir()},
         "data": {"train": [str(train_file)], "val_fraction": 0.0, "template": "alpaca"},
@@ -144,9 +159,8 @@ def side_lorakit(train_file: Path, out: Path, steps: int) -> dict:
         "output": {"dir": str(out), "name": "lorakit", "overwrite": True},
     })
     run = lk_run.train(cfg, progress=False, log=lambda *_: None)
-    m = meter.result()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {"side": "lorakit", "loop_s": m["train_seconds"] + ref_seconds.get("s", 0.0), "reference_s": ref_seconds.get("s"),
+    return {"side": "lorakit", "loop_s": timer.seconds + ref_seconds.get("s", 0.0), "reference_s": ref_seconds.get("s"),
             "pairs": steps * BATCH * ACCUM, "peak_rss": peak_rss_bytes(), "adapter": str(run / "adapter"),
             "last_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
 
@@ -195,13 +209,13 @@ def preference_accuracy(adapter: str, pairs: list[dict]) -> dict:
 def run_side(name: str, train_file: Path, out: Path, steps: int) -> dict:
     result = out / f"{name}.json"
     cmd = [sys.executable, __file__, "--side", name, "--train-file", str(train_file), "--out", str(out),
-           "--steps", str(steps), "--result", str(result)]
+           "--steps", str(steps), "--result", str(result), *(["--model", MODEL] if MODEL else [])]
     with open(out / f"{name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return json.loads(result.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--eval-pairs", type=int, default=60)
@@ -209,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--side", choices=["trl", "lorakit"])
     p.add_argument("--train-file")
     p.add_argument("--result")
+    p.add_argument("--model", help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
     a = p.parse_args(argv)
+    global MODEL
+    MODEL = a.model
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))
@@ -229,10 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     for s in (t, k):
         print(f"| {s['side']} | {s['loop_s']:.1f} | {s['pairs_per_s']:.2f} | {s['peak_rss'] / 2**20:,.0f} | "
               f"{s['last_loss']:.4f} | {s['accuracy']:.3f} | {s['mean_margin']:.3f} |")
-    print(json.dumps({"pairs_per_s_ratio": round(k["pairs_per_s"] / t["pairs_per_s"], 3),
-                      "peak_rss_ratio": round(k["peak_rss"] / t["peak_rss"], 3),
-                      "accuracy": {"trl": t["accuracy"], "lorakit": k["accuracy"]},
-                      "reference_s": k.get("reference_s"), "sides": sides}))
+    summary = {"pairs_per_s_ratio": round(k["pairs_per_s"] / t["pairs_per_s"], 3),
+               "peak_rss_ratio": round(k["peak_rss"] / t["peak_rss"], 3),
+               "accuracy": {"trl": t["accuracy"], "lorakit": k["accuracy"]},
+               "reference_s": k.get("reference_s"), "sides": sides}
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -281,3 +281,19 @@ def test_targets_runs_compare_and_keeps_its_summary(tmp_path, tiny_model_dir):
     assert kept["mode"] == "quick" and kept["steps"] == 4
     assert result["runs"]["quick-0"]["figures"]["throughput_ratio"] == kept["throughput_ratio"] > 0
     assert result["verdict"] in ("missed", "undecided")  # one comparison of four can never be "met"
+
+
+def test_dpo_benchmark_runs_both_sides_on_the_same_pairs(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "dpo.py"), "--model", str(tiny_model_dir), "--steps", "2",
+           "--eval-pairs", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["pairs_per_s_ratio"] > 0 and summary["peak_rss_ratio"] > 0
+    trl, lk = summary["sides"]["trl"], summary["sides"]["lorakit"]
+    assert trl["pairs"] == lk["pairs"] == 2 * 8  # same steps of batch 4 x accumulation 2 on both sides
+    for side in (trl, lk):
+        assert (Path(side["adapter"]) / "adapter_config.json").is_file()
+        assert 0.0 <= side["accuracy"] <= 1.0 and side["last_loss"] > 0
+    assert lk["reference_s"] > 0  # lorakit's one reference pass is timed and counted in its loop time

@@ -70,6 +70,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         raise ConfigError([f"train.method: {cfg.train.method} runs in one process for now; launch it without "
                            "torchrun / accelerate launch"])
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.model.adapter:
+        _adapter_template(cfg, log)
     prepared = prepare_method(cfg, tokenizer)
     log(f"data: {len(prepared.train)} train / {len(prepared.validation)} validation examples, "
         f"template '{prepared.template.name}'")
@@ -102,6 +104,20 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     if distributed.is_main():
         artifacts.release(backup)
     return cfg.run_dir
+
+
+def _adapter_template(cfg: Config, log: Callable[[str], None]) -> None:
+    """Continuing an adapter renders its data with the template it was trained with: data.template
+    auto means that one; another template is allowed (the user asked) but said."""
+    from lorakit.artifacts import find_adapter_dir, read_meta
+
+    trained = read_meta(find_adapter_dir(cfg.model.adapter)).template
+    name = trained.name if trained.name in ("alpaca", "chatml", "model") else trained.source
+    if cfg.data.template == "auto":
+        cfg.data.template = name
+    elif cfg.data.template != name:
+        log(f"warning: data.template {cfg.data.template!r} is not the template the adapter in {cfg.model.adapter} "
+            f"was trained with ({trained.name!r}); its answers were learned in that format")
 
 
 def _quiet(message: str) -> None:
