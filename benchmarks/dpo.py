@@ -8,21 +8,24 @@ instruction and input, `chosen` its reference answer, `rejected` the reference a
 row with the same instruction whose answer differs (a plausible wrong answer of the same style:
 a wrong order number, a wrong category). Training pairs from train.jsonl, held-out pairs from test.jsonl.
 
-Both sides start from SmolLM2-135M-Instruct with a new LoRA adapter (r 16, alpha 32, dropout 0,
-the guide's seven projections), sigmoid DPO with beta 0.1, lr 5e-5 constant, batch 4 pairs ×
-accumulation 2, fp32 on this CPU (no native bf16), each in its own process:
+Both sides start from SmolLM2-135M-Instruct (fp32 weights) with a new LoRA adapter (r 16, alpha 32,
+dropout 0, the guide's seven projections), sigmoid DPO with beta 0.1, lr 5e-5 constant, batch 4
+pairs × accumulation 2, each at its own default precision (TRL's DPOConfig: bf16 autocast;
+lorakit's mixed_precision auto: bf16 autocast on a CPU with native bf16, fp32 without), each in
+its own process:
 
 - TRL: `DPOTrainer(model, args=DPOConfig(...), train_dataset, peft_config)` with everything else
-  at TRL's defaults (padded chosen/rejected batches, reference by switching the adapter off at
-  every step); prompts are the alpaca template's text, so both sides see the same tokens.
+  at TRL's defaults (padded chosen/rejected batches, the reference by switching the adapter off at
+  every step, gradient checkpointing on); prompts are the alpaca template's text, so both sides
+  see the same tokens.
 - lorakit: `train.method: dpo` on the same rows, every other key at lorakit's defaults (packed
   pairs, reference log-probs computed once before the first step, LM head at answer positions).
 
 Measured the same way on both sides: pairs trained per second of the training loop (the Trainer's
 on_train_begin to on_train_end, plus, for lorakit, its reference pass, which runs once before the
-Trainer starts and is timed on its own), peak RSS of the process, and afterwards, in this process, each adapter's held-out preference accuracy: the share
-of held-out pairs whose implicit reward margin (log-ratio to the base, chosen minus rejected) is
-positive, computed from plain transformers logits.
+Trainer starts and is timed on its own), peak RSS of the process, and afterwards, in this process,
+each adapter's held-out preference accuracy: the share of held-out pairs whose implicit reward
+margin (log-ratio to the base, chosen minus rejected) is positive, from plain transformers logits.
 
 Prints a table and, last, one JSON line with the ratios (lorakit / TRL).
 """

@@ -41,8 +41,11 @@ def lorakit(*args: str, cwd: Path = ROOT) -> tuple[str, float]:
     return out.stdout + out.stderr, time.perf_counter() - start
 
 
-def exact_match(run: Path) -> float:
-    lorakit("eval", str(run), "--split", "test")
+TEST = ROOT / "src" / "lorakit" / "demo" / "data" / "test.jsonl"
+
+
+def exact_match(run: Path, test: Path) -> float:
+    lorakit("eval", str(run), "--data", str(test))  # the same file for every run, written as eval/test.*
     summary = json.loads((run / "eval" / "test.summary.json").read_text())
     return summary["scores"]["tuned"]["exact_match"]
 
@@ -56,30 +59,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft", default=str(ROOT / "runs" / "demo"))
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "runs" / "dpo-quality"))
+    p.add_argument("--test", default=str(TEST), help="held-out rows scored for every run (default: the demo's)")
+    p.add_argument("--reuse", action="store_true", help="keep the pairs and runs of an earlier call in --out "
+                                                        "(their seconds from its timings.json); only score again")
     a = p.parse_args(argv)
     sft, out = Path(a.sft).resolve(), Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (sft / "adapter").is_dir():
         raise SystemExit(f"no SFT run in {sft}: run `lorakit demo` first (or pass --sft RUN)")
-    pairs = out / "pairs.jsonl"
-    log, pairs_s = lorakit("pairs", str(sft), "--split", "validation", "--samples", str(a.samples),
-                           "--seed", "0", "--out", str(pairs))
+    pairs, dpo, control, timings = out / "pairs.jsonl", out / "dpo", out / "sft-more", out / "timings.json"
+    if a.reuse and timings.is_file():
+        pairs_s, dpo_s, control_s, steps = (json.loads(timings.read_text())[k]
+                                            for k in ("pairs", "dpo", "control", "control_steps"))
+    else:
+        _, pairs_s = lorakit("pairs", str(sft), "--split", "validation", "--samples", str(a.samples),
+                             "--seed", "0", "--out", str(pairs))
+        _, dpo_s = lorakit("train", str(ROOT / "examples" / "dpo.yaml"), "--model.adapter", str(sft),
+                           "--data.train", str(pairs), "--output.dir", str(out), "--output.name", "dpo",
+                           "--output.overwrite", "true")
+        # the control: more SFT from the same adapter, as many optimizer steps as fit in the same seconds
+        m = meta(sft)
+        per_step = m["metrics"]["train_seconds"] / max(1, m["metrics"]["steps"])
+        steps = max(1, math.floor((pairs_s + dpo_s) / per_step))
+        _, control_s = lorakit("train", str(sft / "config.yaml"), "--model.adapter", str(sft), "--train.method",
+                               "sft", "--train.max_steps", str(steps), "--train.eval_steps", "0", "--output.dir",
+                               str(out), "--output.name", "sft-more", "--output.overwrite", "true")
+        timings.write_text(json.dumps({"pairs": pairs_s, "dpo": dpo_s, "control": control_s, "control_steps": steps}))
     n_pairs = sum(1 for _ in pairs.open())
-    _, dpo_s = lorakit("train", str(ROOT / "examples" / "dpo.yaml"), "--model.adapter", str(sft),
-                       "--data.train", str(pairs), "--output.dir", str(out), "--output.name", "dpo",
-                       "--output.overwrite", "true")
-    dpo = out / "dpo"
     added = pairs_s + dpo_s
-    # the control: more SFT from the same adapter, as many optimizer steps as fit in the same seconds
-    m = meta(sft)
-    per_step = m["metrics"]["train_seconds"] / max(1, m["metrics"]["steps"])
-    steps = max(1, math.floor(dpo_s / per_step))
-    cfg = sft / "config.yaml"
-    _, control_s = lorakit("train", str(cfg), "--model.adapter", str(sft), "--train.method", "sft",
-                           "--train.max_steps", str(steps), "--train.eval_steps", "0", "--output.dir", str(out),
-                           "--output.name", "sft-more", "--output.overwrite", "true")
-    control = out / "sft-more"
-    em = {name: exact_match(run) for name, run in (("sft", sft), ("dpo", dpo), ("sft-more", control))}
+    test = Path(a.test).resolve()
+    em = {name: exact_match(run, test) for name, run in (("sft", sft), ("dpo", dpo), ("sft-more", control))}
     d = meta(dpo)["metrics"]
     print(f"pairs: {n_pairs} from the validation split ({pairs_s:.0f} s); DPO {d['steps']} steps ({dpo_s:.0f} s); "
           f"control: {steps} more SFT steps ({control_s:.0f} s)")

@@ -63,6 +63,8 @@ def test_dpo_starts_at_ln2_logs_its_figures_and_every_later_stage_reads_the_run(
     assert recs[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-3)  # step 0: policy = reference
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert key in first and f"eval_{key}" in [r for r in recs if "eval_loss" in r][-1]
+    page = RunPaths(run).report.read_text(encoding="utf-8")
+    assert 'id="chart-rewards"' in page and 'id="chart-preference"' in page  # the method's own figures
     stored = json.loads((run / "reference_logps.json").read_text())
     assert len(stored["train"]) + len(stored["validation"]) == len(PAIRS) * 2
     # later stages: the run folder is a normal one
@@ -72,6 +74,10 @@ def test_dpo_starts_at_ln2_logs_its_figures_and_every_later_stage_reads_the_run(
     answered = [json.loads(line) for line in RunPaths(run).eval_records("validation").read_text().splitlines()]
     assert summary.data == "validation" and len(answered) == len(stored["validation"]) == 8  # scored against the chosen answers
     assert {r["reference"] for r in answered} <= {p["chosen"] for p in PAIRS}
+    from lorakit.merge import merge
+
+    merge(run, tmp_path / "merged", log=lambda *_: None)  # its own parity check: merged = base + adapter
+    assert (tmp_path / "merged" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
@@ -215,3 +221,19 @@ def test_diagnostics_name_the_known_preference_failures():
     for step, (margin, chosen) in enumerate([(0.0, -30), (0.5, -33), (1.0, -36), (1.5, -39), (2.0, -42)], 1):
         log(step, loss=0.5, **{"rewards/margins": margin, "logps/chosen": float(chosen)})
     assert seen == ["chosen_collapse"]  # the margin grows by pushing the chosen answers down too
+
+
+def test_dpo_on_a_4bit_base_starts_at_ln2_and_trains(tmp_path, pairs):
+    """QLoRA as for SFT (bitsandbytes runs 4-bit on CPU too): the reference is computed on the same
+    4-bit base, so the first loss is still ln 2."""
+    from conftest import build_tiny_model
+
+    from lorakit.pipeline import train
+
+    model_dir = build_tiny_model(tmp_path / "q", hidden=128)  # 4-bit blocks need rows of 64+
+    run = train(cfg_for(tmp_path, model_dir, pairs, "qdpo", model={"quantization": "4bit", "dtype": "auto"},
+                        train={"mixed_precision": "auto"}), progress=False, log=lambda *_: None)
+    losses = [r["loss"] for r in records(run) if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and all(math.isfinite(x) for x in losses)
+    meta = json.loads((run / "adapter" / "lorakit.json").read_text())
+    assert meta["base_model"]["quantization"] == "4bit"

@@ -110,13 +110,36 @@ def _charts(f: RunFiles) -> str:
                    note="Running average since training began. Trained: tokens in the loss; real: every "
                         "non-padding token through the model."),
     ]
+    charts += _preference_charts(train, evals, pts)
     extra = sorted({k for r in evals for k, v in r.items() if k.startswith("eval_") and k not in EVAL_LOG_SKIP
+                    and k.removeprefix("eval_").split("/")[0] not in PREFERENCE_FIGURES
                     and (finite(v) or v is None)})
     if extra:
         charts.append(line_chart("chart-eval-metrics", "Eval metrics",
                                  [Series(k.removeprefix("eval_"), pts(evals, k), markers=True) for k in extra],
                                  "score"))
     return f'<section id="charts"><h2>Training curves</h2><div class="charts">{"".join(charts)}</div></section>'
+
+
+PREFERENCE_FIGURES = ("rewards", "logps", "kl", "log_odds_ratio")
+"""The figures a preference method logs (lorakit.train.preference), charted on their own."""
+
+
+def _preference_charts(train: list[dict], evals: list[dict], pts) -> list[str]:
+    """Rewards and preference accuracy of a DPO / KTO / ORPO / SimPO run; none for SFT."""
+    if not any("rewards/margins" in r or "rewards/chosen" in r for r in train):
+        return []
+    rewards = [Series(name, pts(train, f"rewards/{name}")) for name in ("chosen", "rejected", "margins")]
+    rewards.append(Series("eval margins", pts(evals, "eval_rewards/margins"), markers=True))
+    return [
+        line_chart("chart-rewards", "Rewards", [s for s in rewards if s.points], "reward",
+                   note="The method's implicit reward of the chosen and rejected answers (beta x log-ratio to the "
+                        "reference for DPO / KTO, beta x mean log-prob for SimPO / ORPO), and their margin."),
+        line_chart("chart-preference", "Preference accuracy",
+                   [Series("train", pts(train, "rewards/accuracies")),
+                    Series("eval", pts(evals, "eval_rewards/accuracies"), markers=True)], "share",
+                   note="Share of pairs whose chosen answer out-scores the rejected one."),
+    ]
 
 
 def _config(f: RunFiles) -> str:
