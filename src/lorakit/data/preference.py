@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from lorakit.config import Config, DataConfig
-from lorakit.data.dataset import DataStats, RowNote, _as_list, fingerprint, percentiles, split_rows
+from lorakit.data.dataset import DataStats, Prepared, RowNote, _as_list, fingerprint, percentiles, split_rows
 from lorakit.data.formats import (_KEYS, FORMATS, PREFERENCE_FORMATS, _field, _short, _with_system, detect_format,
                                   message_list)
 from lorakit.data.sources import read_rows
@@ -237,19 +237,12 @@ def sequences(item: dict) -> list[dict]:
 
 
 @dataclass
-class PreparedPreference:
-    kind: str
+class PreparedPreference(Prepared):
+    """`dataset.Prepared` whose items are pairs or labelled completions; the fingerprint is over both
+    sides' ids and labels (and KTO's labels) of both splits."""
+
+    kind: str = "preference"
     """'preference' (pairs) or 'kto' (labelled completions)."""
-    train: list[dict]
-    validation: list[dict]
-    train_examples: list[dict]
-    validation_examples: list[dict]
-    template: Template
-    stats: DataStats
-    fingerprint: str
-    """sha256 over both sides' ids and labels (and KTO's labels) of both splits."""
-    train_where: list[str] = field(default_factory=list)
-    validation_where: list[str] = field(default_factory=list)
 
 
 def preference_kind(d: DataConfig) -> str | None:

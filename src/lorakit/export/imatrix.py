@@ -396,7 +396,7 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
     importance is an even mix; every token weighs the same in it) in n_ctx chunks."""
     from lorakit import config as config_mod
     from lorakit.artifacts import RunPaths, find_adapter_dir, read_meta
-    from lorakit.data.dataset import prepare
+    from lorakit.data.preference import answers, prepare_method
 
     adapter_dir = find_adapter_dir(run)
     paths, meta = RunPaths.of(adapter_dir), read_meta(adapter_dir)
@@ -408,11 +408,11 @@ def chunks_for_run(run: str | Path, tokenizer=None, *, max_rows: int = 256, max_
         from lorakit.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(meta.base.model_config())
-    prepared = prepare(cfg, tokenizer)
+    prepared = prepare_method(cfg, tokenizer)
     if prepared.fingerprint != meta.data.fingerprint:
         log("warning: the training data changed since this run (fingerprint differs): the importance matrix is "
             "collected on the data as it is now")
-    items = prepared.train
+    items = answers(prepared, "train")[0]  # a preference run: its chosen answers, the text it was pulled toward
     picked = sorted(random.Random(cfg.train.seed).sample(range(len(items)), min(max_rows, len(items))))
     chunks: list[list[int]] = []
     row_tokens = 0
