@@ -368,6 +368,10 @@ def prepare_method(cfg: Config, tokenizer: Any):
 
     if cfg.train.method == "sft":
         return prepare(cfg, tokenizer)
+    if cfg.train.method == "grpo":
+        from lorakit.data.prompts import prepare_prompts
+
+        return prepare_prompts(cfg, tokenizer)
     prepared = prepare_preference(cfg, tokenizer)
     wanted = "kto" if cfg.train.method == "kto" else "preference"
     if prepared.kind != wanted:

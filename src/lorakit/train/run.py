@@ -166,6 +166,8 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
     total = total_steps(cfg, n_train)
     eval_every = t.eval_steps if t.eval_steps > 0 else total
     rows, accum = (t.batch_size * t.grad_accum, 1) if cfg.data.packing else (t.batch_size, t.grad_accum)
+    if t.method == "grpo":  # a step is one batch of prompts and their rollouts
+        rows, accum, has_eval = cfg.grpo.prompts_per_step, 1, False
     args = dict(
         output_dir=str(RunPaths(run_dir).checkpoints),
         per_device_train_batch_size=rows,
@@ -218,7 +220,10 @@ def total_steps(cfg: Config, n_train: int) -> int:
     t = cfg.train
     if t.max_steps > 0:
         return t.max_steps
-    per_epoch = max(1, math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum))
+    if t.method == "grpo":
+        per_epoch = max(1, math.ceil(n_train / cfg.grpo.prompts_per_step))
+    else:
+        per_epoch = max(1, math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum))
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
@@ -288,6 +293,14 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         make, extra = trainer_mod.LorakitTrainer, {}
         collator = PackedCollator(tokens_per_pass=setup.tokens_per_pass) if cfg.data.packing \
             else Collator(tokenizer.pad_token_id)
+    elif method == "grpo":
+        from lorakit.rewards import load_rewards
+        from lorakit.train import grpo
+
+        rewards = load_rewards(cfg.grpo.rewards, Path.cwd())
+        rewards.check([dict(it["columns"]) for it in prepared.train[:4]])  # a broken reward fails now
+        make, collator, probe = grpo.GrpoTrainer, grpo.collate_prompts, None
+        extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template}
     else:
         from lorakit.train import preference
 
@@ -300,7 +313,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         tokens_per_pass=setup.tokens_per_pass,
         fast_path=cfg.train.fast_path,
         train_dataset=prepared.train,
-        eval_dataset=prepared.validation or None,
+        eval_dataset=(prepared.validation or None) if method != "grpo" else None,
         processing_class=tokenizer,
         callbacks=[c for c in all_callbacks if c is not None],
         token_counter=counter,
@@ -308,7 +321,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         generation_probe=probe,
         **extra,
     )
-    if method != "sft":
+    if method not in ("sft", "grpo"):
         for note in preference.attach_reference(trainer, paths, prepared):
             log(note)
     trainer.remove_callback(PrinterCallback)  # Progress shows the same records, readably

@@ -1,0 +1,179 @@
+"""GRPO (train.method grpo): rollouts on lorakit's decoder from the live policy, rewards by code.
+
+Each optimizer step takes `grpo.prompts_per_step` prompts, samples `grpo.generations` completions
+of each from the adapter being trained — the same model object, switched to eval mode and run by
+`lorakit.infer.Decoder` (batched, KV-cached, each row with its own seed), no copy of the weights —
+scores them with the reward functions, and takes one policy-gradient step on them
+(`lorakit.model.policy`): the completions, packed behind their prompts into padding-free rows,
+are passes like SFT's, each token weighted so that the passes add up to the step's loss.
+
+The rollouts' seeds are derived from train.seed, the step and the row, so a run is reproducible
+and a resumed one samples what the uninterrupted one would have. The policy that generated the
+rollouts is the one being updated (one update per batch of rollouts), so the old log-probs are the
+new ones, detached: the ratio is 1 in value and the gradient is the policy gradient. With
+grpo.beta > 0 the reference is the model as training started, computed with the adapter switched
+off (a new adapter) — continuing a trained adapter with a KL term is refused for now.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from lorakit.data.collate import IGNORE_INDEX, pack_bins
+from lorakit.data.prompts import WHERE
+from lorakit.model import policy as P
+from lorakit.model.loss import split_head
+from lorakit.train.trainer import LorakitTrainer
+
+SEED_STRIDE = 1_000_003
+"""Rollout seeds: train.seed + step × SEED_STRIDE + row, distinct for every (step, row) of a run."""
+
+
+def collate_prompts(features: list[dict]) -> dict[str, Any]:
+    """A batch of prompts stays a list: the rollouts make the tensors."""
+    return {"prompts": list(features)}
+
+
+class GrpoTrainer(LorakitTrainer):
+    """LorakitTrainer whose step samples, scores and learns from its own completions."""
+
+    def __init__(self, *args, settings, rewards, template, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings, self.rewards, self.template = settings, rewards, template
+        self.loss_is_scaled_for_ga = True
+        self.head = split_head(self.model)
+        self._figures: dict[str, list[float]] = defaultdict(list)
+        self.samples: list[dict] = []  # the last step's first completions, for the report
+
+    # ------------------------------------------------------------------ rollouts
+
+    @torch.no_grad()
+    def rollouts(self, prompts: list[dict], step: int) -> list[dict]:
+        """`generations` completions of every prompt from the model as it is now."""
+        from lorakit.infer.decoder import Decoder, Request
+        from lorakit.infer.sampling import Sampling
+
+        s, tok = self.settings, self.processing_class
+        sampling = Sampling(max_new_tokens=s.max_completion_tokens, temperature=s.temperature, top_p=s.top_p)
+        stop = tuple(self.template.stop_token_ids(tok))
+        base_seed = self.args.seed + step * SEED_STRIDE
+        reqs, owners = [], []
+        for i, p in enumerate(prompts):
+            for g in range(s.generations):
+                row = i * s.generations + g
+                reqs.append(Request(p["prompt_ids"], s.max_completion_tokens, sampling, stop, seed=base_seed + row))
+                owners.append(i)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with self.accelerator.autocast(), Decoder(model, tok, stacked=False) as decoder:
+                rows = decoder.run(reqs)
+        finally:
+            model.train(was_training)
+        out = []
+        for r, i in zip(rows, owners):
+            ids = list(r.ids) + ([r.stop_token] if r.stop_token is not None else [])
+            out.append({"prompt": i, "prompt_ids": prompts[i]["prompt_ids"], "completion_ids": ids,
+                        "text": tok.decode(r.ids, skip_special_tokens=True).strip(),
+                        "finished": r.finish_reason == "stop"})
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        s = self.settings
+        prompts = inputs["prompts"]
+        done = self.rollouts(prompts, self.state.global_step)
+        texts = [self.template.render(p.get("messages", []), add_generation_prompt=True) if "messages" in p
+                 else self.processing_class.decode(p["prompt_ids"]) for p in prompts]
+        rows = [{**prompts[d["prompt"]]["columns"], "finished": d["finished"]} for d in done]
+        total, per_reward = self.rewards.score([texts[d["prompt"]] for d in done], [d["text"] for d in done], rows)
+        rewards = torch.tensor(total, dtype=torch.float32)
+        adv = P.advantages(rewards, s.generations, s.scale_rewards)
+        self._record(rewards, per_reward, done)
+        lengths = torch.tensor([float(len(d["completion_ids"])) for d in done])
+        tokens = int(lengths.sum())
+        loss_total = torch.zeros(())
+        passes = pack_bins([len(d["prompt_ids"]) + len(d["completion_ids"]) for d in done],
+                           self.tokens_per_pass or 10**9)
+        for j, group in enumerate(passes):
+            batch = _packed([done[k] for k in group])
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            sync = self.accelerator.no_sync(model) if j < len(passes) - 1 else _null()
+            with sync, self.compute_loss_context_manager():
+                loss = self._pass_loss(model, batch, adv[group], lengths[group], len(done), tokens)
+                self.accelerator.backward(loss)
+            loss_total += loss.detach().float().cpu()
+        self.token_counter.add(tokens, tokens + sum(len(d["prompt_ids"]) for d in done), tokens)
+        return loss_total.to(self.args.device)
+
+    def _pass_loss(self, model, batch, adv, lengths, completions: int, tokens: int) -> torch.Tensor:
+        s = self.settings
+        with self.accelerator.autocast():
+            if self.head is None or self.processes > 1:
+                logp, seq = P.token_logps(self.head[0] if self.head else None, None, batch, model=model)
+            else:
+                logp, seq = P.token_logps(*self.head, batch, head_weight=self._half_head())
+            ref = None
+            if s.beta:
+                with torch.no_grad(), model.disable_adapter():
+                    ref, _ = P.token_logps(*self.head, batch) if self.head else \
+                        P.token_logps(None, None, batch, model=model)
+        per_token, figures = P.clipped_token_loss(logp, logp.detach(), adv.to(logp.device)[seq],
+                                                  epsilon=s.epsilon, epsilon_high=s.epsilon_high or s.epsilon,
+                                                  beta=s.beta, ref=ref)
+        for name, values in figures.items():
+            self._figures[name].append(float(values.mean()))
+        w = P.token_weights(seq, lengths.to(seq.device), s.loss_type, completions=completions, tokens=tokens,
+                            max_tokens=s.max_completion_tokens)
+        return (w * per_token).sum()
+
+    # ------------------------------------------------------------------ what is logged
+
+    def _record(self, rewards: torch.Tensor, per_reward: dict[str, list[float]], done: list[dict]) -> None:
+        g = self.settings.generations
+        f = self._figures
+        f["reward"].append(float(rewards.mean()))
+        f["reward_std"].append(float(rewards.view(-1, g).std(dim=1).mean()) if g > 1 else 0.0)
+        f["zero_spread_groups"].append(float((rewards.view(-1, g).std(dim=1) == 0).float().mean()) if g > 1 else 1.0)
+        for name, values in per_reward.items():
+            f[f"rewards/{name}"].append(sum(values) / len(values))
+        f["completion_length"].append(sum(len(d["completion_ids"]) for d in done) / len(done))
+        f["truncated"].append(sum(not d["finished"] for d in done) / len(done))
+        self.samples = [{"completion": d["text"], "reward": float(r)} for d, r in zip(done[:g], rewards[:g])]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._figures.items() if v}}
+            self._figures.clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return torch.zeros((), device=self.args.device), None, None  # evaluation is the generation probe
+
+
+def _packed(done: list[dict]) -> dict[str, torch.Tensor]:
+    """Prompt + completion sequences in one padding-free row, labels on the completions only."""
+    ids, labels, positions = [], [], []
+    for d in done:
+        seq = d["prompt_ids"] + d["completion_ids"]
+        ids += seq
+        labels += [IGNORE_INDEX] * len(d["prompt_ids"]) + d["completion_ids"]
+        positions += range(len(seq))
+    row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["GrpoTrainer", "WHERE", "collate_prompts"]
