@@ -227,8 +227,10 @@ def _checked(r: Reward, prompt: str, completion: str, kwargs: dict[str, Any], at
     number = _number(value)
     if number is None:
         fix = f"fix {r.path.name} so it returns" if r.path else "a reward returns"
+        batched = (" (a reward is called once per answer and returns one number; TRL's reward functions take "
+                   "and return lists)") if isinstance(value, (list, tuple)) else ""
         raise LorakitError(f"{r.label} returned {_shown(value)} on {at}, which is not a finite number",
-                           hint=f"{fix} an int, a float or a bool for every answer", where=where)
+                           hint=f"{fix} an int, a float or a bool for every answer{batched}", where=where)
     return number
 
 
