@@ -66,7 +66,8 @@ def test_json_fields_counts_the_references_leaves():
     assert one("json_fields", '{"name": "Ada", "age": 37, "tags": ["x", "z"]}', ref) == 0.5  # 2 of 4 leaves
     assert one("json_fields", '{"name": "Ada", "age": 36', ref) == 0.0  # not JSON: no field
     assert one("json_fields", '{"a": 1}', {"gold": {"a": 1, "b": 2}}, column="gold") == 0.5  # an object column
-    assert one("json_fields", "{}", {"reference": "{}"}) == 1.0 and one("json_fields", '{"a": 1}', {"reference": "{}"}) == 0.0
+    assert one("json_fields", "{}", {"reference": "{}"}) == 1.0  # no leaves: the answer must be that empty value
+    assert one("json_fields", '{"a": 1}', {"reference": "{}"}) == 0.0
 
 
 def test_json_fields_refuses_a_reference_that_is_not_json():
@@ -255,7 +256,7 @@ def test_a_reward_that_returns_no_number_is_named(tmp_path, returned, shown):
     rewards = load_rewards([RewardConfig("my_rewards.py:bad")], base_dir=tmp_path)
     with pytest.raises(LorakitError) as e:
         rewards.score(["p"], ["a"], [{}])
-    assert f"reward 'bad' (grpo.rewards[0], " in str(e.value)
+    assert "reward 'bad' (grpo.rewards[0], " in str(e.value)
     assert f"{shown} on row 0 of the batch, which is not a finite number" in str(e.value)
     assert e.value.hint.startswith("fix my_rewards.py so it returns an int, a float or a bool for every answer")
     assert ("TRL's reward functions take and return lists" in e.value.hint) == returned.startswith("[")
@@ -300,7 +301,8 @@ def test_check_reaches_the_reference_answer_and_reports_means(tmp_path):
         def needs_text(prompt, completion, **row):
             return 0.0 if not completion else float(completion.upper())
     """)
-    rows = [{"prompt": "a", "completion": "yes"}, {"prompt": "b"}, {"prompt": "c", "reference": "no", "finished": False}]
+    rows = [{"prompt": "a", "completion": "yes"}, {"prompt": "b"},
+            {"prompt": "c", "reference": "no", "finished": False}]
     rewards = load_rewards([RewardConfig("exact_match", args={"column": "reference"}), RewardConfig("format")])
     assert rewards.check(rows[::2]) == {"exact_match": {"empty": 0.0, "reference": 1.0},
                                         "format": {"empty": 0.5, "reference": 0.5}}  # a row's own finished wins
@@ -347,7 +349,8 @@ def test_grpo_section_loads_from_yaml(tmp_path):
     cfg = config.load(write(tmp_path, GRPO_YAML))
     g = cfg.grpo
     assert (g.generations, g.epsilon_high, g.scale_rewards, g.loss_type, g.beta) == (8, 0.28, "none", "dapo", 0.04)
-    assert g.rewards == [RewardConfig("exact_match", 2.0), RewardConfig("regex", 1.0, {"pattern": r"^\d+$", "fullmatch": True}),
+    assert g.rewards == [RewardConfig("exact_match", 2.0),
+                         RewardConfig("regex", 1.0, {"pattern": r"^\d+$", "fullmatch": True}),
                          RewardConfig(f"{tmp_path / 'mine' / 'r.py'}:score", 0.5, {"bonus": 1})]
     rewards = load_rewards(g.rewards, base_dir=tmp_path)
     assert rewards.names == ["exact_match", "regex", "score"]
@@ -363,9 +366,10 @@ def test_a_misspelt_key_inside_a_reward_gets_did_you_mean(tmp_path):
     text = GRPO_YAML.replace("weight: 2", "wieght: 2").replace("{pattern:", "{patern: x, pattern:")
     with pytest.raises(ConfigError) as e:
         config.load(write(tmp_path, text.replace("- {name: regex", "- {nmae: regex")))
+    valid = "; valid keys here: name, weight, args"
     assert e.value.problems == [
-        "unknown key 'grpo.rewards[0].wieght' (did you mean 'grpo.rewards[0].weight'?); valid keys here: name, weight, args",
-        "unknown key 'grpo.rewards[1].nmae' (did you mean 'grpo.rewards[1].name'?); valid keys here: name, weight, args",
+        "unknown key 'grpo.rewards[0].wieght' (did you mean 'grpo.rewards[0].weight'?)" + valid,
+        "unknown key 'grpo.rewards[1].nmae' (did you mean 'grpo.rewards[1].name'?)" + valid,
     ]  # a built-in's own args are checked when the rewards load (test_regex_arguments_are_checked_when_loading)
 
 

@@ -96,7 +96,7 @@ class _Problems(Exception):
 
 @dataclass
 class Reward:
-    """One loaded reward: the function and how it is called."""
+    """A loaded reward, with what its errors must name (config key, file) beside the function."""
 
     name: str  # as logs show it: the built-in's or the function's name; a repeat gets "_2", "_3"
     weight: float
@@ -113,6 +113,8 @@ class Reward:
         return f"reward '{self.name}' ({self.key}, {self.origin})"
 
     def call(self, prompt: str, completion: str, row: Mapping[str, Any]) -> Any:
+        """A function without **row gets only the names it declares, so `def f(prompt, completion,
+        reference)` works on rows with more columns and on the `finished` flag every row carries."""
         kwargs = {**row, **self.args}
         if self.params is not None:
             missing = sorted(self.required - kwargs.keys())
@@ -173,7 +175,8 @@ class Rewards:
         ref: dict[str, list[float]] = {r.name: [] for r in self.rewards}
         if at:
             _, ref = self._score([prompts[i] for i in at], [_text(reference(sample[i])) for i in at],
-                                 [sample[i] for i in at], at, ", given the row's reference answer in the check before training")
+                                 [sample[i] for i in at], at,
+                                 ", given the row's reference answer in the check before training")
         return {name: {"empty": sum(v) / len(v) if v else None,
                        "reference": sum(ref[name]) / len(ref[name]) if ref[name] else None}
                 for name, v in empty.items()}
@@ -258,7 +261,8 @@ def _shown(value: Any) -> str:
 
 
 def _frame(e: BaseException, path: Path) -> str:
-    """" (r.py line 7)": the deepest line of the user's file in the traceback, which the CLI does not print."""
+    """Where in the user's file it failed, e.g. " (r.py line 7)": the CLI prints no traceback for a
+    LorakitError, and "division by zero" alone does not say which line of a long reward divided."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
     return f" ({path.name} line {frames[-1].lineno})" if frames else ""
 
