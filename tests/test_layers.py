@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"resolve"},
     {"data"},
-    {"artifacts", "metrics"},
+    {"artifacts", "metrics", "rewards"},
     {"model"},
     {"infer"},
     {"train"},

@@ -27,6 +27,8 @@ from lorakit.config.declare import _help
 from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PairsConfig
 from lorakit.config.stages import SamplingConfig
 from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
+from lorakit.config.grpo import GrpoConfig, check_grpo, split_user_reward
+from lorakit.config.grpo import RewardConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.config.preference import METHODS, DpoConfig, KtoConfig, OrpoConfig, SimpoConfig, check_preference
 from lorakit.errors import ConfigError
 
@@ -163,7 +165,9 @@ class TrainConfig:
     method: Literal[METHODS] = _help(  # type: ignore[valid-type]
         "What the adapter learns from: 'sft' (answers to imitate) or a preference method on "
         "{prompt, chosen, rejected} pairs — 'dpo', 'orpo', 'simpo' — or on single answers labelled "
-        "good/bad — 'kto'. Each method's own settings are in its section (dpo:, kto:, orpo:, simpo:).",
+        "good/bad — 'kto' — or 'grpo': answers it samples itself, scored by reward functions (training "
+        "for grpo is not in this version yet). Each method's own settings are in its section (dpo:, "
+        "kto:, orpo:, simpo:, grpo:).",
         "sft")
     epochs: Union[float, Literal["auto"]] = _help(
         "Passes over the training data (ignored when max_steps > 0)." + _BY_SIZE, 3
@@ -267,6 +271,7 @@ class Config:
     kto: KtoConfig = field(default_factory=KtoConfig)
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -325,6 +330,18 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
             return value
         return [_coerce(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # an entry of a list of records (grpo.rewards)
+        if not isinstance(value, dict):
+            keys = ", ".join(f.name for f in dataclasses.fields(tp))
+            first = dataclasses.fields(tp)[0].name
+            fix = f" (write it as {{{first}: {value!r}}})" if isinstance(value, str) else ""
+            problems.append(f"{key}: expected a mapping with the keys {keys}, got {type(value).__name__} {value!r}{fix}")
+            return value
+        return _build(tp, value, key, problems)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            problems.append(f"{key}: expected a mapping of names to values, got {type(value).__name__} {value!r}")
+        return value
     return _coerce_scalar(value, tp, key, problems)
 
 
@@ -410,6 +427,15 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = _build(tp, value, full, problems)
         else:
             kwargs[key] = _coerce(value, tp, full, problems)
+    # A key without a default (a reward's name) must be given; a misspelt one was reported above.
+    required = [name for name, f in fields.items() if name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        suggested = {_suggest(str(k), list(fields)) for k in raw if k not in fields}
+        for name in required:
+            if name not in suggested:
+                problems.append(f"{prefix or 'top level'}: key '{name}' is missing; add it ({fields[name].metadata['help']})")
+        return raw  # not a valid record: the problems above stop the load
     return cls(**kwargs)
 
 
@@ -422,6 +448,8 @@ def _check(cfg: Config, problems: list[str]) -> None:
     """Cross-field and range checks, all in one place."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
     check_preference(cfg, problems)
+    if t.method == "grpo":
+        check_grpo(cfg, problems)
     if not d.train:
         problems.append("data.train: no training data given; set it to a file, folder or hub dataset id")
     if not 0 <= d.val_fraction < 1:
@@ -595,6 +623,9 @@ def from_dict(raw: dict[str, Any], source: str | None = None, base_dir: Path | N
         cfg.model.name = _resolve(cfg.model.name, base_dir)
         if cfg.model.adapter:
             cfg.model.adapter = _resolve(cfg.model.adapter, base_dir)
+        for reward in cfg.grpo.rewards:  # a reward file, like a data file, is read from the config's folder
+            if (user := split_user_reward(reward.name)) is not None:
+                reward.name = f"{_resolve(user[0], base_dir)}:{user[1]}"
     return cfg
 
 
@@ -704,6 +735,12 @@ def _type_label(tp: Any) -> str:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"list[{_type_label(get_args(tp)[0])}]"
+    if dataclasses.is_dataclass(tp):  # a record: its keys and their types, as a flow mapping shows them
+        hints = typing.get_type_hints(tp)
+        return f"{tp.__name__} {{" + ", ".join(f"{f.name}: {_type_label(hints[f.name])}"
+                                              for f in dataclasses.fields(tp)) + "}"
+    if origin is dict:
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -725,9 +762,16 @@ def field_docs() -> list[FieldDoc]:
     return docs
 
 
+def _plain(value: Any) -> Any:
+    """A value YAML can write: the records of a list of records (grpo.rewards) as mappings."""
+    if isinstance(value, list):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value
+
+
 def _yaml_value(value: Any) -> str:
     """`value` as it is written after `key: ` in a config (flow style, YAML quoting)."""
-    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9)
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**9, sort_keys=False)
     return text.removesuffix("\n...\n").rstrip("\n")
 
 
@@ -774,7 +818,7 @@ def to_yaml(cfg: Config | None = None, width: int = 88, sections: list[str] | No
         comment = textwrap.wrap(doc.help, width - 4) + [f"type: {doc.type}"]
         lines += [f"  # {c}" for c in comment]
         if cfg is not None:
-            value = getattr(getattr(cfg, name), key)
+            value = _plain(getattr(getattr(cfg, name), key))
         else:
             value = doc.default if doc.example is None else doc.example
         text = _yaml_value(value)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from lorakit.config.declare import _help
 
-METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
 PAIRED = ("dpo", "orpo", "simpo")
 """Methods that train on {prompt, chosen, rejected} pairs; kto trains on single labelled answers."""
 WITH_REFERENCE = ("dpo", "kto")
