@@ -79,6 +79,12 @@ def test_grpo_trains_logs_its_rewards_and_repeats_exactly(tmp_path, tiny_model_d
     a, b = adapter(runs[0]), adapter(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # it learned something
+    # later stages read the run like any other: eval scores it against the rows' answers (alpaca output)
+    from lorakit.evaluate import evaluate_run
+    from lorakit.config import EvalConfig
+
+    [summary] = evaluate_run(runs[0], EvalConfig(data=[str(data)], limit=4), log=lambda *_: None)
+    assert summary.scores["tuned"]["exact_match"] is not None
 
 
 def test_a_broken_reward_fails_before_the_first_step(tmp_path, tiny_model_dir, data):
@@ -113,3 +119,44 @@ def test_grpo_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir,
     a, b = adapter(tmp_path / "runs" / "whole"), adapter(tmp_path / "runs" / "cut")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_the_kl_term_is_zero_while_the_policy_is_the_base_and_grows_after(tmp_path, tiny_model_dir, data):
+    from lorakit import config
+    from lorakit.pipeline import train
+
+    cfg = config.load(_yaml(tmp_path, tiny_model_dir, data, "kl"))
+    cfg.grpo.beta = 0.04
+    run = train(cfg, progress=False, log=lambda *_: None)
+    kl = [r["kl"] for r in records(run) if "loss" in r]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # a new adapter starts at zero: the policy is the reference
+    assert kl[-1] > 0  # after two updates (lr 1e-2) it has moved away, and the k3 estimate is positive
+
+
+def test_prompt_rows_keep_their_columns_and_a_reference_for_eval(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from lorakit import config
+    from lorakit.data.preference import answers
+    from lorakit.data.prompts import WHERE, prepare_prompts
+    from lorakit.errors import DataError
+
+    rows = [{"instruction": "Extract the order number.", "input": "Order #555 is late.", "output": "#555",
+             "schema": "order"},
+            {"prompt": "Say hi.", "tag": 3},
+            {"prompt": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]}] * 2
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = config.from_dict({"model": {"name": str(tiny_model_dir)}, "train": {"method": "grpo"},
+                            "grpo": {"rewards": [{"name": "exact_match"}]},
+                            "data": {"train": [str(f)], "template": "alpaca", "val_fraction": 0.5}})
+    p = prepare_prompts(cfg, tiny_tokenizer)
+    cols = [it["columns"] for it in p.train + p.validation]
+    assert {"reference": "#555", "schema": "order"}.items() <= next(c for c in cols if "schema" in c).items()
+    assert all(c[WHERE].startswith(str(f)) for c in cols)
+    assert next(c for c in cols if "tag" in c).get("reference") is None  # no answer in that row
+    items, examples, _ = answers(p, "validation")  # rows with an answer, SFT-encoded for eval's loss
+    assert all(ex["messages"][-1]["role"] == "assistant" for ex in examples)
+    assert all(len(it["input_ids"]) == len(it["labels"]) for it in items)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt"}])
+    cfg.data.train = [str(bad)]
+    with pytest.raises(DataError) as e:
+        prepare_prompts(cfg, tiny_tokenizer)
+    assert f"{bad} line 1" in str(e.value) and "instruction" in e.value.hint

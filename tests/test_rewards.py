@@ -348,7 +348,7 @@ def test_grpo_section_loads_from_yaml(tmp_path):
     user_file(tmp_path / "mine", "def score(prompt, completion, *, bonus, **row):\n    return bonus\n", "r.py")
     cfg = config.load(write(tmp_path, GRPO_YAML))
     g = cfg.grpo
-    assert (g.generations, g.epsilon_high, g.scale_rewards, g.loss_type, g.beta) == (8, 0.28, "none", "dapo", 0.04)
+    assert (g.generations, g.epsilon_high, g.scale_rewards, g.loss_type, g.beta) == (8, 0.28, "none", "dapo", 0.0)
     assert g.rewards == [RewardConfig("exact_match", 2.0),
                          RewardConfig("regex", 1.0, {"pattern": r"^\d+$", "fullmatch": True}),
                          RewardConfig(f"{tmp_path / 'mine' / 'r.py'}:score", 0.5, {"bonus": 1})]
@@ -411,7 +411,7 @@ def test_lorakit_config_lists_the_grpo_keys(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     for key, default in [("rewards", "[]"), ("prompts_per_step", "4"), ("generations", "4"),
-                         ("max_completion_tokens", "64"), ("temperature", "0.9"), ("top_p", "1.0"), ("beta", "0.04"),
+                         ("max_completion_tokens", "64"), ("temperature", "0.9"), ("top_p", "1.0"), ("beta", "0.0"),
                          ("epsilon", "0.2"), ("epsilon_high", "null"), ("loss_type", "dapo"),
                          ("updates_per_batch", "1"), ("scale_rewards", "group")]:
         assert f"grpo.{key}  (default: {default})" in out

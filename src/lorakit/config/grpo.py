@@ -59,9 +59,9 @@ class GrpoConfig:
         "group teaches nothing. TRL's default is 1.0.", 0.9)
     top_p: float = _help("Nucleus sampling of the answers, in (0, 1]; 1.0 (TRL's default) keeps every token.", 1.0)
     beta: float = _help(
-        "KL coefficient: how strongly the policy is held near the reference (the model as training "
-        "starts). 0.04 is DeepSeekMath's GRPO; 0.0 drops the KL term and the reference pass with it "
-        "(DAPO; TRL's default).", 0.04)
+        "KL coefficient: how strongly the policy is held near the reference (the base, with the "
+        "adapter switched off). 0.0, TRL's default and DAPO's, drops the KL term and the reference "
+        "pass with it; DeepSeekMath's GRPO used 0.04.", 0.0)
     epsilon: float = _help(
         "Clip of the policy ratio, low side: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] "
         "(PPO's clip; 0.2 in DeepSeekMath, DAPO and TRL).", 0.2)

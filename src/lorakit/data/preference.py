@@ -388,6 +388,9 @@ def answers(prepared, split: str) -> tuple[list[dict], list[dict], list[str]]:
     a KTO answer labelled good. What `lorakit eval` scores a preference run's validation split against."""
     items, examples = getattr(prepared, split), getattr(prepared, f"{split}_examples")
     wheres = getattr(prepared, f"{split}_where")
+    if "prompt_ids" in (items[0] if items else {}):  # GRPO prompts: the rows that carry a reference answer
+        kept = [(it["answer"], ex, w) for it, ex, w in zip(items, examples, wheres) if "answer" in it]
+        return [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
     if not isinstance(prepared, PreparedPreference):
         return items, examples, wheres
     side = "completion" if prepared.kind == "kto" else "chosen"

@@ -96,9 +96,14 @@ def prepare_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
             ids = template.encode_prompt(tokenizer, msgs)
             if len(ids) >= d.max_length:
                 ids = ids[-(d.max_length - 1):]  # the prompt's end, next to where the answer starts
-            items.append({"prompt_ids": ids, "columns": {**columns, WHERE: where}})
-            examples.append({"messages": msgs + ([{"role": "assistant", "content": columns["reference"]}]
-                                                 if isinstance(columns.get("reference"), str) else [])})
+            item = {"prompt_ids": ids, "columns": {**columns, WHERE: where}}
+            example = {"messages": msgs + ([{"role": "assistant", "content": columns["reference"]}]
+                                           if isinstance(columns.get("reference"), str) else [])}
+            if len(example["messages"]) > len(msgs):  # a reference: eval scores the run against it
+                answer_ids, labels = template.encode(tokenizer, example)
+                item["answer"] = {"input_ids": answer_ids[:d.max_length], "labels": labels[:d.max_length]}
+            items.append(item)
+            examples.append(example)
             wheres.append(where)
         return items, examples, wheres
 

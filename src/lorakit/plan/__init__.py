@@ -100,6 +100,11 @@ def make_plan(cfg: Config, *, device: str = "cpu", memory_gb: float | None = Non
         from lorakit.train.distributed import check_strategy
 
         check_strategy(cfg, device)  # the combinations training would refuse, refused here too
+    if cfg.train.method == "grpo":
+        raise LorakitError("lorakit plan does not model GRPO runs yet (rollouts, group size and completion "
+                           "length set its memory and time)",
+                           hint="try a few steps with --train.max_steps 2 and read the run's peak memory in "
+                                "adapter/lorakit.json")
     runtime = psutil.Process().memory_info().rss
     notes: list[str] = []
     tokenizer = load_tokenizer(cfg.model)  # a wrong model.name is a model error, not unreadable data

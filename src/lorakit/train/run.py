@@ -64,6 +64,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
 
+    if cfg.train.method == "grpo" and cfg.model.adapter and cfg.grpo.beta:
+        from lorakit.errors import ConfigError
+
+        raise ConfigError([f"grpo.beta: {cfg.grpo.beta} with model.adapter: a KL term against the started-from "
+                           "adapter is not supported yet (the reference would be the base); set grpo.beta: 0"])
     if world > 1 and cfg.train.method != "sft":
         from lorakit.errors import ConfigError
 
