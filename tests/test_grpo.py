@@ -75,6 +75,10 @@ def test_grpo_trains_logs_its_rewards_and_repeats_exactly(tmp_path, tiny_model_d
                 "completion_length", "clip_ratio"):
         assert key in recs[0] and math.isfinite(recs[0][key]), key
     assert 0 <= recs[0]["rewards/longer"] < 1
+    from lorakit.artifacts import RunPaths
+
+    page = RunPaths(runs[0]).report.read_text(encoding="utf-8")
+    assert 'id="chart-reward"' in page and 'id="chart-groups"' in page
     # the same seed samples the same rollouts and takes the same steps
     a, b = adapter(runs[0]), adapter(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -160,3 +164,19 @@ def test_prompt_rows_keep_their_columns_and_a_reference_for_eval(tmp_path, tiny_
     with pytest.raises(DataError) as e:
         prepare_prompts(cfg, tiny_tokenizer)
     assert f"{bad} line 1" in str(e.value) and "instruction" in e.value.hint
+
+
+def test_diagnostics_name_the_known_grpo_failures():
+    from types import SimpleNamespace
+
+    from lorakit import config
+    from lorakit.train.diagnostics import Diagnostics, Health
+
+    cfg = config.from_dict({"data": {"train": ["x.jsonl"]}, "train": {"method": "grpo"},
+                            "grpo": {"rewards": [{"name": "exact_match"}]}})
+    seen = []
+    diag = Diagnostics(cfg, Health(), lambda message, kind=None, step=None: seen.append(kind))
+    for step in range(1, 7):  # loss near 0 is normal for GRPO: no "flat loss" warning from it
+        diag.on_log(None, SimpleNamespace(global_step=step), None,
+                    logs={"loss": 0.0, "reward": 0.5, "zero_spread_groups": 1.0, "truncated": 0.75, "kl": 2.0})
+    assert seen == ["truncated", "kl_high", "zero_spread", "reward_flat"]

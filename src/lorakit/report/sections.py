@@ -110,7 +110,7 @@ def _charts(f: RunFiles) -> str:
                    note="Running average since training began. Trained: tokens in the loss; real: every "
                         "non-padding token through the model."),
     ]
-    charts += _preference_charts(train, evals, pts)
+    charts += _preference_charts(train, evals, pts) + _grpo_charts(train, pts)
     extra = sorted({k for r in evals for k, v in r.items() if k.startswith("eval_") and k not in EVAL_LOG_SKIP
                     and k.removeprefix("eval_").split("/")[0] not in PREFERENCE_FIGURES
                     and (finite(v) or v is None)})
@@ -121,7 +121,7 @@ def _charts(f: RunFiles) -> str:
     return f'<section id="charts"><h2>Training curves</h2><div class="charts">{"".join(charts)}</div></section>'
 
 
-PREFERENCE_FIGURES = ("rewards", "logps", "kl", "log_odds_ratio")
+PREFERENCE_FIGURES = ("rewards", "logps", "kl", "log_odds_ratio", "reward")
 """The figures a preference method logs (lorakit.train.preference), charted on their own."""
 
 
@@ -139,6 +139,24 @@ def _preference_charts(train: list[dict], evals: list[dict], pts) -> list[str]:
                    [Series("train", pts(train, "rewards/accuracies")),
                     Series("eval", pts(evals, "eval_rewards/accuracies"), markers=True)], "share",
                    note="Share of pairs whose chosen answer out-scores the rejected one."),
+    ]
+
+
+def _grpo_charts(train: list[dict], pts) -> list[str]:
+    """Rewards, the groups that taught nothing, and answer lengths of a GRPO run; none otherwise."""
+    if not any("reward" in r for r in train):
+        return []
+    names = sorted({k for r in train for k in r if k.startswith("rewards/")})
+    return [
+        line_chart("chart-reward", "Reward", [Series("reward (weighted sum)", pts(train, "reward")),
+                                              *[Series(n.removeprefix("rewards/"), pts(train, n)) for n in names]],
+                   "reward", note="Mean over the step's answers; each reward function unweighted."),
+        line_chart("chart-groups", "Groups and answers",
+                   [Series("zero-spread groups", pts(train, "zero_spread_groups")),
+                    Series("answers cut at the limit", pts(train, "truncated")),
+                    Series("clipped tokens", pts(train, "clip_ratio"))], "share",
+                   note="Zero-spread: every answer of the prompt scored the same (nothing to learn from)."),
+        line_chart("chart-length", "Answer length", [Series("tokens", pts(train, "completion_length"))], "tokens"),
     ]
 
 

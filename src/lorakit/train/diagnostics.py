@@ -30,6 +30,10 @@ REFERENCE_DRIFT = 1e-2
 """Largest mean |reward| (beta x log-ratio to the reference) at step 0 that is still rounding: the
 policy's fused fast path and the eval-mode reference differ by ~1e-5 relative in a log-prob of a
 few hundred nats, beta 0.1 -> ~1e-3; a stale or foreign reference is off by whole nats."""
+TRUNCATED_HIGH = 0.5
+"""Share of GRPO answers cut at the completion budget that is worth a warning."""
+KL_HIGH = 1.0
+"""Mean per-token KL estimate (nats) to the base past which a GRPO run is drifting away fast."""
 CHOSEN_COLLAPSE = 0.25
 """Fall of the chosen answers' mean log-prob, as a share of its start, that counts as a collapse
 (likelihood displacement: the margin grows by pushing both answers down)."""
@@ -113,6 +117,8 @@ class Diagnostics(TrainerCallback):
         self.evals_worse = 0
         self.stopped: str | None = None  # why training was stopped early, if it was
         self.margins: list[float] = []  # preference methods: logged reward margins, chosen log-probs
+        self.rewards: list[float] = []  # GRPO: mean reward and share of zero-spread groups per log
+        self.zero_spread: list[float] = []
         self.chosen: list[float] = []
 
     def _once(self, key: str, message: str, step: int | None = None) -> None:
@@ -141,7 +147,8 @@ class Diagnostics(TrainerCallback):
                 self._once("grad_low", f"warning: gradient norm {grad:.3g} at step {state.global_step} is below "
                            f"{GRAD_LOW:g} (vanishing); check that the loss mask covers the responses "
                            "(`lorakit data CONFIG`) and that train.lr is not tiny", state.global_step)
-        if "loss" in logs and math.isfinite(logs["loss"]):
+        if "loss" in logs and math.isfinite(logs["loss"]) and self.cfg.train.method != "grpo":
+            # (GRPO's loss is centred on 0 by its advantages: its progress is the reward, watched below)
             self.losses.append(logs["loss"])
             if len(self.losses) == 2 * FLAT_WINDOW:  # judged once, early: later plateaus are convergence
                 first = sum(self.losses[:FLAT_WINDOW]) / FLAT_WINDOW
@@ -153,8 +160,34 @@ class Diagnostics(TrainerCallback):
                                "too small", state.global_step)
         if "eval_loss" in logs:
             self._watch_eval(logs["eval_loss"], state, control)
-        if self.cfg.train.method != "sft":
+        if self.cfg.train.method == "grpo":
+            self._watch_grpo(logs, state.global_step)
+        elif self.cfg.train.method != "sft":
             self._watch_preference(logs, state.global_step)
+
+    def _watch_grpo(self, logs: dict, step: int) -> None:
+        """GRPO's known failures, from its logged figures."""
+        if "reward" not in logs:
+            return
+        self.rewards.append(logs["reward"])
+        self.zero_spread.append(logs.get("zero_spread_groups", 0.0))
+        if len(self.rewards) == 2 * FLAT_WINDOW:
+            first = sum(self.rewards[:FLAT_WINDOW]) / FLAT_WINDOW
+            later = sum(self.rewards[FLAT_WINDOW:]) / FLAT_WINDOW
+            if later <= first:
+                self._once("reward_flat", f"warning: the mean reward has not grown in the first {len(self.rewards)} "
+                           f"logs ({first:.4f} -> {later:.4f}). Check the rewards on a few answers by hand, and "
+                           "that train.lr is not too small", step)
+        if len(self.zero_spread) >= FLAT_WINDOW and all(z >= 1.0 for z in self.zero_spread[-FLAT_WINDOW:]):
+            self._once("zero_spread", f"warning: in the last {FLAT_WINDOW} logs every group's answers scored the "
+                       "same, so there is nothing to learn from (advantages are 0). Raise grpo.temperature or "
+                       "grpo.generations, or give a reward that grades partial answers (json_fields, length)", step)
+        if logs.get("truncated", 0.0) >= TRUNCATED_HIGH:
+            self._once("truncated", f"warning: {logs['truncated']:.0%} of the answers at step {step} were cut at "
+                       "grpo.max_completion_tokens: raise it, or reward answers that end (the format reward)", step)
+        if logs.get("kl", 0.0) > KL_HIGH:
+            self._once("kl_high", f"warning: the KL to the base is {logs['kl']:.3g} per token at step {step}: the "
+                       "policy is running away from it. Lower train.lr or raise grpo.beta", step)
 
     def _watch_preference(self, logs: dict, step: int) -> None:
         """The known ways preference tuning fails, read from the method's own figures."""

@@ -64,6 +64,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
 
+    if cfg.train.method == "grpo" and cfg.grpo.updates_per_batch != 1:
+        from lorakit.errors import ConfigError
+
+        raise ConfigError([f"grpo.updates_per_batch: {cfg.grpo.updates_per_batch}: more than one update per batch "
+                           "of rollouts is not supported yet; set it to 1"])
     if cfg.train.method == "grpo" and cfg.model.adapter and cfg.grpo.beta:
         from lorakit.errors import ConfigError
 
