@@ -297,3 +297,17 @@ def test_dpo_benchmark_runs_both_sides_on_the_same_pairs(tmp_path, tiny_model_di
         assert (Path(side["adapter"]) / "adapter_config.json").is_file()
         assert 0.0 <= side["accuracy"] <= 1.0 and side["last_loss"] > 0
     assert lk["reference_s"] > 0  # lorakit's one reference pass is timed and counted in its loop time
+
+
+def test_grpo_benchmark_runs_both_sides_on_the_same_prompts(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "grpo.py"), "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps_per_min_ratio"] > 0 and summary["peak_rss_ratio"] > 0
+    trl, lk = summary["sides"]["trl"], summary["sides"]["lorakit"]
+    for side in (trl, lk):  # a reward per step on both sides, from the same reward code
+        assert len(side["rewards"]) == 2 and all(0 <= r <= 1.2 for r in side["rewards"])
+        assert side["answer_tokens"] > 0
+    assert lk["rollout_s"] > 0 and lk["update_s"] > 0

@@ -17,6 +17,7 @@ off (a new adapter) — continuing a trained adapter with a KL term is refused f
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -87,7 +88,9 @@ class GrpoTrainer(LorakitTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         s = self.settings
         prompts = inputs["prompts"]
+        start = time.perf_counter()
         done = self.rollouts(prompts, self.state.global_step)
+        self._figures["rollout_s"].append(time.perf_counter() - start)
         texts = [self.template.render(p.get("messages", []), add_generation_prompt=True) if "messages" in p
                  else self.processing_class.decode(p["prompt_ids"]) for p in prompts]
         rows = [{**prompts[d["prompt"]]["columns"], "finished": d["finished"]} for d in done]
@@ -109,6 +112,7 @@ class GrpoTrainer(LorakitTrainer):
                 self.accelerator.backward(loss)
             loss_total += loss.detach().float().cpu()
         self.token_counter.add(tokens, tokens + sum(len(d["prompt_ids"]) for d in done), tokens)
+        self._figures["update_s"].append(time.perf_counter() - start - self._figures["rollout_s"][-1])
         return loss_total.to(self.args.device)
 
     def _pass_loss(self, model, batch, adv, lengths, completions: int, tokens: int) -> torch.Tensor:
