@@ -293,3 +293,27 @@ def export_setup(run: str | Path, eval_data: str, work: Path, *, limit: int = 0)
     seconds["transformers_answer"] = rows.reference_seconds
     return {"adapter": adapter, "meta": meta, "tokenizer": tok, "merged": work / "merged", "f32": f32, "rows": rows,
             "seconds": seconds}
+
+
+def loop_timer():
+    """A Trainer callback timing the training loop, on_train_begin to on_train_end, for sides whose
+    batches differ in shape (the preference and RL benchmarks count their work from the steps)."""
+    from transformers import TrainerCallback
+
+    class LoopTimer(TrainerCallback):
+        seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
+    return LoopTimer()
+
+
+def embedded_model() -> str:
+    """The folder of the embedded SmolLM2-135M-Instruct (the benchmarks' default base)."""
+    from lorakit.model import embedded
+
+    return str(embedded.embedded_model_dir())

@@ -67,31 +67,12 @@ MODEL: str | None = None  # --model: another base (tests use a tiny one)
 
 
 def model_dir() -> str:
-    if MODEL:
-        return MODEL
-    from lorakit.model import embedded
+    from common import embedded_model
 
-    return str(embedded.embedded_model_dir())
+    return MODEL or embedded_model()
 
 
 # --------------------------------------------------------------------------- the two sides
-
-
-def loop_timer():
-    """A callback timing the Trainer's loop, on_train_begin to on_train_end (the two sides' batches
-    differ in shape, so pairs are counted from the steps, not from the batches)."""
-    from transformers import TrainerCallback
-
-    class LoopTimer(TrainerCallback):
-        seconds = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start
-
-    return LoopTimer()
 
 
 def side_trl(train_file: Path, out: Path, steps: int) -> dict:
@@ -113,6 +94,8 @@ def side_trl(train_file: Path, out: Path, steps: int) -> dict:
                                   add_generation_prompt=True),
         "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from common import loop_timer
+
     timer = loop_timer()
 
     args = DPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
@@ -134,6 +117,8 @@ def side_lorakit(train_file: Path, out: Path, steps: int) -> dict:
     from lorakit import config
     from lorakit.train import preference
     from lorakit.train import run as lk_run
+
+    from common import loop_timer
 
     timer = loop_timer()
     ref_seconds = {}

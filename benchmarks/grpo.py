@@ -23,7 +23,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,32 +35,15 @@ MODEL: str | None = None
 
 
 def model_dir() -> str:
-    if MODEL:
-        return MODEL
-    from lorakit.model import embedded
+    from common import embedded_model
 
-    return str(embedded.embedded_model_dir())
+    return MODEL or embedded_model()
 
 
 def rows(n: int) -> list[dict]:
     # classification and extraction rows: short checkable answers, as a GRPO task would have
     out = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in out if len(r["output"]) < 20][:n]
-
-
-def loop_timer():
-    from transformers import TrainerCallback
-
-    class LoopTimer(TrainerCallback):
-        seconds = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.seconds = time.perf_counter() - self.start
-
-    return LoopTimer()
 
 
 def side_trl(data: Path, out: Path, steps: int) -> dict:
@@ -92,6 +74,8 @@ def side_trl(data: Path, out: Path, steps: int) -> dict:
                                 [{"reference": r, "finished": f} for r, f in zip(reference, finished)])
         return total
 
+    from common import loop_timer
+
     timer = loop_timer()
     args = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                       max_completion_length=NEW_TOKENS, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
@@ -113,6 +97,8 @@ def side_lorakit(data: Path, out: Path, steps: int) -> dict:
     from lorakit import config
     from lorakit.train import grpo
     from lorakit.train import run as lk_run
+
+    from common import loop_timer
 
     timer = loop_timer()
 

@@ -146,3 +146,22 @@ def eval_rows_file(folder: Path, rows: list[tuple[str, str]] | None = None) -> P
     path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in rows or EVAL_ROWS),
                     encoding="utf-8")
     return path
+
+
+def kill_at_checkpoint(cmd: list[str], checkpoints: Path, step: int, env: dict | None = None,
+                       limit_s: float = 240) -> None:
+    """Run `cmd` (a training) and SIGKILL it as soon as checkpoint-`step` exists in `checkpoints`:
+    a crash at an unknown point after a complete checkpoint, for the exact-resume tests."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + limit_s
+    while not (checkpoints / f"checkpoint-{step}").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -7,17 +7,15 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, kill_at_checkpoint, write_jsonl
 
 REWARD = '''
 def longer(prompt, completion, **row):
@@ -110,14 +108,7 @@ def test_grpo_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir,
     cut = _yaml(tmp_path, tiny_model_dir, data, "cut", steps=4, save=1)
     kill_after = random.Random().randint(1, 2)
     ckpts = tmp_path / "runs" / "cut" / "checkpoints"
-    proc = subprocess.Popen(_cli("train", str(cut)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 240
-    while not (ckpts / f"checkpoint-{kill_after}").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(_cli("train", str(cut)), ckpts, kill_after, ENV)
     out = subprocess.run(_cli("train", str(cut), "--resume"), capture_output=True, text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = adapter(tmp_path / "runs" / "whole"), adapter(tmp_path / "runs" / "cut")

@@ -14,17 +14,15 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, kill_at_checkpoint, write_jsonl
 from lorakit import config
 from lorakit.artifacts import RunPaths
 
@@ -173,14 +171,7 @@ def test_dpo_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, 
     cut = _write_yaml(tmp_path, tiny_model_dir, pairs, "cut")
     kill_after = random.Random().randint(1, 3)
     ckpts = tmp_path / "runs" / "cut" / "checkpoints"
-    proc = subprocess.Popen(cli("train", str(cut)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 240
-    while not (ckpts / f"checkpoint-{kill_after}").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cli("train", str(cut)), ckpts, kill_after, env)
     out = subprocess.run(cli("train", str(cut), "--resume"), capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     a = load_file(tmp_path / "runs" / "whole" / "adapter" / "adapter_model.safetensors")

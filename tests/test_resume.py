@@ -1,18 +1,15 @@
 """Exact resume after SIGKILL, and checkpoints that are complete or absent."""
 
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, kill_at_checkpoint, write_jsonl
 from lorakit import config
 from lorakit.errors import LorakitError
 
@@ -60,14 +57,7 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tiny_model_dir):
     cfg = write_config(tmp, tiny_model_dir, data, "killed")
     kill_after = random.Random().randint(1, STEPS - 2)  # any step with a later one to redo
     ckpts = tmp / "runs" / "killed" / "checkpoints"
-    proc = subprocess.Popen(cli("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (ckpts / f"checkpoint-{kill_after}").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cli("train", str(cfg)), ckpts, kill_after)
     assert not (tmp / "runs" / "killed" / "adapter").exists()
     out = subprocess.run(cli("train", str(cfg), "--resume"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
