@@ -176,13 +176,54 @@ def labelled_loss_through(model, inputs: dict[str, torch.Tensor], num_items: tor
     cols = keep.any(0).nonzero().flatten()
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                 position_ids=inputs.get("position_ids"), logits_to_keep=cols, use_cache=False,
-                **segment_kwargs(_body(model), inputs))
+                **segment_kwargs(body_of(model), inputs))
     picked = keep[:, cols]
     loss = F.cross_entropy(out.logits[picked].float(), labels[:, cols][picked], reduction="sum")
     return loss / num_items
 
 
-def _body(model):
+def body_of(model):
+    """The decoder body under DDP's and PEFT's wrappers (what `segment_kwargs` reads the attention of)."""
     inner = getattr(model, "module", model)  # DDP keeps the model as .module
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return getattr(inner, "model", inner)
+
+
+def sequence_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which sequence each position belongs to, numbered in order through the batch: in a packed
+    row a new sequence starts where position_ids restart at 0; in a padded batch each row is one."""
+    positions = inputs.get("position_ids")
+    if positions is not None and inputs.get("attention_mask") is None:
+        starts = (positions == 0).long()
+        starts[:, 0] = 1
+        ids = starts.flatten().cumsum(0).view_as(positions) - 1
+        return ids
+    b, t = inputs["input_ids"].shape
+    return torch.arange(b, device=inputs["input_ids"].device)[:, None].expand(b, t)
+
+
+def token_logps(body, head, inputs: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None,
+                model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every labelled token, the index of the sequence it belongs to), in row order.
+    `model`: go through the whole model's forward instead of body + head (a model wrapped in DDP
+    must see the forward to all-reduce its gradients); logits are then made at labelled columns.
+    `head_weight`: a frozen head in the autocast dtype, run in chunks (`head_token_cross_entropy`).
+    The body runs with use_cache=False, which also tells transformers that a packed row's position
+    restarts are sequence bounds (with a cache it builds one causal mask over the whole row)."""
+    labels = inputs["labels"][:, 1:]
+    keep = labels != -100
+    seq = sequence_ids(inputs)[:, 1:][keep]
+    if model is not None:
+        cols = keep.any(0).nonzero().flatten()
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                    position_ids=inputs.get("position_ids"), logits_to_keep=cols, use_cache=False,
+                    **segment_kwargs(body, inputs))
+        picked = keep[:, cols]
+        return -F.cross_entropy(out.logits[picked].float(), labels[:, cols][picked], reduction="none"), seq
+    hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                  position_ids=inputs.get("position_ids"), use_cache=False,
+                  **segment_kwargs(body, inputs)).last_hidden_state
+    rows = hidden[:, :-1][keep]
+    if head_weight is not None:
+        return -head_token_cross_entropy(rows, head_weight, labels[keep]), seq
+    return -F.cross_entropy(head(rows).float(), labels[keep], reduction="none"), seq

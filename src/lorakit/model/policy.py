@@ -20,11 +20,6 @@ all). Each is a weight per token, so a step cut into passes adds up to the same 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from lorakit.data.collate import segment_kwargs
-from lorakit.model.loss import head_token_cross_entropy
-from lorakit.model.preference import sequence_ids
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -40,29 +35,6 @@ def advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch
     elif scale != "none":
         raise ValueError(f"unknown reward scaling {scale!r}")
     return centred.flatten()
-
-
-def token_logps(body, head, inputs: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None,
-                model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of every labelled token, the index of the sequence it belongs to), in row order.
-    `model` / `head_weight` as in `preference.sequence_logps`."""
-    labels = inputs["labels"][:, 1:]
-    keep = labels != -100
-    seq = sequence_ids(inputs)[:, 1:][keep]
-    if model is not None:
-        cols = keep.any(0).nonzero().flatten()
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    position_ids=inputs.get("position_ids"), logits_to_keep=cols, use_cache=False,
-                    **segment_kwargs(body, inputs))
-        picked = keep[:, cols]
-        return -F.cross_entropy(out.logits[picked].float(), labels[:, cols][picked], reduction="none"), seq
-    hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                  position_ids=inputs.get("position_ids"), use_cache=False,
-                  **segment_kwargs(body, inputs)).last_hidden_state
-    rows = hidden[:, :-1][keep]
-    if head_weight is not None:
-        return -head_token_cross_entropy(rows, head_weight, labels[keep]), seq
-    return -F.cross_entropy(head(rows).float(), labels[keep], reduction="none"), seq
 
 
 def token_weights(seq: torch.Tensor, lengths: torch.Tensor, loss_type: str, *, completions: int, tokens: int,

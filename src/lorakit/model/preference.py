@@ -18,57 +18,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorakit.data.collate import segment_kwargs
-from lorakit.model.loss import head_token_cross_entropy
+from lorakit.model.loss import sequence_ids, token_logps
 
 Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def sequence_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Which sequence each position belongs to, numbered in order through the batch: in a packed
-    row a new sequence starts where position_ids restart at 0; in a padded batch each row is one."""
-    positions = inputs.get("position_ids")
-    if positions is not None and inputs.get("attention_mask") is None:
-        starts = (positions == 0).long()
-        starts[:, 0] = 1
-        ids = starts.flatten().cumsum(0).view_as(positions) - 1
-        return ids
-    b, t = inputs["input_ids"].shape
-    return torch.arange(b, device=inputs["input_ids"].device)[:, None].expand(b, t)
-
-
 def sequence_logps(body, head, inputs: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None,
                    model=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p over each sequence's labelled tokens, their count), one entry per sequence.
-
-    `model`: go through the whole model's forward instead of body + head (a model wrapped in DDP
-    must see the forward to all-reduce its gradients); logits are then made at labelled columns.
-    `head_weight`: a frozen head in the autocast dtype, run in chunks (see `model.loss`)."""
-    labels = inputs["labels"][:, 1:]
-    keep = labels != -100
-    ids = sequence_ids(inputs)
-    seq = ids[:, 1:][keep]  # a label belongs to the sequence of the token it names
-    n = int(ids.max()) + 1
-    if model is not None:
-        cols = keep.any(0).nonzero().flatten()
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    position_ids=inputs.get("position_ids"), logits_to_keep=cols, use_cache=False,
-                    **segment_kwargs(body, inputs))
-        picked = keep[:, cols]
-        ce = F.cross_entropy(out.logits[picked].float(), labels[:, cols][picked], reduction="none")
-    else:
-        # use_cache=False also tells transformers a packed row's position restarts are sequence bounds
-        # (with a cache it builds one causal mask over the whole row).
-        hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                      position_ids=inputs.get("position_ids"), use_cache=False,
-                      **segment_kwargs(body, inputs)).last_hidden_state
-        rows = hidden[:, :-1][keep]
-        if head_weight is not None:
-            ce = head_token_cross_entropy(rows, head_weight, labels[keep])
-        else:
-            ce = F.cross_entropy(head(rows).float(), labels[keep], reduction="none")
-    sums = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, seq, -ce.float())
-    counts = torch.zeros(n, dtype=torch.float32, device=ce.device).index_add(0, seq, torch.ones_like(ce.float()))
+    """(sum of log p over each sequence's labelled tokens, their count), one entry per sequence
+    (`model` / `head_weight` as in `loss.token_logps`, which makes the token log-probs)."""
+    logp, seq = token_logps(body, head, inputs, head_weight, model=model)
+    n = int(sequence_ids(inputs).max()) + 1
+    sums = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, seq, logp.float())
+    counts = torch.zeros(n, dtype=torch.float32, device=logp.device).index_add(0, seq, torch.ones_like(logp.float()))
     return sums, counts
 
 

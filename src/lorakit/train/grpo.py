@@ -17,6 +17,7 @@ off (a new adapter) — continuing a trained adapter with a KL term is refused f
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from lorakit.data.collate import IGNORE_INDEX, pack_bins
 from lorakit.data.prompts import WHERE
 from lorakit.model import policy as P
-from lorakit.model.loss import split_head
+from lorakit.model.loss import body_of, split_head, token_logps
 from lorakit.train.trainer import LorakitTrainer
 
 SEED_STRIDE = 1_000_003
@@ -91,8 +92,7 @@ class GrpoTrainer(LorakitTrainer):
         start = time.perf_counter()
         done = self.rollouts(prompts, self.state.global_step)
         self._figures["rollout_s"].append(time.perf_counter() - start)
-        texts = [self.template.render(p.get("messages", []), add_generation_prompt=True) if "messages" in p
-                 else self.processing_class.decode(p["prompt_ids"]) for p in prompts]
+        texts = [self.processing_class.decode(p["prompt_ids"]) for p in prompts]  # the prompt as rendered
         rows = [{**prompts[d["prompt"]]["columns"], "finished": d["finished"]} for d in done]
         total, per_reward = self.rewards.score([texts[d["prompt"]] for d in done], [d["text"] for d in done], rows)
         rewards = torch.tensor(total, dtype=torch.float32)
@@ -106,7 +106,7 @@ class GrpoTrainer(LorakitTrainer):
         for j, group in enumerate(passes):
             batch = _packed([done[k] for k in group])
             batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            sync = self.accelerator.no_sync(model) if j < len(passes) - 1 else _null()
+            sync = self.accelerator.no_sync(model) if j < len(passes) - 1 else contextlib.nullcontext()
             with sync, self.compute_loss_context_manager():
                 loss = self._pass_loss(model, batch, adv[group], lengths[group], len(done), tokens)
                 self.accelerator.backward(loss)
@@ -119,14 +119,14 @@ class GrpoTrainer(LorakitTrainer):
         s = self.settings
         with self.accelerator.autocast():
             if self.head is None or self.processes > 1:
-                logp, seq = P.token_logps(self.head[0] if self.head else None, None, batch, model=model)
+                logp, seq = token_logps(body_of(model), None, batch, model=model)
             else:
-                logp, seq = P.token_logps(*self.head, batch, head_weight=self._half_head())
+                logp, seq = token_logps(*self.head, batch, head_weight=self._half_head())
             ref = None
             if s.beta:
                 with torch.no_grad(), model.disable_adapter():
-                    ref, _ = P.token_logps(*self.head, batch) if self.head else \
-                        P.token_logps(None, None, batch, model=model)
+                    ref, _ = token_logps(*self.head, batch) if self.head else \
+                        token_logps(body_of(model), None, batch, model=model)
         per_token, figures = P.clipped_token_loss(logp, logp.detach(), adv.to(logp.device)[seq],
                                                   epsilon=s.epsilon, epsilon_high=s.epsilon_high or s.epsilon,
                                                   beta=s.beta, ref=ref)
@@ -170,14 +170,6 @@ def _packed(done: list[dict]) -> dict[str, torch.Tensor]:
         positions += range(len(seq))
     row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["GrpoTrainer", "WHERE", "collate_prompts"]

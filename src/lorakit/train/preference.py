@@ -24,7 +24,7 @@ import torch
 from lorakit.config.preference import WITH_REFERENCE
 from lorakit.data.collate import IGNORE_INDEX, PASSES, pack_bins
 from lorakit.model import preference as P
-from lorakit.model.loss import split_head
+from lorakit.model.loss import body_of, split_head
 from lorakit.train.trainer import LorakitTrainer
 
 REF = "lorakit_ref"
@@ -118,8 +118,7 @@ class PreferenceTrainer(LorakitTrainer):
 
     def _logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.head is None or self.processes > 1:
-            body = self.head[0] if self.head else None
-            return P.sequence_logps(body, None, inputs, model=model)
+            return P.sequence_logps(body_of(model), None, inputs, model=model)
         with self.accelerator.autocast():
             head_weight = self._half_head() if self.fast_head is not None and model.training else None
             return P.sequence_logps(*self.head, inputs, head_weight=head_weight)
@@ -205,7 +204,7 @@ def reference_logps(model, items: list[dict], tokens_per_pass: int = 2048, autoc
                 if head is not None:
                     sums, _ = P.sequence_logps(*head, batch)
                 else:
-                    sums, _ = P.sequence_logps(_body(model), None, batch, model=model)
+                    sums, _ = P.sequence_logps(body_of(model), None, batch, model=model)
             out.extend([[float(a), float(b)] for a, b in zip(sums[0::2].tolist(), sums[1::2].tolist())])
     finally:
         model.train(was_training)
@@ -276,11 +275,6 @@ def pack_bins_in_order(items: list[dict], budget: int) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
-
-
-def _body(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, "model", inner)
 
 
 def needs_reference(method: str) -> bool:
