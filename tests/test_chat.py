@@ -178,6 +178,9 @@ def test_ctrl_c_stops_the_answer_not_the_chat(run, session):
 
         # Ctrl-C at the prompt discards the line and keeps the chat; Ctrl-D then ends it cleanly.
         child.send("half a line")
+        # Wait for readline's echo: CPython's input() only notices a SIGINT that lands while it waits
+        # in select(); one that lands while readline handles the typed keys is kept until the next key.
+        child.expect_exact("half a line")
         child.sendintr()
         child.expect_exact(PROMPT)
         assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
