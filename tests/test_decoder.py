@@ -157,3 +157,47 @@ def test_packed_prefill_answers_as_each_prompt_alone(pair):
     assert together == alone and len({tuple(a) for a in alone}) > 1
     assert [r.last for r, _ in packed] == [r.last for r, _ in single]
     assert all(torch.equal(a, b) for a, b in zip(first_packed, first_single))
+
+
+def test_draws_follow_the_distribution_and_the_nucleus_is_transformers_set():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from lorakit.infer import sampling
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, generator=g) * 2, dim=0)
+    n = 20_000
+    counts = torch.bincount(torch.tensor([sampling.draw(probs, g) for _ in range(n)]), minlength=50).double()
+    # each count is binomial(n, p): 5 standard deviations, at most one false alarm in ~1.7 million per token
+    assert ((counts - n * probs).abs() <= 5 * (n * probs * (1 - probs)).sqrt() + 1).all()
+    assert sampling.draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) == 2  # a zero never comes out
+    for top_p in (0.3, 0.9, 0.999):
+        for logits in (torch.randn(600, generator=g) * 4, torch.zeros(600)):  # peaked, and flat (past 256 candidates)
+            want = TopPLogitsWarper(top_p)(None, logits[None].clone())[0] > float("-inf")
+            got = sampling.nucleus(torch.softmax(logits, 0), top_p) > 0
+            if logits.eq(0).all():  # all tied: transformers' sort keeps some top_p share of them, any will do
+                assert got.sum() == want.sum()
+            else:
+                assert torch.equal(got, want), top_p
+
+
+def test_a_head_cast_once_gives_the_logits_autocast_gives(pair):
+    """Rollouts hand the decoder the LM head already in bf16 (`head_weight`): under bf16 autocast
+    the logits are the ones the model's own forward makes by casting the head at every step (the
+    same bf16 operands, the same product), and the keys and values attend in fp32 on the CPU."""
+    from lorakit.infer import kv
+
+    model = pair.model
+    head = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+    prompts = [[5, 9, 14, 3], [2, 8], [7, 7, 7, 1, 4, 11]]
+    got = {}
+    for name, weight in (("model", None), ("split", head)):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                Decoder(model, pair.tokenizer, stacked=False, head_weight=weight) as d:
+            assert (d.body is not None) == (weight is not None)
+            rows = [r for r, _ in d.start_many([Request(p, 3) for p in prompts])]
+            assert rows[0].slot.k[0].dtype == kv.attention_dtype(torch.zeros((), dtype=torch.bfloat16))
+            first = d.step_logits(rows)
+            d.step(rows)
+            got[name] = [first, d.step_logits(rows)]
+    assert all(torch.equal(a, b) for a, b in zip(got["model"], got["split"]))

@@ -155,9 +155,13 @@ class Decoder:
     """A model (PEFT or plain) made ready for step-wise decoding; see the module docstring.
     `adapters`: the PEFT adapters rows may name (stacked side by side). `stacked=False`: every LoRA
     layer runs PEFT's own forward with the model's active adapter, and rows' adapter names are
-    not used (DoRA, or a model whose layers the training fast path replaced)."""
+    not used (DoRA, or a model whose layers the training fast path replaced). `head_weight`: the LM
+    head's weight already in the dtype autocast would cast it to (training's rollouts hold one):
+    logits come from the decoder body and this weight, instead of a cast of the whole head (56 MB
+    for SmolLM2) at every step; ignored where body + head is not exactly the model's forward."""
 
-    def __init__(self, model, tokenizer=None, *, adapters: Sequence[str] = (), stacked: bool = True):
+    def __init__(self, model, tokenizer=None, *, adapters: Sequence[str] = (), stacked: bool = True,
+                 head_weight: torch.Tensor | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         why = kv.unsupported(base.config)
         if why:
@@ -178,6 +182,13 @@ class Decoder:
             from lorakit.model.lora_runtime import StackedLora
 
             self.lora = StackedLora(model, list(adapters))
+        self.body = None
+        if head_weight is not None:
+            from lorakit.model.loss import split_head
+
+            split = split_head(model)
+            if split is not None and split[1].bias is None:
+                self.body, self.head_weight = split[0], head_weight
         self.rows: RowSizes | None = None
         self._measure()
         self.steps = 0
@@ -302,6 +313,11 @@ class Decoder:
 
             self.lora.plan = Plan(names, self.device, per_token=keep is not None, row_names=row_names)
         try:
+            if self.body is not None:
+                hidden = self.body(input_ids=ids, position_ids=pos, cache=kv.RowCache(rows), use_cache=True,
+                                   **{kv.SLOTS: rows}).last_hidden_state
+                hidden = hidden[:, -1, :] if keep is None else hidden[0, keep]
+                return torch.nn.functional.linear(hidden.to(self.head_weight.dtype), self.head_weight)
             out = self.model(input_ids=ids, position_ids=pos, cache=kv.RowCache(rows), use_cache=True,
                              logits_to_keep=1 if keep is None else keep, **{kv.SLOTS: rows})
         finally:

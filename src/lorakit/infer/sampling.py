@@ -49,11 +49,39 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if s.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sp, 0) - sp < s.top_p  # always keeps the most likely token
-            sp = sp * keep
-            return int(si[torch.multinomial(sp / sp.sum(), 1, generator=self.gen)])
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            probs = nucleus(probs, s.top_p)
+        return draw(probs, self.gen)
 
 
-__all__ = ["Sampler", "Sampling"]
+NUCLEUS_CANDIDATES = 256
+"""Top-p looks at the most likely tokens first: a sort of the whole vocabulary (49k tokens) took
+3.5 ms a row on the 2-core CPU, a top-256 0.2 ms, and after a fine-tune the nucleus almost always
+lies inside the first 256. When it does not, the whole vocabulary is sorted."""
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`probs` with every token outside the top-p nucleus set to 0 (not renormalised: `draw` scales).
+    The nucleus: the most likely tokens whose probabilities before them add up to less than top_p
+    (so the most likely token is always kept) — transformers' TopPLogitsWarper keeps the same set."""
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    sp, si = torch.topk(probs, k)
+    if k < probs.shape[-1] and float(sp.sum()) < top_p:  # the nucleus reaches past the candidates
+        sp, si = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sp, 0) - sp < top_p
+    return torch.zeros_like(probs).index_put_((si[keep],), sp[keep])
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One token with probability proportional to `probs`, by inverse CDF: one uniform from the
+    row's own stream and a search in the cumulative sum. torch.multinomial draws an exponential per
+    vocabulary entry for a single sample (1 ms a row at 49k tokens, 16 ms of every 16-row decode
+    step); this is 20 times cheaper and draws from the same distribution."""
+    cdf = torch.cumsum(probs, 0)
+    u = float(torch.rand((), generator=gen, dtype=torch.float64)) * float(cdf[-1])  # the generator lives on the CPU
+    i = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype, device=cdf.device), right=True))
+    if i >= probs.shape[-1]:  # u rounded up to the total: the last token that can be drawn
+        i = int(torch.nonzero(probs).max())
+    return i
+
+
+__all__ = ["Sampler", "Sampling", "draw", "nucleus"]

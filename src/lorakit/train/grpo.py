@@ -72,7 +72,7 @@ class GrpoTrainer(LorakitTrainer):
         was_training = model.training
         model.eval()
         try:
-            with self.accelerator.autocast(), Decoder(model, tok, stacked=False) as decoder:
+            with self.accelerator.autocast(), Decoder(model, tok, stacked=False, head_weight=self._half_head()) as decoder:
                 rows = decoder.run(reqs)
         finally:
             model.train(was_training)

@@ -89,6 +89,8 @@ class LorakitTrainer(Trainer):
 
     def _half_head(self) -> torch.Tensor | None:
         """The frozen LM head's weight in the autocast dtype, cast once (fast path only)."""
+        if self.fast_head is None:
+            return None
         head = self.fast_head[1]
         if not self.fast_path or head.weight.requires_grad or head.bias is not None:
             return None
