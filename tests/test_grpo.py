@@ -171,3 +171,48 @@ def test_diagnostics_name_the_known_grpo_failures():
         diag.on_log(None, SimpleNamespace(global_step=step), None,
                     logs={"loss": 0.0, "reward": 0.5, "zero_spread_groups": 1.0, "truncated": 0.75, "kl": 2.0})
     assert seen == ["truncated", "kl_high", "zero_spread", "reward_flat"]
+
+
+def test_rollouts_sample_the_adapter_being_trained(tiny_model_dir, tiny_tokenizer):
+    """The rollouts run the live adapter through the decoder's LoRA stacks: the same completions,
+    seed for seed, as the decoder running PEFT's own forward on the same model, and not the base's."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.config.grpo import GrpoConfig
+    from lorakit.data.templates import ALPACA, Template
+    from lorakit.infer.decoder import Decoder, Request
+    from lorakit.infer.sampling import Sampling
+    from lorakit.train.grpo import SEED_STRIDE, GrpoTrainer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g)  # a trained adapter: it changes the answers
+    settings = GrpoConfig(prompts_per_step=2, generations=3, max_completion_tokens=6, temperature=1.0,
+                          rewards=[{"name": "json_valid"}])
+    template = Template(name="alpaca", source=ALPACA, eos_token=tiny_tokenizer.eos_token, bos_token="")
+    fake = SimpleNamespace(settings=settings, processing_class=tiny_tokenizer, template=template, model=model,
+                           args=SimpleNamespace(seed=7), accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
+                           _half_head=lambda: None)
+    prompts = [{"prompt_ids": [5, 9, 14, 3]}, {"prompt_ids": [2, 8, 8]}]
+    got = [d["completion_ids"] for d in GrpoTrainer.rollouts(fake, prompts, 2)]
+
+    def decoded(adapter_on: bool) -> list[list[int]]:
+        reqs = [Request(p["prompt_ids"], 6, Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0),
+                        tuple(template.stop_token_ids(tiny_tokenizer)), seed=7 + 2 * SEED_STRIDE + 3 * i + k)
+                for i, p in enumerate(prompts) for k in range(3)]
+        with contextlib.ExitStack() as stack:
+            if not adapter_on:
+                stack.enter_context(model.disable_adapter())
+            d = stack.enter_context(Decoder(model, tiny_tokenizer, stacked=False))
+            return [r.generated for r in d.run(reqs)]
+
+    assert got == decoded(True)
+    assert got != decoded(False)

@@ -62,17 +62,19 @@ class GrpoTrainer(LorakitTrainer):
         sampling = Sampling(max_new_tokens=s.max_completion_tokens, temperature=s.temperature, top_p=s.top_p)
         stop = tuple(self.template.stop_token_ids(tok))
         base_seed = self.args.seed + step * SEED_STRIDE
+        adapter = self.model.active_adapter  # the one being trained, run by the decoder's LoRA stacks
         reqs, owners = [], []
         for i, p in enumerate(prompts):
             for g in range(s.generations):
                 row = i * s.generations + g
-                reqs.append(Request(p["prompt_ids"], s.max_completion_tokens, sampling, stop, seed=base_seed + row))
+                reqs.append(Request(p["prompt_ids"], s.max_completion_tokens, sampling, stop, seed=base_seed + row,
+                                    adapter=adapter))
                 owners.append(i)
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            with self.accelerator.autocast(), Decoder(model, tok, stacked=False, head_weight=self._half_head()) as decoder:
+            with self.accelerator.autocast(), Decoder(model, tok, adapters=[adapter], head_weight=self._half_head()) as decoder:
                 rows = decoder.run(reqs)
         finally:
             model.train(was_training)
