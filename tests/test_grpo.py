@@ -77,6 +77,14 @@ def test_grpo_trains_logs_its_rewards_and_repeats_exactly(tmp_path, tiny_model_d
 
     page = RunPaths(runs[0]).report.read_text(encoding="utf-8")
     assert 'id="chart-reward"' in page and 'id="chart-groups"' in page
+    # the first and the last step's sampled answers (log_samples_steps 10), each reward the weighted sum
+    kept = [json.loads(line) for line in RunPaths(runs[0]).rollouts.read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 3] and all(len(r["samples"]) == 4 for r in kept)
+    for s in kept[0]["samples"] + kept[1]["samples"]:
+        assert s["reward"] == pytest.approx(s["rewards"]["longer"] + 0.5 * s["rewards"]["json_valid"], abs=2e-4)
+    import html
+
+    assert 'id="rollouts"' in page and html.escape(kept[-1]["samples"][0]["completion"]) in page
     # the same seed samples the same rollouts and takes the same steps
     a, b = adapter(runs[0]), adapter(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -114,6 +122,9 @@ def test_grpo_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir,
     a, b = adapter(tmp_path / "runs" / "whole"), adapter(tmp_path / "runs" / "cut")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    # the sampled answers recorded: the resumed run logs again what the checkpoint had not seen
+    assert [json.loads(x)["samples"] for x in (tmp_path / "runs" / "cut" / "rollouts.jsonl").read_text().splitlines()] \
+        == [json.loads(x)["samples"] for x in (tmp_path / "runs" / "whole" / "rollouts.jsonl").read_text().splitlines()]
 
 
 def test_the_kl_term_is_zero_while_the_policy_is_the_base_and_grows_after(tmp_path, tiny_model_dir, data):
@@ -216,3 +227,61 @@ def test_rollouts_sample_the_adapter_being_trained(tiny_model_dir, tiny_tokenize
 
     assert got == decoded(True)
     assert got != decoded(False)
+
+
+def test_repeated_batches_give_every_batch_its_updates_whole():
+    from lorakit.train.grpo import RepeatedBatches
+
+    sampler = RepeatedBatches(5, 2, 3, seed=11)
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(11)).tolist()  # accelerate's, epoch 0
+    got = list(sampler)
+    a, b, c, d, e = order
+    assert got == [a, b] * 3 + [c, d] * 3 + [e, a] * 3  # the short last batch filled from the epoch's start
+    assert len(sampler) == len(got) and list(sampler) == got  # the same order again (a resumed run skips in it)
+    sampler.set_epoch(1)
+    assert list(sampler) != got
+
+
+def test_several_updates_per_batch_learn_from_the_old_policy_and_resume_exactly(tmp_path, tiny_model_dir, data):
+    """updates_per_batch 2: the first update of a batch is the plain policy gradient (the one-update
+    run's first step, exactly); the second reuses the rollouts and their old log-probs, so its ratio
+    moves off 1 and the clip engages; a checkpoint between batches resumes exactly."""
+    from lorakit import config
+    from lorakit.errors import ConfigError
+    from lorakit.pipeline import train
+
+    def cfg(name, steps, updates):
+        c = config.load(_yaml(tmp_path, tiny_model_dir, data, name, steps=steps))
+        c.grpo.updates_per_batch = updates
+        c.grpo.epsilon = 0.01  # a narrow clip: lr 1e-2 moves the ratio past it within one update
+        c.train.warmup = 0  # (a warmup step would run at lr 0 and change nothing)
+        return c
+
+    one = train(cfg("one", 1, 1), progress=False, log=lambda *_: None)
+    two = train(cfg("two", 1, 2), progress=False, log=lambda *_: None)
+    a, b = adapter(one), adapter(two)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # the step did learn
+
+    whole = _yaml(tmp_path, tiny_model_dir, data, "whole2", steps=4, save=2)
+    text = whole.read_text().replace("temperature: 1.0,", "temperature: 1.0, updates_per_batch: 2, epsilon: 0.01,")
+    text = text.replace("seed: 5}", "seed: 5, warmup: 0}")
+    whole.write_text(text)
+    subprocess.run(_cli("train", str(whole)), check=True, capture_output=True, timeout=300, env=ENV)
+    recs = [r for r in records(tmp_path / "runs" / "whole2") if "loss" in r]
+    assert ["reward" in r for r in recs] == [True, False, True, False]  # rollouts at steps 1 and 3 only
+    assert [r["clip_ratio"] == 0 for r in recs] == [True, False, True, False]  # ratio 1 exactly, then clipped
+
+    cut = tmp_path / "cut2.yaml"
+    cut.write_text(text.replace("name: whole2", "name: cut2"))
+    kill_at_checkpoint(_cli("train", str(cut)), tmp_path / "runs" / "cut2" / "checkpoints", 2, ENV)
+    out = subprocess.run(_cli("train", str(cut), "--resume"), capture_output=True, text=True, timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = adapter(tmp_path / "runs" / "whole2"), adapter(tmp_path / "runs" / "cut2")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("save_steps: 2", "save_steps: 3"))
+    with pytest.raises(ConfigError, match="train.save_steps: 3 is not a multiple of grpo.updates_per_batch"):
+        config.load(bad)

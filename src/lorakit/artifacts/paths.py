@@ -81,6 +81,12 @@ class RunPaths:
         return self.root / "reference_logps.json"
 
     @property
+    def rollouts(self) -> Path:
+        """rollouts.jsonl: GRPO's sampled answers of one prompt, with their rewards, every
+        grpo.log_samples_steps steps (and the first and last)."""
+        return self.root / "rollouts.jsonl"
+
+    @property
     def checkpoint_staging(self) -> Path:
         """checkpoints/.staging: where the Trainer writes a checkpoint before it is published whole."""
         return self.checkpoints / CHECKPOINT_STAGING

@@ -75,11 +75,15 @@ class GrpoConfig:
         "step (DAPO's token-level loss; TRL's default).", "dapo")
     updates_per_batch: int = _help(
         "Optimizer steps on each batch of sampled answers (μ in the GRPO paper, TRL's num_iterations, "
-        "default 1). Above 1 the clip takes effect: later steps learn from answers of an older policy.", 1)
+        "default 1). Above 1 the clip takes effect: later steps learn from answers of an older policy; "
+        "train.save_steps must then be a multiple.", 1)
     scale_rewards: Literal["group", "batch", "none"] = _help(
         "What the advantage (reward minus its group's mean) is divided by. 'group': the group's "
         "standard deviation (GRPO; TRL's default); 'batch': the whole batch's (Lite PPO); 'none': "
         "nothing (Dr. GRPO: the group's std gives too easy and too hard prompts more weight).", "group")
+    log_samples_steps: int = _help(
+        "Every this many steps (and at the first and the last) the first prompt's sampled answers and "
+        "their rewards go to rollouts.jsonl and the report; 0: never.", 10)
 
 
 def split_user_reward(name: str) -> tuple[str, str] | None:
@@ -132,6 +136,13 @@ def check_grpo(cfg, problems: list[str]) -> None:
     for key in ("prompts_per_step", "max_completion_tokens", "updates_per_batch"):
         if getattr(g, key) < 1:
             problems.append(f"grpo.{key}: {getattr(g, key)} must be at least 1")
+    if g.updates_per_batch > 1 and cfg.train.save_steps % g.updates_per_batch:
+        problems.append(f"train.save_steps: {cfg.train.save_steps} is not a multiple of grpo.updates_per_batch "
+                        f"({g.updates_per_batch}): a checkpoint inside a batch's updates could not resume it "
+                        f"(its rollouts are not saved); use a multiple, e.g. "
+                        f"{max(g.updates_per_batch, cfg.train.save_steps // g.updates_per_batch * g.updates_per_batch)}")
+    if g.log_samples_steps < 0:
+        problems.append(f"grpo.log_samples_steps: {g.log_samples_steps} must be 0 (never) or more")
     if g.generations < 2:
         problems.append(f"grpo.generations: {g.generations} must be at least 2: an answer's advantage is "
                         "its reward against the others of its group")

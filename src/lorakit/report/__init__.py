@@ -19,7 +19,7 @@ from lorakit.report.charts import Series, envelope, line_chart, nice_ticks
 from lorakit.report.format import esc
 from lorakit.report.read import RunFiles, read_run
 from lorakit.report.sections import (_charts, _config, _data, _diagnostics, _evals, _exports, _merge, _missing,
-                                     _summary, pick_samples)
+                                     _rollouts, _summary, pick_samples)
 
 CSS = """
 :root { --fg: #1d2330; --dim: #5f6b7a; --line: #d5dbe3; --bg2: #f4f6f9; --good: #2b8a3e; --bad: #c92a2a; }
@@ -91,7 +91,7 @@ footer { margin-top: 36px; color: var(--dim); font-size: 12px; border-top: 1px s
 """
 
 
-SECTION_TITLES = {"_missing": "Missing files", "_summary": "Summary", "_charts": "Training curves",
+SECTION_TITLES = {"_missing": "Missing files", "_summary": "Summary", "_charts": "Training curves", "_rollouts": "Sampled answers",
                   "_diagnostics": "Diagnostics", "_evals": "Evaluation", "_data": "Data", "_config": "Configuration",
                   "_merge": "Merge parity check", "_exports": "GGUF exports"}
 
@@ -114,7 +114,7 @@ def render_report(run: str | Path) -> str:
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     by = "lorakit " + versions.get("lorakit", "") if versions else "lorakit"
     libs = ", ".join(f"{esc(k)} {esc(v)}" for k, v in versions.items() if k != "lorakit")
-    sections = [_missing, _summary, _charts, _diagnostics, _evals, _data, _config, _merge, _exports]
+    sections = [_missing, _summary, _charts, _rollouts, _diagnostics, _evals, _data, _config, _merge, _exports]
     body = "".join([
         f'<header><h1>lorakit run: {esc(name)}</h1><p><code>{esc(f.paths.root.resolve())}</code></p></header>',
         *(_drawn(section, f) for section in sections),

@@ -13,6 +13,7 @@ from lorakit.artifacts import AdapterMeta, Diagnostic, EvalRecord, EvalSummary, 
 from lorakit.errors import LorakitError
 
 SAMPLES = 3  # sample answers shown per eval dataset
+ROLLOUT_STEPS = 4  # GRPO steps whose sampled answers are shown: the first and the last three recorded
 LISTED_ROWS = 5  # dropped / truncated rows named one by one
 ERROR_KINDS = {"nonfinite", "oom", "nan"}  # diagnostics that ended the run, drawn in red
 
@@ -31,6 +32,7 @@ class RunFiles:
     evals: list[tuple[EvalSummary, list[EvalRecord] | None]] = field(default_factory=list)
     merge: dict[str, Any] | None = None
     exports: list[dict[str, Any]] = field(default_factory=list)  # export/*.verify.json
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # rollouts.jsonl: GRPO's sampled answers
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -65,6 +67,7 @@ def read_run(run: str | Path) -> RunFiles:
     else:
         f.missing[paths.label(paths.diagnostics)] = "the run's warnings were not recorded"
     _read_evals(f)
+    f.rollouts = artifacts.read_jsonl(paths.rollouts)
     if paths.merge.is_file():
         f.merge = _read_json(paths.merge, paths.label(paths.merge), "unreadable", f.missing)
     for p in paths.verifications():

@@ -10,7 +10,7 @@ from lorakit.artifacts import EvalRecord, EvalSummary
 from lorakit.metrics import LABELS, PERCENT, fmt_value, table_rows
 from lorakit.report.charts import Series, line_chart
 from lorakit.report.format import duration, esc, finite, kv_table, num, prose, size, table, value_text
-from lorakit.report.read import ERROR_KINDS, LISTED_ROWS, SAMPLES, RunFiles, _flatten
+from lorakit.report.read import ERROR_KINDS, LISTED_ROWS, ROLLOUT_STEPS, SAMPLES, RunFiles, _flatten
 
 def _train_records(f: RunFiles) -> list[dict[str, Any]]:
     return [r for r in f.metrics if "loss" in r and "step" in r]
@@ -325,6 +325,26 @@ def _evals(f: RunFiles) -> str:
         else:
             out.append(f'<p class="missing">eval/{esc(s.data)}.jsonl is missing: no sample answers.</p>')
     return f'<section id="eval">{"".join(out)}</section>'
+
+
+def _rollouts(f: RunFiles) -> str:
+    """GRPO's sampled answers with their rewards at a few steps: what the rewards were paying for."""
+    records = sorted((r for r in f.rollouts if isinstance(r, dict) and r.get("samples")), key=lambda r: r.get("step", 0))
+    if not records:
+        return ""
+    shown = records if len(records) <= ROLLOUT_STEPS else [records[0], *records[-(ROLLOUT_STEPS - 1):]]
+    names = sorted({n for r in shown for s in r["samples"] for n in (s.get("rewards") or {})})
+    out = [f'<h2>Sampled answers</h2><p>One prompt\'s group of answers at {len(shown)} of the {len(records)} '
+           f'recorded steps (<code>rollouts.jsonl</code>), each with its reward and every reward function\'s '
+           f'score; "cut" marks an answer that hit grpo.max_completion_tokens.</p>']
+    for r in shown:
+        rows = [[f'<pre class="msg">{esc(s.get("completion", ""))}</pre>', num(s.get("reward"), 3),
+                 *[num((s.get("rewards") or {}).get(n), 3) for n in names],
+                 "" if s.get("finished", True) else '<span class="bad">cut</span>'] for s in r["samples"]]
+        out.append(f'<div class="sample"><h4>step {esc(r.get("step"))}</h4>'
+                   f'<pre class="msg dim">{esc(r.get("prompt", ""))}</pre>'
+                   f'{table(["answer", "reward", *[esc(n) for n in names], ""], rows, "num")}</div>')
+    return f'<section id="rollouts">{"".join(out)}</section>'
 
 
 def _merge(f: RunFiles) -> str:

@@ -82,7 +82,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> Path:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after `step`: the resumed run logs those steps again."""
+    """Drop a step log's records (metrics.jsonl, rollouts.jsonl) after `step`: the resumed run logs
+    those steps again."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()

@@ -8,9 +8,11 @@ scores them with the reward functions, and takes one policy-gradient step on the
 are passes like SFT's, each token weighted so that the passes add up to the step's loss.
 
 The rollouts' seeds are derived from train.seed, the step and the row, so a run is reproducible
-and a resumed one samples what the uninterrupted one would have. The policy that generated the
-rollouts is the one being updated (one update per batch of rollouts), so the old log-probs are the
-new ones, detached: the ratio is 1 in value and the gradient is the policy gradient. With
+and a resumed one samples what the uninterrupted one would have. A batch of rollouts is learnt
+from for `grpo.updates_per_batch` optimizer steps (the sampler repeats its prompts). At the first,
+the policy is the one that sampled, so the old log-probs are the new ones, detached (ratio 1, the
+plain policy gradient), and they are kept for the later updates, where the clip takes effect.
+Checkpoints fall between batches (train.save_steps is a multiple), so resume needs no rollouts. With
 grpo.beta > 0 the reference is the model as training started, computed with the adapter switched
 off (a new adapter) — continuing a trained adapter with a KL term is refused for now.
 """
@@ -20,10 +22,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorakit.artifacts.records import append_jsonl
 from lorakit.data.collate import IGNORE_INDEX, pack_bins
 from lorakit.data.prompts import WHERE
 from lorakit.model import policy as P
@@ -42,13 +47,14 @@ def collate_prompts(features: list[dict]) -> dict[str, Any]:
 class GrpoTrainer(LorakitTrainer):
     """LorakitTrainer whose step samples, scores and learns from its own completions."""
 
-    def __init__(self, *args, settings, rewards, template, **kwargs):
+    def __init__(self, *args, settings, rewards, template, samples_to: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.settings, self.rewards, self.template = settings, rewards, template
+        self.samples_to = samples_to  # rollouts.jsonl; None: not recorded
+        self._batch: _Batch | None = None  # the rollouts the next grpo.updates_per_batch steps learn from
         self.loss_is_scaled_for_ga = True
         self.head = split_head(self.model)
         self._figures: dict[str, list[float]] = defaultdict(list)
-        self.samples: list[dict] = []  # the last step's first completions, for the report
 
     # ------------------------------------------------------------------ rollouts
 
@@ -90,34 +96,52 @@ class GrpoTrainer(LorakitTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         s = self.settings
-        prompts = inputs["prompts"]
+        step = self.state.global_step
+        if step % s.updates_per_batch == 0 or self._batch is None:
+            self._batch = self._sample_batch(inputs["prompts"], step)
+        elif [p["prompt_ids"] for p in inputs["prompts"]] != self._batch.prompt_ids:
+            raise RuntimeError("GRPO: a repeated batch of prompts changed between its updates")  # RepeatedBatches
+        b = self._batch
         start = time.perf_counter()
-        done = self.rollouts(prompts, self.state.global_step)
+        loss_total = torch.zeros(())
+        for j, group in enumerate(b.passes):
+            batch = _packed([b.done[k] for k in group])
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            sync = self.accelerator.no_sync(model) if j < len(b.passes) - 1 else contextlib.nullcontext()
+            with sync, self.compute_loss_context_manager():
+                loss, logp = self._pass_loss(model, batch, b.adv[group], b.lengths[group], len(b.done), b.tokens,
+                                             old=b.old[j] if j < len(b.old) else None)
+                self.accelerator.backward(loss)
+            if j >= len(b.old):  # the first update: the policy is the one that sampled, so these are the old log-probs
+                b.old.append(logp)
+            loss_total += loss.detach().float().cpu()
+        self.token_counter.add(b.tokens, b.tokens + sum(len(d["prompt_ids"]) for d in b.done), b.tokens)
+        self._figures["update_s"].append(time.perf_counter() - start)
+        return loss_total.to(self.args.device)
+
+    def _sample_batch(self, prompts: list[dict], step: int) -> "_Batch":
+        """Sample, score and pack one batch of rollouts (the first of its grpo.updates_per_batch steps)."""
+        s = self.settings
+        start = time.perf_counter()
+        done = self.rollouts(prompts, step)
         self._figures["rollout_s"].append(time.perf_counter() - start)
         texts = [self.processing_class.decode(p["prompt_ids"]) for p in prompts]  # the prompt as rendered
         rows = [{**prompts[d["prompt"]]["columns"], "finished": d["finished"]} for d in done]
         total, per_reward = self.rewards.score([texts[d["prompt"]] for d in done], [d["text"] for d in done], rows)
         rewards = torch.tensor(total, dtype=torch.float32)
-        adv = P.advantages(rewards, s.generations, s.scale_rewards)
         self._record(rewards, per_reward, done)
+        self._keep_samples(texts[0], done, rewards, per_reward)
         lengths = torch.tensor([float(len(d["completion_ids"])) for d in done])
-        tokens = int(lengths.sum())
-        loss_total = torch.zeros(())
         passes = pack_bins([len(d["prompt_ids"]) + len(d["completion_ids"]) for d in done],
                            self.tokens_per_pass or 10**9)
-        for j, group in enumerate(passes):
-            batch = _packed([done[k] for k in group])
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            sync = self.accelerator.no_sync(model) if j < len(passes) - 1 else contextlib.nullcontext()
-            with sync, self.compute_loss_context_manager():
-                loss = self._pass_loss(model, batch, adv[group], lengths[group], len(done), tokens)
-                self.accelerator.backward(loss)
-            loss_total += loss.detach().float().cpu()
-        self.token_counter.add(tokens, tokens + sum(len(d["prompt_ids"]) for d in done), tokens)
-        self._figures["update_s"].append(time.perf_counter() - start - self._figures["rollout_s"][-1])
-        return loss_total.to(self.args.device)
+        return _Batch([p["prompt_ids"] for p in prompts], done, P.advantages(rewards, s.generations, s.scale_rewards),
+                      lengths, int(lengths.sum()), passes)
 
-    def _pass_loss(self, model, batch, adv, lengths, completions: int, tokens: int) -> torch.Tensor:
+    def _pass_loss(self, model, batch, adv, lengths, completions: int, tokens: int,
+                   old: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's share of the step's loss, and its tokens' log-probs (detached). `old`: the
+        sampling policy's log-probs of these tokens; None on a batch's first update, where the
+        policy is the sampling one and its own log-probs, detached, are the old ones."""
         s = self.settings
         with self.accelerator.autocast():
             if self.head is None or self.processes > 1:
@@ -129,14 +153,23 @@ class GrpoTrainer(LorakitTrainer):
                 with torch.no_grad(), model.disable_adapter():
                     ref, _ = token_logps(*self.head, batch) if self.head else \
                         token_logps(body_of(model), None, batch, model=model)
-        per_token, figures = P.clipped_token_loss(logp, logp.detach(), adv.to(logp.device)[seq],
+        old = logp.detach() if old is None else old
+        per_token, figures = P.clipped_token_loss(logp, old, adv.to(logp.device)[seq],
                                                   epsilon=s.epsilon, epsilon_high=s.epsilon_high or s.epsilon,
                                                   beta=s.beta, ref=ref)
         for name, values in figures.items():
             self._figures[name].append(float(values.mean()))
         w = P.token_weights(seq, lengths.to(seq.device), s.loss_type, completions=completions, tokens=tokens,
                             max_tokens=s.max_completion_tokens)
-        return (w * per_token).sum()
+        return (w * per_token).sum(), old
+
+    def _get_train_sampler(self, train_dataset=None):
+        times = self.settings.updates_per_batch
+        if times == 1:
+            return super()._get_train_sampler(train_dataset)
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return RepeatedBatches(len(data), self._train_batch_size, times, seed)
 
     # ------------------------------------------------------------------ what is logged
 
@@ -150,7 +183,21 @@ class GrpoTrainer(LorakitTrainer):
             f[f"rewards/{name}"].append(sum(values) / len(values))
         f["completion_length"].append(sum(len(d["completion_ids"]) for d in done) / len(done))
         f["truncated"].append(sum(not d["finished"] for d in done) / len(done))
-        self.samples = [{"completion": d["text"], "reward": float(r)} for d, r in zip(done[:g], rewards[:g])]
+
+    def _keep_samples(self, prompt: str, done: list[dict], rewards: torch.Tensor,
+                      per_reward: dict[str, list[float]]) -> None:
+        """The first prompt's group, with each answer's rewards, to rollouts.jsonl at the first and
+        last step and every grpo.log_samples_steps (the report shows them)."""
+        every, step = self.settings.log_samples_steps, self.state.global_step + 1  # the step being taken
+        if self.samples_to is None or not every or not self.is_world_process_zero():
+            return
+        if step != 1 and step % every and step != self.state.max_steps:
+            return
+        g = self.settings.generations
+        samples = [{"completion": d["text"], "reward": round(float(r), 4), "finished": d["finished"],
+                    "rewards": {name: round(float(v[k]), 4) for name, v in per_reward.items()}}
+                   for k, (d, r) in enumerate(zip(done[:g], rewards[:g]))]
+        append_jsonl(self.samples_to, {"step": step, "prompt": prompt, "samples": samples})
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -160,6 +207,49 @@ class GrpoTrainer(LorakitTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return torch.zeros((), device=self.args.device), None, None  # evaluation is the generation probe
+
+
+@dataclass
+class _Batch:
+    """One batch of rollouts and what its updates need: advantages, answer lengths, the passes, and
+    the sampling policy's log-probs per pass (filled by the first update, read by the later ones)."""
+
+    prompt_ids: list[list[int]]
+    done: list[dict]
+    adv: torch.Tensor
+    lengths: torch.Tensor
+    tokens: int
+    passes: list[list[int]]
+    old: list[torch.Tensor] = field(default_factory=list)
+
+
+class RepeatedBatches(torch.utils.data.Sampler):
+    """The epoch's order of `n` prompts, cut into batches of `size`, each batch `times` times in a
+    row: grpo.updates_per_batch optimizer steps on the same prompts (TRL's RepeatSampler does this
+    for num_iterations). The order is the permutation accelerate's seedable sampler draws (seed +
+    epoch), so a resumed run skips to the same place, and the first batch is a one-update run's.
+    The epoch's last batch, when short, is filled up with the epoch's first prompts, so that the data
+    loader's batches of `size` never straddle two repeats."""
+
+    def __init__(self, n: int, size: int, times: int, seed: int):
+        self.n, self.size, self.times, self.seed = n, size, times, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for at in range(0, len(order), self.size):
+            batch = order[at:at + self.size]
+            batch += order[:self.size - len(batch)]
+            for _ in range(self.times):
+                yield from batch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size) * self.size * self.times
 
 
 def _packed(done: list[dict]) -> dict[str, torch.Tensor]:

@@ -64,11 +64,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
 
-    if cfg.train.method == "grpo" and cfg.grpo.updates_per_batch != 1:
-        from lorakit.errors import ConfigError
-
-        raise ConfigError([f"grpo.updates_per_batch: {cfg.grpo.updates_per_batch}: more than one update per batch "
-                           "of rollouts is not supported yet; set it to 1"])
     if cfg.train.method == "grpo" and cfg.model.adapter and cfg.grpo.beta:
         from lorakit.errors import ConfigError
 
@@ -99,7 +94,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     backup = None
     with distributed.main_first() as main:  # the run folder is claimed once; the others then use it
         if main and resume:
-            trim_metrics(RunPaths(cfg.run_dir).metrics, int(checkpoint.name.split("-")[1]))
+            for log_file in (RunPaths(cfg.run_dir).metrics, RunPaths(cfg.run_dir).rollouts):
+                trim_metrics(log_file, int(checkpoint.name.split("-")[1]))
         elif main:
             backup = artifacts.claim(cfg.run_dir)
     if resume:
@@ -231,7 +227,7 @@ def total_steps(cfg: Config, n_train: int) -> int:
     if t.max_steps > 0:
         return t.max_steps
     if t.method == "grpo":
-        per_epoch = max(1, math.ceil(n_train / cfg.grpo.prompts_per_step))
+        per_epoch = max(1, math.ceil(n_train / cfg.grpo.prompts_per_step)) * cfg.grpo.updates_per_batch
     else:
         per_epoch = max(1, math.ceil(math.ceil(n_train / t.batch_size) / t.grad_accum))
     return max(1, math.ceil(per_epoch * t.epochs))
@@ -310,7 +306,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         rewards = load_rewards(cfg.grpo.rewards, Path.cwd())
         rewards.check([dict(it["columns"]) for it in prepared.train[:4]])  # a broken reward fails now
         make, collator, probe = grpo.GrpoTrainer, grpo.collate_prompts, None
-        extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template}
+        extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template, "samples_to": paths.rollouts}
     else:
         from lorakit.train import preference
 
