@@ -150,6 +150,41 @@ def test_installed_use_stages_on_a_tiny_run(installed, venv, tmp_path, tiny_mode
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (run / "merge.json").is_file()
 
 
+def test_installed_dpo_and_grpo_runs(installed, venv, tmp_path, tiny_model_dir):
+    """The methods after SFT from the wheel's CLI: DPO on pairs, then GRPO from that adapter with a
+    user reward file named relative to its config, then eval and merge of the GRPO run."""
+    import json
+
+    from conftest import ALPACA_ROWS, write_jsonl
+
+    lk = venv / "bin/lorakit"
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": r["instruction"], "chosen": r["output"], "rejected": r["output"][::-1] + " no"} for r in ALPACA_ROWS])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ALPACA_ROWS)
+    common = f"lora: {{r: 4, alpha: 8}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+    (tmp_path / "dpo.yaml").write_text(
+        common + f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {pairs}, template: alpaca, max_length: 128, val_fraction: 0}}\n"
+        "train: {method: dpo, max_steps: 2, batch_size: 2, save_steps: 0, eval_steps: 0}\n", encoding="utf-8")
+    _ok(_run([lk, "train", tmp_path / "dpo.yaml"], cwd=tmp_path))
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/margins" in r for r in recs)
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mine.py").write_text("def short(prompt, completion, **row):\n    return -len(completion)\n")
+    (tmp_path / "cfg" / "grpo.yaml").write_text(
+        common + f"data: {{train: {prompts}, val_fraction: 0, max_length: 128}}\n"
+        f"model: {{name: {tiny_model_dir}, adapter: {tmp_path / 'runs' / 'dpo'}}}\n"
+        "train: {method: grpo, max_steps: 2, save_steps: 0}\n"
+        "grpo: {prompts_per_step: 2, generations: 2, max_completion_tokens: 6, "
+        "rewards: [{name: mine.py:short}, {name: format, weight: 0.5}]}\n", encoding="utf-8")
+    _ok(_run([lk, "train", tmp_path / "cfg" / "grpo.yaml"], cwd=tmp_path))
+    run = tmp_path / "runs" / "grpo"
+    assert (run / "rollouts.jsonl").is_file() and "Sampled answers" in (run / "report.html").read_text()
+    _ok(_run([lk, "eval", run, "--data", prompts, "--max-new-tokens", "4"], cwd=tmp_path))
+    _ok(_run([lk, "merge", run, "--out", tmp_path / "merged"], cwd=tmp_path))
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
 def test_installed_serve_answers_the_openai_client_and_stops_cleanly(installed, venv, tmp_path, tiny_model_dir,
                                                                      tiny_tokenizer):
     """`lorakit serve` from the wheel's console script: up, listed, answering, then SIGTERM -> exit 0."""
