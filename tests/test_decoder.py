@@ -201,3 +201,22 @@ def test_a_head_cast_once_gives_the_logits_autocast_gives(pair):
             d.step(rows)
             got[name] = [first, d.step_logits(rows)]
     assert all(torch.equal(a, b) for a, b in zip(got["model"], got["split"]))
+
+
+def test_a_prompt_asked_several_times_is_prefilled_once_and_samples_as_if_alone(pair):
+    """GRPO's group: the same prompt with different seeds. One prefill serves them all (the others
+    copy its keys and values), and every row samples exactly what it samples alone."""
+    model = pair.model
+    a, b = [5, 9, 14, 3, 7, 2], [2, 8, 8, 4]
+    sampled = Sampling(temperature=1.0, top_p=1.0)
+    reqs = [Request(p, 6, sampled, seed=s) for p, s in ((a, 1), (a, 2), (b, 3), (a, 4))]
+    prefills = []
+    with Decoder(model, pair.tokenizer, stacked=False) as d:
+        forward = d.forward
+        d.forward = lambda ids, *args, **kw: prefills.append(ids.shape[1]) or forward(ids, *args, **kw)
+        together = [r.generated for r in d.run(reqs)]
+        d.forward = forward
+        alone = [d.run([r])[0].generated for r in reqs]
+    assert prefills[0] == len(a) + len(b)  # the first forward prefilled each distinct prompt once
+    assert together == alone
+    assert len({tuple(x) for x in together[:2]}) == 2  # different seeds, different answers

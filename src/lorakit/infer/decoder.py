@@ -238,13 +238,18 @@ class Decoder:
         forwards of up to PREFILL_TOKENS tokens, each at its own positions and attending only to
         itself (kv.Rows.packed): on CPU a product over one prompt's ~100 rows runs several times
         slower per row than over a thousand. Rows of different adapters share a packed forward
-        unless some layer keeps PEFT's per-adapter path."""
+        unless some layer keeps PEFT's per-adapter path. A prompt asked for several times (GRPO's
+        group, n > 1 samples) is prefilled once: the others get a copy of its keys and values and
+        choose their first token, each with its own sampler, from the same logits."""
         for req in reqs:
             if not req.prompt_ids:
                 raise LorakitError("the prompt is empty", hint="a prompt needs at least one token")
         rows = [Row(req, self.layers, self.tokenizer) for req in reqs]
-        out: list[tuple[Row, str]] = []
-        for group in self._prefill_groups(rows):
+        first: dict[tuple, Row] = {}  # (prompt, adapter) -> the row that prefills it
+        for r in rows:
+            first.setdefault((tuple(r.req.prompt_ids), r.req.adapter), r)
+        logits_of: dict[int, torch.Tensor] = {}
+        for group in self._prefill_groups(list(first.values())):
             lengths = [len(r.req.prompt_ids) for r in group]
             ids = torch.tensor([[t for r in group for t in r.req.prompt_ids]], device=self.device)
             pos = torch.tensor([[p for n in lengths for p in range(n)]], device=self.device)
@@ -252,7 +257,13 @@ class Decoder:
             names = [r.req.adapter for r, n in zip(group, lengths) for _ in range(n)]
             logits = self.forward(ids, pos, kv.Rows.packed([r.slot for r in group], lengths), names, keep=ends,
                                   row_names=[group[0].req.adapter])
-            out += [(r, r.take(lg)) for r, lg in zip(group, logits)]
+            logits_of.update((id(r), lg) for r, lg in zip(group, logits))
+        out: list[tuple[Row, str]] = []
+        for r in rows:
+            src = first[(tuple(r.req.prompt_ids), r.req.adapter)]
+            if src is not r:
+                r.slot = src.slot.copy()
+            out.append((r, r.take(logits_of[id(src)])))
         return out
 
     def _prefill_groups(self, rows: list[Row]) -> list[list[Row]]:
