@@ -271,6 +271,8 @@ def test_several_updates_per_batch_learn_from_the_old_policy_and_resume_exactly(
     recs = [r for r in records(tmp_path / "runs" / "whole2") if "loss" in r]
     assert ["reward" in r for r in recs] == [True, False, True, False]  # rollouts at steps 1 and 3 only
     assert [r["clip_ratio"] == 0 for r in recs] == [True, False, True, False]  # ratio 1 exactly, then clipped
+    kept = (tmp_path / "runs" / "whole2" / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in kept] == [1, 3]  # the first batch and the last
 
     cut = tmp_path / "cut2.yaml"
     cut.write_text(text.replace("name: whole2", "name: cut2"))

@@ -187,11 +187,13 @@ class GrpoTrainer(LorakitTrainer):
     def _keep_samples(self, prompt: str, done: list[dict], rewards: torch.Tensor,
                       per_reward: dict[str, list[float]]) -> None:
         """The first prompt's group, with each answer's rewards, to rollouts.jsonl at the first and
-        last step and every grpo.log_samples_steps (the report shows them)."""
+        last batch and every grpo.log_samples_steps steps (the report shows them)."""
         every, step = self.settings.log_samples_steps, self.state.global_step + 1  # the step being taken
         if self.samples_to is None or not every or not self.is_world_process_zero():
             return
-        if step != 1 and step % every and step != self.state.max_steps:
+        updates = self.settings.updates_per_batch  # this batch serves steps step .. step + updates - 1
+        due = (step - 1 + updates) // every > (step - 1) // every  # a multiple of `every` among them
+        if step != 1 and not due and step + updates <= self.state.max_steps:  # nor the run's last batch
             return
         g = self.settings.generations
         samples = [{"completion": d["text"], "reward": round(float(r), 4), "finished": d["finished"],
