@@ -287,3 +287,25 @@ def test_several_updates_per_batch_learn_from_the_old_policy_and_resume_exactly(
     bad.write_text(text.replace("save_steps: 2", "save_steps: 3"))
     with pytest.raises(ConfigError, match="train.save_steps: 3 is not a multiple of grpo.updates_per_batch"):
         config.load(bad)
+
+
+def test_continuing_an_adapter_the_kl_reference_is_that_adapter(tmp_path, tiny_model_dir, data):
+    """model.adapter with grpo.beta: the reference is the continued adapter as the run starts, not the
+    base. KL 0 at step 1 (the base would be far: the SFT adapter moved it), then positive once the
+    policy has moved (a reference that followed the policy would stay 0), under bf16 autocast, whose
+    cache of 16-bit weights is keyed by parameter."""
+    from lorakit import config
+    from lorakit.pipeline import train
+
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(f"model: {{name: {tiny_model_dir}}}\n"
+                   f"data: {{train: {data}, template: alpaca, max_length: 128, val_fraction: 0}}\n"
+                   "lora: {r: 4, alpha: 8}\ntrain: {max_steps: 3, lr: 5.0e-2, warmup: 0, save_steps: 0, "
+                   "report_to: []}\n"
+                   f"output: {{dir: {tmp_path / 'runs'}, name: sft}}\n", encoding="utf-8")
+    start = train(config.load(sft), progress=False, log=lambda *_: None)
+    cfg = config.load(_yaml(tmp_path, tiny_model_dir, data, "kl_adapter"))
+    cfg.model.adapter, cfg.grpo.beta, cfg.train.warmup = str(start), 0.04, 0
+    cfg.train.mixed_precision = "bf16"
+    kl = [r["kl"] for r in records(train(cfg, progress=False, log=lambda *_: None)) if "loss" in r]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4

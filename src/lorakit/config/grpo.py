@@ -59,8 +59,8 @@ class GrpoConfig:
         "group teaches nothing. TRL's default is 1.0.", 0.9)
     top_p: float = _help("Nucleus sampling of the answers, in (0, 1]; 1.0 (TRL's default) keeps every token.", 1.0)
     beta: float = _help(
-        "KL coefficient: how strongly the policy is held near the reference (the base, with the "
-        "adapter switched off). 0.0, TRL's default and DAPO's, drops the KL term and the reference "
+        "KL coefficient: how strongly the policy is held near the reference (the model as the run "
+        "starts: the base with the adapter off, or the model.adapter it continues). 0.0, TRL's default and DAPO's, drops the KL term and the reference "
         "pass with it; DeepSeekMath's GRPO used 0.04.", 0.0)
     epsilon: float = _help(
         "Clip of the policy ratio, low side: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] "

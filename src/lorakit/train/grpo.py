@@ -13,8 +13,8 @@ from for `grpo.updates_per_batch` optimizer steps (the sampler repeats its promp
 the policy is the one that sampled, so the old log-probs are the new ones, detached (ratio 1, the
 plain policy gradient), and they are kept for the later updates, where the clip takes effect.
 Checkpoints fall between batches (train.save_steps is a multiple), so resume needs no rollouts. With
-grpo.beta > 0 the reference is the model as training started, computed with the adapter switched
-off (a new adapter) — continuing a trained adapter with a KL term is refused for now.
+grpo.beta > 0 the reference is the model as training started: the base with the adapter switched
+off (a new adapter), or the continued adapter's starting weights (model.adapter).
 """
 
 from __future__ import annotations
@@ -47,9 +47,15 @@ def collate_prompts(features: list[dict]) -> dict[str, Any]:
 class GrpoTrainer(LorakitTrainer):
     """LorakitTrainer whose step samples, scores and learns from its own completions."""
 
-    def __init__(self, *args, settings, rewards, template, samples_to: Path | None = None, **kwargs):
+    def __init__(self, *args, settings, rewards, template, samples_to: Path | None = None, continued: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.settings, self.rewards, self.template = settings, rewards, template
+        # The KL reference when continuing an adapter (model.adapter): its weights as training starts.
+        # The Trainer loads a checkpoint's weights only later, in train(), so on resume too this is
+        # the adapter the run started from. A new adapter's reference is the base (adapter off).
+        self.reference = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad} \
+            if continued and settings.beta else None
         self.samples_to = samples_to  # rollouts.jsonl; None: not recorded
         self._batch: _Batch | None = None  # the rollouts the next grpo.updates_per_batch steps learn from
         self.loss_is_scaled_for_ga = True
@@ -150,7 +156,7 @@ class GrpoTrainer(LorakitTrainer):
                 logp, seq = token_logps(*self.head, batch, head_weight=self._half_head())
             ref = None
             if s.beta:
-                with torch.no_grad(), model.disable_adapter():
+                with torch.no_grad(), self._reference_weights(model):
                     ref, _ = token_logps(*self.head, batch) if self.head else \
                         token_logps(body_of(model), None, batch, model=model)
         old = logp.detach() if old is None else old
@@ -162,6 +168,28 @@ class GrpoTrainer(LorakitTrainer):
         w = P.token_weights(seq, lengths.to(seq.device), s.loss_type, completions=completions, tokens=tokens,
                             max_tokens=s.max_completion_tokens)
         return (w * per_token).sum(), old
+
+    @contextlib.contextmanager
+    def _reference_weights(self, model):
+        """The KL reference's forward: the base with the adapter off, or, continuing an adapter, the
+        trainable weights swapped for their values at the start (tensor handles only, no copy) and
+        swapped back before anything else reads them. (Autocast's cache of 16-bit weights is keyed by
+        parameter, but it is neither filled nor read under no_grad, where this forward runs: the
+        test under bf16 autocast shows the two forwards apart.)"""
+        if self.reference is None:
+            with model.disable_adapter():
+                yield
+            return
+        live = {}
+        try:
+            for n, p in model.named_parameters():
+                if n in self.reference:
+                    live[n], p.data = p.data, self.reference[n]
+            yield
+        finally:
+            for n, p in model.named_parameters():
+                if n in live:
+                    p.data = live[n]
 
     def _get_train_sampler(self, train_dataset=None):
         times = self.settings.updates_per_batch

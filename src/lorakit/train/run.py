@@ -64,11 +64,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
 
-    if cfg.train.method == "grpo" and cfg.model.adapter and cfg.grpo.beta:
-        from lorakit.errors import ConfigError
-
-        raise ConfigError([f"grpo.beta: {cfg.grpo.beta} with model.adapter: a KL term against the started-from "
-                           "adapter is not supported yet (the reference would be the base); set grpo.beta: 0"])
     if world > 1 and cfg.train.method != "sft":
         from lorakit.errors import ConfigError
 
@@ -306,7 +301,8 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         rewards = load_rewards(cfg.grpo.rewards, Path.cwd())
         rewards.check([dict(it["columns"]) for it in prepared.train[:4]])  # a broken reward fails now
         make, collator, probe = grpo.GrpoTrainer, grpo.collate_prompts, None
-        extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template, "samples_to": paths.rollouts}
+        extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template, "samples_to": paths.rollouts,
+                 "continued": bool(cfg.model.adapter)}
     else:
         from lorakit.train import preference
 
