@@ -16,7 +16,7 @@ import sys
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lorakit.config import Config, DataConfig
 from lorakit.data.formats import detect_format, to_example
@@ -76,11 +76,7 @@ def prepare(cfg: Config, tokenizer: Any) -> Prepared:
     template = resolve_template(d.template, tokenizer, d.system_prompt)
     stats = DataStats(max_length=d.max_length, overlong=d.overlong)
     formats: Counter[str] = Counter()
-    train_rows = list(itertools.islice(_examples(_as_list(d.train), d.format, d.split, formats), d.limit))
-    if d.validation:
-        val_rows = list(_examples(_as_list(d.validation), d.format, "validation", formats))
-    else:
-        train_rows, val_rows = split_rows(train_rows, d.val_fraction, cfg.train.seed)
+    train_rows, val_rows = read_splits(cfg, lambda specs, split: _examples(specs, d.format, split, formats))
     stats.formats = dict(formats)
     lengths: list[int] = []
     train = _encode_split("train", train_rows, template, tokenizer, d, stats, lengths)
@@ -127,6 +123,17 @@ def _examples(specs: list[str], fmt: str, split: str, formats: Counter[str]) -> 
             row_fmt = detect_format(row, where) if fmt == "auto" else fmt
             formats[row_fmt] += 1
             yield to_example(row, row_fmt, where), where
+
+
+def read_splits(cfg: Config, read: Callable[[list, str], Iterable]) -> tuple[list, list]:
+    """The rows of data.train (at most data.limit) and of data.validation, or else the seeded split
+    of data.train: the reading every kind of data (SFT, preference, prompts) shares. `read(specs,
+    split)` yields one split's rows from its sources."""
+    d = cfg.data
+    train = list(itertools.islice(read(_as_list(d.train), d.split), d.limit))
+    if d.validation:
+        return train, list(read(_as_list(d.validation), "validation"))
+    return split_rows(train, d.val_fraction, cfg.train.seed)
 
 
 def split_rows(rows: list[Located], fraction: float, seed: int) -> tuple[list[Located], list[Located]]:

@@ -22,13 +22,12 @@ predicted from the token before it, so without one it would fall out of the loss
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from lorakit.config import Config, DataConfig
-from lorakit.data.dataset import DataStats, Prepared, RowNote, _as_list, fingerprint, percentiles, split_rows
+from lorakit.data.dataset import DataStats, Prepared, RowNote, _as_list, fingerprint, percentiles, read_splits
 from lorakit.data.formats import (_KEYS, FORMATS, PREFERENCE_FORMATS, _field, _short, _with_system, detect_format,
                                   message_list)
 from lorakit.data.sources import read_rows
@@ -284,11 +283,7 @@ def prepare_preference(cfg: Config, tokenizer: Any) -> PreparedPreference:
     template = resolve_template(d.template, tokenizer, d.system_prompt)
     stats = DataStats(max_length=d.max_length, overlong=d.overlong)
     formats: Counter[str] = Counter()
-    train_rows = list(itertools.islice(_read(_as_list(d.train), kind, d.split, formats), d.limit))
-    if d.validation:
-        val_rows = list(_read(_as_list(d.validation), kind, "validation", formats))
-    else:
-        train_rows, val_rows = split_rows(train_rows, d.val_fraction, cfg.train.seed)
+    train_rows, val_rows = read_splits(cfg, lambda specs, split: _read(specs, kind, split, formats))
     stats.formats = dict(formats)
     lengths: list[int] = []
     train = _encode_split("train", train_rows, template, tokenizer, d, stats, lengths)

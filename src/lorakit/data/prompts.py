@@ -11,15 +11,13 @@ SFT data as it is. The prompt is encoded with the run's template exactly as gene
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.config import Config
-from lorakit.data.dataset import DataStats, _as_list, percentiles, split_rows
+from lorakit.data.dataset import DataStats, Prepared, percentiles, read_splits
 from lorakit.data.formats import _short, message_list
 from lorakit.data.sources import read_rows
-from lorakit.data.templates import Template, resolve_template
+from lorakit.data.templates import resolve_template
 from lorakit.errors import DataError
 
 PROMPT_KEYS = ("instruction", "input", "system", "prompt", "messages")
@@ -27,19 +25,10 @@ WHERE = "lorakit_where"
 """Row column with the file and line the row came from (reward errors name it)."""
 
 
-@dataclass
-class PreparedPrompts:
-    """What `prepare_prompts` gives training: encoded prompts with their columns, per split."""
-
-    train: list[dict]
-    validation: list[dict]
-    template: Template
-    fingerprint: str
-    stats: DataStats = field(default_factory=DataStats)
-    train_examples: list[dict] = field(default_factory=list)
-    validation_examples: list[dict] = field(default_factory=list)
-    train_where: list[str] = field(default_factory=list)
-    validation_where: list[str] = field(default_factory=list)
+class PreparedPrompts(Prepared):
+    """`dataset.Prepared` whose items are encoded prompts with the columns the rewards read
+    (`prompt_ids`, `columns`, and `answer` where the row has a reference); the fingerprint is over
+    the prompts' ids of both splits."""
 
 
 def to_prompt(row: dict, where: str) -> tuple[list[dict], dict]:
@@ -82,12 +71,8 @@ def prepare_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
 
     d = cfg.data
     template = resolve_template(d.template, tokenizer, d.system_prompt)
-    located = list(itertools.islice(((row, where) for spec in _as_list(d.train) for row, where in
-                                     read_rows(spec, d.split)), d.limit))
-    if d.validation:
-        val = [(row, where) for spec in _as_list(d.validation) for row, where in read_rows(spec, "validation")]
-    else:
-        located, val = split_rows(located, d.val_fraction, cfg.train.seed)
+    located, val = read_splits(cfg, lambda specs, split: ((row, where) for spec in specs
+                                                          for row, where in read_rows(spec, split)))
 
     def encode(rows):
         items, examples, wheres = [], [], []
@@ -116,5 +101,6 @@ def prepare_prompts(cfg: Config, tokenizer: Any) -> PreparedPrompts:
                       length_percentiles=percentiles(len(it["prompt_ids"]) for s in (train, validation) for it in s[0]),
                       tokens={name: sum(len(it["prompt_ids"]) for it in s[0])
                               for name, s in (("train", train), ("validation", validation))})
-    return PreparedPrompts(train[0], validation[0], template, h.hexdigest(), stats, train[1], validation[1],
-                           train[2], validation[2])
+    return PreparedPrompts(train=train[0], validation=validation[0], train_examples=train[1],
+                           validation_examples=validation[1], template=template, stats=stats,
+                           fingerprint=h.hexdigest(), train_where=train[2], validation_where=validation[2])
