@@ -317,3 +317,18 @@ def embedded_model() -> str:
     from lorakit.model import embedded
 
     return str(embedded.embedded_model_dir())
+
+
+def run_side(script: str, name: str, out: Path, args: list[str], model: str | None = None) -> dict:
+    """One side of a two-sided benchmark in a process of its own (so its peak RSS is its own):
+    `script --side NAME --out OUT --result OUT/NAME.json [--model M] ARGS`, its output in
+    OUT/NAME.log; returns the JSON result it wrote."""
+    import subprocess
+    import sys
+
+    result = out / f"{name}.json"
+    cmd = [sys.executable, script, "--side", name, "--out", str(out), "--result", str(result),
+           *(["--model", model] if model else []), *args]
+    with open(out / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=Path(script).resolve().parents[1])
+    return json.loads(result.read_text())

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -194,15 +193,6 @@ def preference_accuracy(adapter: str, pairs: list[dict]) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_side(name: str, train_file: Path, out: Path, steps: int) -> dict:
-    result = out / f"{name}.json"
-    cmd = [sys.executable, __file__, "--side", name, "--train-file", str(train_file), "--out", str(out),
-           "--steps", str(steps), "--result", str(result), *(["--model", MODEL] if MODEL else [])]
-    with open(out / f"{name}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return json.loads(result.read_text())
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8)
@@ -224,7 +214,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         return
     train_file = write_jsonl(out / "pairs.jsonl", make_pairs(DATA / "train.jsonl", a.steps * BATCH * ACCUM))
     held_out = make_pairs(DATA / "test.jsonl", a.eval_pairs)
-    sides = {name: run_side(name, train_file, out, a.steps) for name in ("trl", "lorakit")}
+    from common import run_side
+
+    sides = {name: run_side(__file__, name, out, ["--train-file", str(train_file), "--steps", str(a.steps)], MODEL)
+             for name in ("trl", "lorakit")}
     for s in sides.values():
         s.update(preference_accuracy(s["adapter"], held_out))
         s["pairs_per_s"] = s["pairs"] / s["loop_s"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -127,15 +126,6 @@ def side_lorakit(data: Path, out: Path, steps: int) -> dict:
             "answer_tokens": sum(r["completion_length"] for r in logs) * PROMPTS * GROUP}
 
 
-def run_side(name: str, data: Path, out: Path, steps: int) -> dict:
-    result = out / f"{name}.json"
-    cmd = [sys.executable, __file__, "--side", name, "--data", str(data), "--out", str(out), "--steps", str(steps),
-           "--result", str(result), *(["--model", MODEL] if MODEL else [])]
-    with open(out / f"{name}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return json.loads(result.read_text())
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
@@ -156,7 +146,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(a.steps * PROMPTS)), encoding="utf-8")
-    sides = {name: run_side(name, data, out, a.steps) for name in ("trl", "lorakit")}
+    from common import run_side
+
+    sides = {name: run_side(__file__, name, out, ["--data", str(data), "--steps", str(a.steps)], MODEL)
+             for name in ("trl", "lorakit")}
     for s in sides.values():
         s["steps_per_min"] = 60 * s["steps"] / s["loop_s"]
         s["answer_tokens_per_s"] = s["answer_tokens"] / s["loop_s"]

@@ -171,13 +171,11 @@ class Diagnostics(TrainerCallback):
             return
         self.rewards.append(logs["reward"])
         self.zero_spread.append(logs.get("zero_spread_groups", 0.0))
-        if len(self.rewards) == 2 * FLAT_WINDOW:
-            first = sum(self.rewards[:FLAT_WINDOW]) / FLAT_WINDOW
-            later = sum(self.rewards[FLAT_WINDOW:]) / FLAT_WINDOW
-            if later <= first:
-                self._once("reward_flat", f"warning: the mean reward has not grown in the first {len(self.rewards)} "
-                           f"logs ({first:.4f} -> {later:.4f}). Check the rewards on a few answers by hand, and "
-                           "that train.lr is not too small", step)
+        if (flat := _not_grown(self.rewards)) is not None:
+            first, later = flat
+            self._once("reward_flat", f"warning: the mean reward has not grown in the first {len(self.rewards)} "
+                       f"logs ({first:.4f} -> {later:.4f}). Check the rewards on a few answers by hand, and "
+                       "that train.lr is not too small", step)
         if len(self.zero_spread) >= FLAT_WINDOW and all(z >= 1.0 for z in self.zero_spread[-FLAT_WINDOW:]):
             self._once("zero_spread", f"warning: in the last {FLAT_WINDOW} logs every group's answers scored the "
                        "same, so there is nothing to learn from (advantages are 0). Raise grpo.temperature or "
@@ -202,14 +200,12 @@ class Diagnostics(TrainerCallback):
             return
         self.margins.append(logs["rewards/margins"])
         self.chosen.append(logs.get("logps/chosen", math.nan))
-        if len(self.margins) == 2 * FLAT_WINDOW:
-            first = sum(self.margins[:FLAT_WINDOW]) / FLAT_WINDOW
-            later = sum(self.margins[FLAT_WINDOW:]) / FLAT_WINDOW
-            if later <= first:
-                self._once("margin_flat", f"warning: the reward margin has not grown in the first {len(self.margins)} "
-                           f"logs ({first:.4f} -> {later:.4f}): the pairs are not being told apart. Check that chosen "
-                           "and rejected differ where it matters (`lorakit data CONFIG`) and that train.lr is not "
-                           f"too small, or raise {method}.beta", step)
+        if (flat := _not_grown(self.margins)) is not None:
+            first, later = flat
+            self._once("margin_flat", f"warning: the reward margin has not grown in the first {len(self.margins)} "
+                       f"logs ({first:.4f} -> {later:.4f}): the pairs are not being told apart. Check that chosen "
+                       "and rejected differ where it matters (`lorakit data CONFIG`) and that train.lr is not "
+                       f"too small, or raise {method}.beta", step)
         start, now = self.chosen[0], self.chosen[-1]
         if (len(self.chosen) > FLAT_WINDOW and self.margins[-1] > self.margins[0]
                 and now < start - CHOSEN_COLLAPSE * abs(start)):
@@ -232,6 +228,16 @@ class Diagnostics(TrainerCallback):
         if patience and self.evals_worse >= patience:
             self.stopped = "early_stopping"
             control.should_training_stop = True
+
+
+def _not_grown(values: list[float]) -> tuple[float, float] | None:
+    """(mean of the first FLAT_WINDOW logs, mean of the next FLAT_WINDOW) once there are exactly
+    two windows and the later mean is not above the first (a figure that should grow, has not);
+    else None. Checked once, when the second window fills."""
+    if len(values) != 2 * FLAT_WINDOW:
+        return None
+    first, later = sum(values[:FLAT_WINDOW]) / FLAT_WINDOW, sum(values[FLAT_WINDOW:]) / FLAT_WINDOW
+    return (first, later) if later <= first else None
 
 
 def nonfinite_error(health: Health, checkpoints: list) -> TrainingStopped:

@@ -173,6 +173,15 @@ def trainer_arguments(cfg) -> dict:
 
 # --------------------------------------------------------------------------- every example once per epoch
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's order of n examples: the permutation accelerate's seedable sampler draws (a
+    generator seeded with seed + epoch), so lorakit's own samplers visit the data as one plain
+    process would, and a resumed run skips to the same place."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
 class RankSteps(BatchRebalanceSampler):
     """This process's share of every micro-step: the epoch's order (the permutation one process
     would draw: seed + epoch, as accelerate's seedable sampler), cut into groups of
@@ -198,9 +207,7 @@ class RankSteps(BatchRebalanceSampler):
         return -(-self.n // (self.rows * self.processes))
 
     def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = epoch_order(self.n, self.seed, self.epoch)
         group = self.rows * self.processes
         for start in range(0, self.n, group):
             chunk = order[start:start + group]

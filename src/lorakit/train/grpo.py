@@ -33,6 +33,7 @@ from lorakit.data.collate import IGNORE_INDEX, pack_bins
 from lorakit.data.prompts import WHERE
 from lorakit.model import policy as P
 from lorakit.model.loss import body_of, split_head, token_logps
+from lorakit.train.distributed import epoch_order
 from lorakit.train.trainer import LorakitTrainer
 
 SEED_STRIDE = 1_000_003
@@ -256,8 +257,8 @@ class _Batch:
 class RepeatedBatches(torch.utils.data.Sampler):
     """The epoch's order of `n` prompts, cut into batches of `size`, each batch `times` times in a
     row: grpo.updates_per_batch optimizer steps on the same prompts (TRL's RepeatSampler does this
-    for num_iterations). The order is the permutation accelerate's seedable sampler draws (seed +
-    epoch), so a resumed run skips to the same place, and the first batch is a one-update run's.
+    for num_iterations). The order is `distributed.epoch_order`'s, so a resumed run skips to the same
+    place, and the first batch is a one-update run's.
     The epoch's last batch, when short, is filled up with the epoch's first prompts, so that the data
     loader's batches of `size` never straddle two repeats."""
 
@@ -269,9 +270,7 @@ class RepeatedBatches(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = epoch_order(self.n, self.seed, self.epoch)
         for at in range(0, len(order), self.size):
             batch = order[at:at + self.size]
             batch += order[:self.size - len(batch)]
