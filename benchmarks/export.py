@@ -1,7 +1,9 @@
 """What each GGUF type keeps of a fine-tune, measured on the run's own task: size, time, the task
 metric through llama.cpp, answers changed against transformers, and KL on held-out text — for
-f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 and iq4_xs, each quantized type with and without the
-importance matrix (collected as `lorakit export` collects it).
+f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0 and iq4_xs, each quantized type without the importance
+matrix ("no"), with all of it as llama-quantize --imatrix uses it ("all"), and as `lorakit export`
+uses it ("kept": less the tensors whose weighted rounding would round the fine-tune away,
+export/delta.py).
 
     python benchmarks/export.py RUN --eval-data FILE [--types ...] [--kl-rows 8] [--auto] [--json OUT]
 
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.export import gguf as G
     from lorakit.export import run as E
     from lorakit.export import task as T
+    from lorakit.config import ExportConfig
     from lorakit.export.quantize import FTYPES
 
     quiet = lambda s: None  # noqa: E731
@@ -89,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
               f"f32 {result['convert_f32_s']} s, transformers answers {result['transformers_answer_s']} s, imatrix "
               f"{result['imatrix_s']} s")
         print(f"{'type':8} {'imatrix':7} {'MiB':>7} {'write s':>7} {'metric':>7} {'drop':>6} {'changed':>7} {'KL':>8}")
+        vectors = importance.vectors()
+        guarded = E.guarded_weights(adapter, work / "merged", f32, vectors, ExportConfig().imatrix_keep, quiet)
         for t in args.types:
-            for weighted in ([False, True] if t in FTYPES else [False]):
-                out = work / f"{t}{'-imatrix' if weighted else ''}.gguf"
+            for weighted in (["no", "all", "kept"] if t in FTYPES else ["no"]):
+                out = work / f"{t}-{weighted}.gguf"
                 t0 = time.perf_counter()
-                G.convert_merged(work / "merged", out, t, f32=f32, imatrix=importance.vectors() if weighted else None,
-                                 log=quiet)
+                weights = {"no": None, "all": vectors, "kept": guarded(t) if weighted == "kept" else None}[weighted]
+                G.convert_merged(work / "merged", out, t, f32=f32, imatrix=weights, log=quiet)
                 write_s = time.perf_counter() - t0
                 check = T.check(rows, out, max_drop=3.0, log=quiet)
                 kl = kl_rows(work / "merged", out, [s + a for s, a in zip(kl_seq, answers)], [len(s) for s in kl_seq])
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                        "gguf": check.gguf, "drop": check.drop, "changed": check.changed, "lost": check.lost,
                        "gained": check.gained, "kl": round(kl, 5), "answer_s": check.seconds["llama.cpp"]}
                 result["files"].append(row)
-                print(f"{t:8} {'yes' if weighted else 'no':7} {row['mib']:7.1f} {row['write_s']:7.1f} "
+                print(f"{t:8} {weighted:7} {row['mib']:7.1f} {row['write_s']:7.1f} "
                       f"{row['gguf']:7.1%} {row['drop']:+6.1f} {row['changed']:7d} {row['kl']:8.5f}", flush=True)
                 out.unlink()
     if args.auto:

@@ -350,7 +350,7 @@ def _export_parser(sub) -> None:
     add_flags(x, ExportConfig, flag("gguf"), flag("max_drop", metavar="POINTS"),
               flag("eval_data", metavar="FILE", help_suffix="; repeatable"), flag("eval_limit", metavar="N"),
               flag("max_new_tokens", metavar="N"), flag("metric"), flag("imatrix"),
-              flag("imatrix_text", metavar="FILE"), flag("max_size", metavar="MIB"),
+              flag("imatrix_text", metavar="FILE"), flag("imatrix_keep", metavar="SHARE"), flag("max_size", metavar="MIB"),
               where="export.{key} of the run's config")
     x.add_argument("--adapter-only", action="store_true",
                    help="the base as GGUF plus the adapter in llama.cpp's LoRA format, instead of one merged file")

@@ -493,6 +493,8 @@ def _check_export(x: ExportConfig, problems: list[str]) -> None:
         problems.append(f"export.eval_limit: {x.eval_limit} must be 0 (all rows) or more")
     if x.max_new_tokens < 0:
         problems.append(f"export.max_new_tokens: {x.max_new_tokens} must be 0 (auto) or more")
+    if not 0 <= x.imatrix_keep <= 1:
+        problems.append(f"export.imatrix_keep: {x.imatrix_keep} must be in [0, 1] (a share of the fine-tune's change)")
     if x.imatrix_rows < 1:
         problems.append(f"export.imatrix_rows: {x.imatrix_rows} must be at least 1")
     if not x.auto_types:

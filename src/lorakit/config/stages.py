@@ -160,6 +160,13 @@ class ExportConfig:
         "quantization does not trade general ability for the task; null: the run's rows only.",
         None,
     )
+    imatrix_keep: float = _help(
+        "With the importance matrix: a fine-tuned tensor whose weighted rounding keeps less than this "
+        "share of the fine-tune's change (the projection of Q - W0 on W - W0), while plain rounding keeps "
+        "more, is quantized plain. The weighting can land on the base's own grid and round the fine-tune "
+        "away (export/delta.py). 0: weight every tensor, as llama-quantize does.",
+        0.8,
+    )
     max_size: float | None = _help(
         "The largest GGUF file to write, in MiB; null: no limit. Types whose file would be larger are "
         "not written, and the largest quantized type that fits gets its most sensitive tensors (KL on "

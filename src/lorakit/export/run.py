@@ -233,7 +233,7 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
         final = export_gguf(out_dir, name, t, dynamic=bool(raised))
         start = time.perf_counter()
         try:
-            G.convert_merged(merged, partial_path(final), t, f32=c.f32, imatrix=c.vectors if weighted else None,
+            G.convert_merged(merged, partial_path(final), t, f32=c.f32, imatrix=c.weights(t, raised) if weighted else None,
                              raised=raised, log=log)
             if not verify:
                 A.publish(partial_path(final), final)
@@ -263,12 +263,13 @@ def _merged(adapter_dir: Path, tokenizer, merged: Path, work: Path, out_dir: Pat
 @dataclass
 class _Candidates:
     """What `_merged` writes, in order — (type, importance-weighted, tensors raised) — and what they
-    share: the f32 conversion, the importance matrix (and its vectors), the size budget."""
+    share: the f32 conversion, the importance matrix, the size budget, and `weights(type, raised)`:
+    the importance vectors a weighted file of that mix is quantized with (export/delta.py's guard)."""
 
     plans: list
     f32: Path | None
     matrix: Any
-    vectors: dict | None
+    weights: Callable[..., dict | None]
     budget: int | None
 
 
@@ -311,12 +312,39 @@ def _candidates(adapter_dir: Path, tokenizer, merged: Path, work: Path, s, measu
     matrix = importance(adapter_dir, merged, f32, rows=s.imatrix_rows, text=s.imatrix_text, tokenizer=tokenizer,
                         calibration=calibration, log=log) if weighted else None
     vectors = matrix.vectors() if matrix is not None else None  # one division for every weighted candidate
+    weights = guarded_weights(adapter_dir, merged, f32, vectors, s.imatrix_keep, log)
     if budget is not None and any(t in FTYPES for t, _, _ in plans):
-        plans = _dynamic(plans, auto, f32, merged, budget, calibration, vectors, s, size, log)
+        plans = _dynamic(plans, auto, f32, merged, budget, calibration, weights, s, size, log)
     if auto:
         log(f"--gguf auto: trying {', '.join(_label(*p) for p in plans)} (smallest file first), "
             f"keeping the first within {s.max_drop:g} points of the merged model")
-    return _Candidates(plans, f32, matrix, vectors, budget)
+    return _Candidates(plans, f32, matrix, weights, budget)
+
+
+def guarded_weights(adapter_dir: Path, merged: Path, f32: Path | None, vectors: dict | None, floor: float, log):
+    """weights(type, raised): `vectors` less the fine-tuned tensors that weighted rounding would pull
+    back to the base in that mix (export/delta.py); every vector when `floor` is 0. Measured once per
+    mix, and the fine-tune's changes read once, when a weighted file is first written."""
+    if not vectors or not floor:
+        return lambda type, raised=frozenset(): vectors
+
+    from lorakit.export import delta as D
+    from lorakit.export.gguf import _targets
+
+    @functools.cache
+    def changed():
+        from libgguf.inspect import inspect_gguf
+
+        info = inspect_gguf(f32)
+        base = read_meta(adapter_dir).base.model_config(dtype="fp32", gradient_checkpointing="off")
+        return info, D.changed_tensors(merged, base, info.metadata["general.architecture"].value)
+
+    @functools.cache
+    def weights(type: str, raised: frozenset[str] = frozenset()) -> dict:
+        info, deltas = changed()
+        return D.guard(vectors, deltas, _targets(info, type, has_imatrix=True, raised=raised), floor, log=log)[0]
+
+    return weights
 
 
 def _auto_outcome(v, result: ExportResult, s, budget: int | None, out_dir: Path, log):
@@ -335,7 +363,7 @@ def _label(type: str, weighted: bool, raised: frozenset[str]) -> str:
     return type + " (imatrix)" * weighted + f" (+{len(raised)} tensors wider)" * bool(raised)
 
 
-def _dynamic(plans: list, auto: bool, f32: Path, merged: Path, budget: int, calibration, vectors, s, size, log) -> list:
+def _dynamic(plans: list, auto: bool, f32: Path, merged: Path, budget: int, calibration, weights, s, size, log) -> list:
     """`plans` with the widest mix that fits `budget`: the largest quantized plan (the named type,
     or with auto the largest that fits) with its most sensitive tensors raised, appended (auto) or
     in its place (a named type). Unchanged where nothing more fits."""
@@ -345,7 +373,7 @@ def _dynamic(plans: list, auto: bool, f32: Path, merged: Path, budget: int, cali
     t, weighted, _ = max((p for p in plans if p[0] in FTYPES), key=size)
     rows = calibration.chunks[:min(s.sensitivity_rows, calibration.rows)]
     start = time.perf_counter()
-    ranked = rank(merged, f32, t, rows, imatrix=vectors if weighted else None, log=log)
+    ranked = rank(merged, f32, t, rows, imatrix=weights(t) if weighted else None, log=log)
     raised = within(f32, t, ranked, budget, has_imatrix=weighted)
     if not raised:
         log(f"--max-size {s.max_size:g}: no tensor of {t} can be raised within it; the plain mix is kept")
