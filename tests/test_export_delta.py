@@ -60,3 +60,14 @@ def test_guard_leaves_unquantized_tensors_alone():
     out, withheld = guard({"blk.0.attn_q.weight": importance}, changed, {"blk.0.attn_q.weight": Q.F16}, 0.8,
                           log=lambda s: None)
     assert set(out) == {"blk.0.attn_q.weight"} and withheld == []
+
+
+def test_guard_leaves_the_i_quants_and_q4_0_weighted():
+    """Measured: withholding vectors cost iq4_xs and q4_0 (export/delta.py GUARDED). On these rows
+    IQ4_NL weighted keeps 0.71 of D and plain 0.89, so without the rule its vector would go."""
+    _, gridded, delta, importance = _case()
+    changed = {"blk.0.attn_q.weight": (gridded + delta, delta)}
+    for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.Q4_0):
+        out, withheld = guard({"blk.0.attn_q.weight": importance}, changed, {"blk.0.attn_q.weight": qtype}, 0.8,
+                              log=lambda s: None)
+        assert set(out) == {"blk.0.attn_q.weight"} and withheld == []
