@@ -96,7 +96,7 @@ def test_generation_and_logging_names():
 
 
 @pytest.mark.parametrize("name", ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "safetensors",
-                                  "fastapi", "uvicorn", "openai"])
+                                  "fastapi", "uvicorn", "openai", "optuna"])
 def test_installed_versions_satisfy_lorakits_ranges(name):
     from importlib import metadata
 
@@ -323,3 +323,24 @@ def test_uvicorn_and_fastapi_names_serve_uses():
     assert "with self.capture_signals()" in inspect.getsource(uvicorn.Server), "uvicorn's signal capture moved"
     assert {"timeout_graceful_shutdown", "host", "port", "log_level"} <= params(uvicorn.Config.__init__)
     assert {"docs_url", "redoc_url", "openapi_url"} <= params(FastAPI.__init__)
+
+
+def test_optuna_names_the_sweep_uses():
+    """lorakit.sweep: the study, its storages and the retry of dead trials are Optuna's."""
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    assert {"heartbeat_interval", "grace_period", "heartbeat_stale_trial_callback", "engine_kwargs"} <= \
+        params(RDBStorage.__init__)
+    assert {"max_retry"} <= params(RetryHeartbeatStaleTrialCallback.__init__)
+    assert {"log_storage"} <= params(JournalStorage.__init__) and callable(JournalFileBackend)
+    assert {"study_name", "storage", "sampler", "pruner", "direction", "load_if_exists"} <= params(optuna.create_study)
+    assert {"n_trials", "catch"} <= params(optuna.Study.optimize)
+    assert {"params", "user_attrs", "skip_if_exists"} <= params(optuna.Study.enqueue_trial)
+    for name in ("get_study_id_from_name", "get_trial_id_from_study_id_trial_number", "set_trial_state_values",
+                 "set_trial_user_attr"):
+        assert callable(getattr(RDBStorage, name)), name
+    assert callable(optuna.samplers.GridSampler.is_exhausted)
+    assert {"n_startup_trials", "n_warmup_steps"} <= params(optuna.pruners.MedianPruner.__init__)
+    assert callable(optuna.importance.get_param_importances)

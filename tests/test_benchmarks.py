@@ -173,6 +173,16 @@ def test_processes_benchmark_trains_the_same_examples_both_ways(tmp_path):
     assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-3)  # step 1: the same examples, bf16
 
 
+@pytest.mark.slow  # five SmolLM2 trainings of one step, one of them beside a busy process each
+def test_busy_benchmark_trains_beside_a_busy_process(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "busy.py"), "--steps", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [c["case"].split(",")[0] for c in result["cases"]] == ["alone"] + ["beside a busy process"] * 3 + ["alone"]
+    assert all(c["s_per_step"] > 0 for c in result["cases"])
+
+
 def test_memory_benchmark_runs_a_short_and_a_long_run(tmp_path, tiny_model_dir):
     cmd = [sys.executable, str(BENCH / "memory.py"), "--model", str(tiny_model_dir), "--steps", "1", "2",
            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]

@@ -47,10 +47,10 @@ def test_a_schema_2_run_folder_loads():
 
 def test_a_schema_2_meta_writes_back_the_same_json():
     """Schema 2 on disk is unchanged: what is read is written back as it was, plus the keys the
-    schema gained since the fixture was written, at their defaults (train.method: sft)."""
+    schema gained since the fixture was written, at their defaults (train.method: sft, train.best_by: null)."""
     text = (FIXTURE / "adapter" / META_FILE).read_text(encoding="utf-8")
     written, old = json.loads(read_meta(FIXTURE / "adapter").to_json()), json.loads(text)
-    added = {"train": {"method": "sft"}}
+    added = {"train": {"method": "sft", "best_by": None}}
     for section, keys in added.items():
         assert {k: written[section].pop(k) for k in keys} == keys
     assert written == old
@@ -60,11 +60,11 @@ def test_a_schema_2_meta_writes_back_the_same_json():
 
 SRC = Path(__file__).parents[1] / "src" / "lorakit"
 OWNER = SRC / "artifacts"
-FILES = {"lorakit.json", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
+FILES = {"lorakit.json", "best.json", "sweep.json", "study.db", "trials.json", "best.yaml", "adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl",
          "diagnostics.jsonl", "data.json", "merge.json", "merge_parity.json", "report.html", "Modelfile"}
 SUFFIXES = (".verify.json", ".summary.json", ".partial", ".imatrix.gguf", "-lora.gguf", "-dynamic")
 STEMS = ("adapter_model.", "lorakit.json")
-FOLDERS = {"adapter", "checkpoints", ".staging", "logs", "eval", "export", "ollama"}
+FOLDERS = {"adapter", "checkpoints", ".staging", "logs", "eval", "export", "ollama", "best", "last", "trials"}
 
 
 def _modules():

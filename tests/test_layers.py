@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"evaluate", "pairs", "merge", "export", "serve", "chat"},
     {"report", "runs", "plan", "doctor"},
     {"pipeline"},
+    {"sweep"},
     {"cli", "demo", "__main__", "__init__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -57,6 +57,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lorakit.sweep import run as sweep_run
+
+    if args.worker:
+        return sweep_run.worker_main(args.config, args.overrides, trials=args.trials, storage=args.storage,
+                                     threads=args.threads, until=args.until)
+    paths = sweep_run.sweep(args.config, args.overrides, trials=args.trials, time_budget=args.time,
+                            workers=args.workers, storage=args.storage)
+    print(f"done: {paths.root}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from lorakit.data.dataset import prepare
     from lorakit.data.preference import preference_kind, prepare_preference
@@ -283,6 +295,19 @@ SAMPLING_FLAGS = [flag("temperature"), flag("top_p"), flag("top_k"), flag("repet
 SESSION_FLAGS = [flag("dtype"), flag("trust_remote_code")]
 
 
+def _sweep_parser(sub) -> None:
+    sw = _with_config(sub, "sweep", "Search hyper-parameters (the config's sweep: section) on Optuna: trials pruned "
+                      "early, resumable (run it again), shared by workers; writes runs/<name>/best.yaml.")
+    sw.add_argument("--trials", type=int, metavar="N", help="trials to finish (sweep.trials)")
+    sw.add_argument("--time", metavar="DURATION", help="time budget, e.g. 45m or 2h (sweep.time)")
+    sw.add_argument("--workers", type=int, metavar="K", help="worker processes; cores split between them (sweep.workers)")
+    sw.add_argument("--storage", metavar="URL", help="Optuna storage shared by machines (sweep.storage)")
+    sw.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    sw.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    sw.add_argument("--until", type=float, help=argparse.SUPPRESS)
+    sw.set_defaults(func=cmd_sweep)
+
+
 def _generate_parser(sub) -> None:
     from lorakit.config import GenerateConfig
 
@@ -406,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
     _training_parsers(sub)
+    _sweep_parser(sub)
     for add in (_generate_parser, _eval_parser, _pairs_parser, _tool_parsers, _chat_parser, _merge_parser,
                 _export_parser, _serve_parser):
         add(sub)

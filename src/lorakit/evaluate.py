@@ -133,7 +133,7 @@ class GenerationProbe:
             model.train(was_training)
         self.last_answers = answers
         scores = M.aggregate(answers, self.references)
-        return {f"eval_{k}": round(float(scores[k]), 4) for k in M.SCORES}
+        return {f"eval_{k}": round(float(scores[k]), 4) for k in (*M.SCORES, *M.JSON_SCORES) if k in scores}
 
 
 def probe_for(cfg, tokenizer, prepared) -> GenerationProbe | None:

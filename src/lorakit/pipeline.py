@@ -12,7 +12,7 @@ from lorakit.errors import TrainingStopped
 
 
 def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
-          machine=None) -> Path:
+          machine=None, callbacks=()) -> Path:
     """`lorakit train`: the training stage with the eval stage's probe, then report.html. A run that
     stopped early (out of memory, a non-finite loss) still gets its report, which says why."""
     from lorakit.evaluate import probe_for
@@ -20,7 +20,8 @@ def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, prog
     from lorakit.train.run import train as train_stage
 
     try:
-        run_dir = train_stage(cfg, resume=resume, log=log, progress=progress, machine=machine, probe=probe_for)
+        run_dir = train_stage(cfg, resume=resume, log=log, progress=progress, machine=machine, probe=probe_for,
+                                callbacks=callbacks)
     except TrainingStopped:
         if distributed.is_main():
             refresh_report(cfg.run_dir, log, verb="written")

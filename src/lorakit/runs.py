@@ -7,17 +7,17 @@ that is still training, or was killed before publishing its adapter, is listed t
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorakit.artifacts import RunPaths, read_jsonl, read_meta
+from lorakit.artifacts import RunPaths, SweepPaths, read_jsonl, read_meta
 from lorakit.errors import LorakitError
 
 
 @dataclass(frozen=True)
 class RunRow:
     name: str
-    status: str  # 'done' | 'no adapter' (training, failed or killed) | 'unreadable'
+    status: str  # 'done' | 'no adapter' (training, failed or killed) | 'unreadable' | 'sweep: ...'
     base: str
     template: str
     steps: int | None
@@ -66,13 +66,49 @@ def _row(paths: RunPaths) -> RunRow | None:
                   evals[-1] if evals else None, em, em_on, newest)
 
 
+def _sweep_rows(folder: Path) -> list[RunRow]:
+    """A sweep (lorakit sweep): one row saying how far it is, then its trials' runs, by number."""
+    import json
+
+    paths = SweepPaths(folder)
+    try:
+        marker = json.loads(paths.marker.read_text(encoding="utf-8"))
+        trials = json.loads(paths.table.read_text(encoding="utf-8")) if paths.table.is_file() else []
+    except (OSError, ValueError):
+        return [RunRow(folder.name, "unreadable sweep", "?", "?", None, None, None, None, None,
+                       paths.marker.stat().st_mtime)]
+    objective = marker.get("objective", "objective")
+    done = [t for t in trials if t.get("state") == "complete" and t.get("value") is not None]
+    status = f"sweep: {len(trials)} trials"
+    if done:
+        pick = min if marker.get("direction") == "minimize" else max
+        best = pick(done, key=lambda t: t["value"])
+        status += f", best {objective} {best['value']:.4g} (trial {best['number']})"
+    newest = max((p.stat().st_mtime for p in (paths.marker, paths.table) if p.exists()), default=0.0)
+    rows = [RunRow(folder.name, status, "-", "-", None, None, None, None, None, newest)]
+    if paths.trials.is_dir():
+        for p in sorted(paths.trials.iterdir()):
+            row = _row(RunPaths(p)) if p.is_dir() else None
+            if row is not None:
+                rows.append(replace(row, name=f"  {folder.name}/{p.name}"))
+    return rows
+
+
 def list_runs(folder: str | Path = "runs") -> list[RunRow]:
+    """Runs newest first; a sweep's trials right under it (`_sweep_rows`), wherever its date puts it."""
     root = Path(folder)
     if not root.is_dir():
         raise LorakitError(f"no such folder: {root}", hint="pass the folder that holds your runs (output.dir, default runs)")
-    rows = [r for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
-            for r in [_row(RunPaths(p))] if r is not None]
-    return sorted(rows, key=lambda r: r.modified, reverse=True)
+    groups = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if SweepPaths.is_sweep(p):
+            groups.append(_sweep_rows(p))
+        elif (row := _row(RunPaths(p))) is not None:
+            groups.append([row])
+    groups.sort(key=lambda g: g[0].modified, reverse=True)
+    return [r for g in groups for r in g]
 
 
 def _f(v: float | None, spec: str) -> str:

@@ -32,6 +32,9 @@ OLLAMA_ADAPTER = "adapter.gguf"
 MODELFILE = "Modelfile"
 
 ADAPTER_DIR = "adapter"
+BEST_DIR = "best"
+LAST_DIR = "last"
+BEST_FILE = "best.json"
 CHECKPOINT_STAGING = ".staging"  # inside checkpoints/
 _SUMMARY_SUFFIX = ".summary.json"
 
@@ -54,7 +57,7 @@ class RunPaths:
         """`path` as the user knows it, relative to the run folder ('adapter/lorakit.json'; 'eval/' for a folder)."""
         rel = Path(path).relative_to(self.root).as_posix()
         return rel + "/" if Path(path) in (self.adapter, self.eval_dir, self.export_dir, self.checkpoints,
-                                           self.logs) else rel
+                                           self.logs, self.best, self.last) else rel
 
     @property
     def config(self) -> Path:
@@ -64,6 +67,21 @@ class RunPaths:
     @property
     def adapter(self) -> Path:
         return self.root / ADAPTER_DIR
+
+    @property
+    def best(self) -> Path:
+        """best/: with train.best_by, the adapter weights at the best evaluation so far (PEFT files and
+        best.json: the metric, its value and the step), kept while training, published as adapter/."""
+        return self.root / BEST_DIR
+
+    @property
+    def best_record(self) -> Path:
+        return self.best / BEST_FILE
+
+    @property
+    def last(self) -> Path:
+        """last/: with train.best_by, the last step's adapter when an earlier evaluation was better."""
+        return self.root / LAST_DIR
 
     @property
     def meta(self) -> Path:
@@ -148,6 +166,62 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+@dataclass(frozen=True)
+class SweepPaths:
+    """The files of one sweep folder (`lorakit sweep`): the study, its trials' run folders, the result."""
+
+    root: Path
+
+    @property
+    def marker(self) -> Path:
+        """sweep.json: what the sweep searches and where its study lives; marks the folder as a sweep."""
+        return self.root / "sweep.json"
+
+    @property
+    def study(self) -> Path:
+        """study.db: the Optuna study (SQLite) unless sweep.storage names another."""
+        return self.root / "study.db"
+
+    @property
+    def lock(self) -> Path:
+        """.lock: held by the `lorakit sweep` that drives this folder's local workers."""
+        return self.root / ".lock"
+
+    @property
+    def trials(self) -> Path:
+        """trials/: one run folder per trial, trial-<number>."""
+        return self.root / "trials"
+
+    def trial(self, number: int) -> Path:
+        return self.trials / f"trial-{number:03d}"
+
+    @property
+    def logs(self) -> Path:
+        """logs/: each trial's training log (trial-<number>.log) and each worker's."""
+        return self.root / "logs"
+
+    def trial_log(self, number: int) -> Path:
+        return self.logs / f"trial-{number:03d}.log"
+
+    @property
+    def best(self) -> Path:
+        """best.yaml: the best trial's complete config, for `lorakit train`."""
+        return self.root / "best.yaml"
+
+    @property
+    def table(self) -> Path:
+        """trials.json: every trial (number, state, params, value, seconds), written after each run."""
+        return self.root / "trials.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @classmethod
+    def is_sweep(cls, folder: Path) -> bool:
+        return cls(Path(folder)).marker.is_file()
 
 
 def export_gguf(out_dir: Path, name: str, type: str, *, dynamic: bool = False) -> Path:

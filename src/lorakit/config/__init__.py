@@ -29,6 +29,7 @@ from lorakit.config.stages import SamplingConfig
 from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.config.grpo import GrpoConfig, check_grpo, split_user_reward
 from lorakit.config.grpo import RewardConfig  # noqa: F401 - re-exported: part of this schema
+from lorakit.config.sweep import EVAL_METRICS, SweepConfig, check_sweep
 from lorakit.config.preference import METHODS, DpoConfig, KtoConfig, OrpoConfig, SimpoConfig, check_preference
 from lorakit.errors import ConfigError
 
@@ -216,6 +217,13 @@ class TrainConfig:
         "environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI=file:..., ...). [] logs to metrics.jsonl only.",
         factory=lambda: ["tensorboard"],
     )
+    best_by: Union[Literal[EVAL_METRICS], None] = _help(  # type: ignore[valid-type]
+        "Keep the adapter of the evaluation with the best value of this metric ('eval_loss', or with "
+        "train.eval_generate_rows a score of greedy answers: 'exact_match', 'json_field_accuracy', 'rouge_l', "
+        "...) in best/ while training, and publish it as the run's adapter; the last step's adapter then "
+        "goes to last/. null: the last step's adapter.",
+        None,
+    )
     eval_generate_rows: int = _help(
         "At every evaluation also answer this many validation rows greedily and log exact match, "
         "ROUGE-L and BLEU (eval_exact_match, ...) beside eval_loss. 0: loss only (generation is slow).",
@@ -272,6 +280,7 @@ class Config:
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -285,6 +294,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     if tp in (int, float):  # as in the plain-type messages: "expected an integer / a number"
         return "integer" if tp is int else "number"
     if get_origin(tp) is Literal:
@@ -476,6 +487,11 @@ def _check(cfg: Config, problems: list[str]) -> None:
             problems.append(f"train.{key}: {getattr(t, key)} must be 0 or more")
     if _set(t.lr) and t.lr <= 0:
         problems.append(f"train.lr: {t.lr} must be positive")
+    if t.best_by not in (None, "eval_loss") and t.eval_generate_rows < 1:
+        problems.append(f"train.best_by: {t.best_by} is a score of greedy answers, and train.eval_generate_rows "
+                        "is 0; set it to the validation rows to answer at each evaluation (e.g. 50)")
+    if t.best_by is not None and t.method == "grpo":
+        problems.append("train.best_by: a GRPO run has no validation evaluation to choose by; leave it null")
     if t.warmup < 0:
         problems.append(f"train.warmup: {t.warmup} must be 0 or more")
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bf16":
@@ -484,6 +500,7 @@ def _check(cfg: Config, problems: list[str]) -> None:
         problems.append(
             "model.quantization: 4bit/8bit compute runs in bf16/fp16; set model.dtype to 'auto', 'bf16' or 'fp16'"
         )
+    check_sweep(cfg.sweep, problems)
     for name in STAGE_CHECKS:
         STAGE_CHECKS[name](getattr(cfg, name), problems)
 

@@ -67,6 +67,12 @@ def _summary(f: RunFiles) -> str:
         ("training time", duration(seconds)),
         ("peak memory", peak),
     ]
+    if isinstance(m.get("best"), dict):  # train.best_by
+        b = m["best"]
+        won = "the last step" if b.get("step") == b.get("last_step") else \
+            f"step {num(b.get('step'))} of {num(b.get('last_step'))} (the last step's adapter is in last/)"
+        rows.append((f"adapter (train.best_by {esc(b.get('metric'))})",
+                     f"{won}: the best {esc(b.get('metric'))} of the evaluations, {num(b.get('value'))}"))
     if f.meta:
         b = f.meta.base
         base = f"{esc(b.name)}"

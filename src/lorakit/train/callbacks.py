@@ -1,5 +1,6 @@
 """Callbacks that make a run visible: a progress bar with loss, lr, tokens/s and ETA, and a
-metrics JSONL file that later stages (report, plan calibration) read without TensorBoard.
+metrics JSONL file that later stages (report, plan calibration) read without TensorBoard; and
+KeepBest, which keeps the adapter of the best evaluation (train.best_by).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from lorakit.artifacts import append_jsonl
+from lorakit.artifacts import RunPaths, append_jsonl
 
 
 @dataclass
@@ -126,3 +127,41 @@ class Progress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class KeepBest(TrainerCallback):
+    """train.best_by: at every evaluation that beats the best so far, the adapter's weights are
+    written to best/ (atomically, with best.json: metric, value, step). A resumed run starts from the
+    best.json it left, so the choice is the one an uninterrupted run makes."""
+
+    def __init__(self, paths: RunPaths, metric: str, model):
+        from lorakit.config.sweep import logged_as, lower_is_better
+
+        self.paths, self.metric, self.key, self.model = paths, metric, logged_as(metric), model
+        self.lower = lower_is_better(metric)
+        self.value: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import json
+
+        if self.paths.best_record.is_file():
+            self.value = json.loads(self.paths.best_record.read_text(encoding="utf-8"))["value"]
+
+    def _better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return self.value is None or (value < self.value if self.lower else value > self.value)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or self.key not in logs:
+            return
+        value = float(logs[self.key])
+        if not self._better(value):
+            return
+        from lorakit import artifacts
+
+        with artifacts.atomic_dir(self.paths.best) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            artifacts.atomic_write_json(tmp / self.paths.best_record.name,
+                                        {"metric": self.metric, "value": value, "step": state.global_step})
+        self.value = value

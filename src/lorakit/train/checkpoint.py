@@ -23,8 +23,9 @@ from lorakit.errors import LorakitError
 
 STAGING = CHECKPOINT_STAGING
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-# Keys a resumed run may change: how long to train and how often to log, eval and save.
-_MAY_CHANGE = {"output", "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps",
+# Keys a resumed run may change: how long to train and how often to log, eval and save (and the
+# sweep section, which training never reads).
+_MAY_CHANGE = {"output", "sweep", "train.max_steps", "train.epochs", "train.logging_steps", "train.eval_steps",
                "train.save_steps", "train.save_total_limit", "train.num_workers", "train.eval_batch_size"}
 
 

@@ -30,7 +30,7 @@ from lorakit.model.lora import apply_lora, continue_adapter, count_parameters, d
 from lorakit.resolve import Machine, Resolved, resolve
 from lorakit.train import distributed, speed
 from lorakit.train import trainer as trainer_mod
-from lorakit.train.callbacks import MetricsLogger, Progress, TokenCounter
+from lorakit.train.callbacks import KeepBest, MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
 from lorakit.train.diagnostics import DiagnosticLog, Diagnostics, Health, nonfinite_error, oom_error, preflight
 
@@ -38,7 +38,8 @@ ProbeFactory = Callable[[Config, Any, Prepared], Any]
 """(config, tokenizer, prepared data) -> the generation probe of each evaluation, or None."""
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
-          machine: Machine | None = None, probe: ProbeFactory | None = None) -> Path:
+          machine: Machine | None = None, probe: ProbeFactory | None = None,
+          callbacks: list[TrainerCallback] = ()) -> Path:
     """Fine-tune per `cfg`; return the run folder with `adapter/` ready for every later stage.
 
     With `resume`, continue the run in `cfg.run_dir` from its newest complete checkpoint:
@@ -48,6 +49,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
     `probe(cfg, tokenizer, prepared)` makes the generation probe run at each evaluation (or
     None): generation scoring belongs to the eval stage, above this one, so it is handed in
     (lorakit.pipeline does), never imported. The report is drawn by whoever runs the stage.
+    `callbacks` join the Trainer's (a sweep's trial reports its evaluations through one).
     """
     speed.bound_kernel_caches()  # before the first 16-bit matmul of this process
     machine = machine or Machine.detect()
@@ -97,7 +99,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         log(f"resuming from {checkpoint}")
     try:
         fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
-            progress=progress, warn=warn, probe=probe(cfg, tokenizer, prepared) if probe else None)
+            progress=progress, warn=warn, probe=probe(cfg, tokenizer, prepared) if probe else None,
+            callbacks=list(callbacks))
     except BaseException:
         if distributed.is_main():
             artifacts.restore(cfg.run_dir, backup, log)
@@ -282,6 +285,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         MetricsLogger(paths.metrics, counter),
         Progress(counter, enabled=progress),
         diagnostics,
+        KeepBest(paths, cfg.train.best_by, model) if cfg.train.best_by and main else None,
         # Our own TensorBoard callback, so events land in runs/<name>/logs whatever the Trainer's default.
         _tensorboard(paths.logs) if "tensorboard" in cfg.train.report_to and main else None,
         *callbacks,
@@ -365,9 +369,35 @@ def publish(f: Fitting, info, metrics: dict[str, Any], log: Callable[[str], None
     others leave once it is published."""
     with distributed.main_first() as main:
         if main:
+            best = _best(f, info, metrics, log)
             artifacts.save_adapter(f.model, f.tokenizer, f.paths.adapter,
                                    AdapterMeta.build(f.resolved.cfg, f.prepared, info, metrics))
-            log(f"adapter saved to {f.paths.adapter}")
+            log(f"adapter saved to {f.paths.adapter}" + (f" (the step-{best['step']} evaluation's)" if best else ""))
+
+
+def _best(f: Fitting, info, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """train.best_by: when an evaluation before the last step was the best, the last step's adapter
+    goes to last/ and the best one's weights are loaded back for adapter/; `metrics["best"]` says
+    which step won, by what value. None when the last step is the best (or nothing was kept)."""
+    import json
+
+    if not f.resolved.cfg.train.best_by or not f.paths.best_record.is_file():
+        return None
+    best = json.loads(f.paths.best_record.read_text(encoding="utf-8"))
+    metrics["best"] = {**best, "last_step": metrics["steps"]}
+    if best["step"] == metrics["steps"]:
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lorakit.artifacts import PEFT_WEIGHTS
+
+    last_meta = AdapterMeta.build(f.resolved.cfg, f.prepared, info, {**metrics, "best": None})
+    artifacts.save_adapter(f.model, f.tokenizer, f.paths.last, last_meta)
+    set_peft_model_state_dict(f.model, load_file(f.paths.best / PEFT_WEIGHTS))
+    log(f"train.best_by {best['metric']}: step {best['step']} scored {best['value']:.4g}, the best evaluation; "
+        f"its adapter is published, the last step's is in {f.paths.last}")
+    return best
 
 
 def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list[str]:
