@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
              ("beside a busy process, default threads", {}, True),
              ("beside a busy process, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, True),
              (f"beside a busy process, {max(1, cores // 2)} thread(s)", {"OMP_NUM_THREADS": str(max(1, cores // 2))}, True),
-             (f"alone, {max(1, cores // 2)} thread(s)", {"OMP_NUM_THREADS": str(max(1, cores // 2))}, False)]
+             (f"alone, {max(1, cores // 2)} thread(s)", {"OMP_NUM_THREADS": str(max(1, cores // 2))}, False),
+             ("alone, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, False),
+             ("alone, OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, False),
+             ("beside a busy process, OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, True)]
     out: dict = {"cores": cores, "steps": args.steps, "cases": []}
     with tempfile.TemporaryDirectory(prefix="lorakit-busy-") as tmp:
         folder = Path(args.out or tmp)

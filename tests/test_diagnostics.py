@@ -174,3 +174,34 @@ def test_oom_error_without_room_to_halve():
     long_data = oom_error(resolve(config.load(None, ["--data.train=x.jsonl", "--data.max_length=2048"])),
                           p99_tokens=1800).hint
     assert "--data.max_length 1024" in long_data
+
+
+def test_busy_cpu_warns_beside_a_busy_process(monkeypatch):
+    """A Python loop on one core is measured as a busy core, and the warning names both fixes;
+    with the threads set by the user (a sweep's workers, torchrun) nothing is measured."""
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from lorakit.train.diagnostics import BUSY_CORES, busy_cpu
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.5)  # the loop is running
+        said: list[str] = []
+        others = busy_cpu("cpu", said.append, interval=1.0)
+        assert others is not None and others >= BUSY_CORES, others
+        assert len(said) == 1 and "OMP_WAIT_POLICY=PASSIVE" in said[0] and "OMP_NUM_THREADS=" in said[0]
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert busy_cpu("cpu", said.append) is None and len(said) == 1
+        assert busy_cpu("cuda", said.append) is None
+    finally:
+        hog.kill()
+        hog.wait()
+        torch.set_num_threads(threads)

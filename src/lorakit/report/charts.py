@@ -73,7 +73,7 @@ def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def line_chart(ident: str, title: str, series: list[Series], y_label: str, *, note: str = "",
-               log_y: bool | None = None) -> str:
+               log_y: bool | None = None, x_label: str = "step") -> str:
     """A <figure> with an inline SVG line chart: axes, ticks, grid, labels and an HTML legend.
 
     Points whose value is None/NaN/inf break the line and get a red cross on the top edge (a NaN
@@ -91,7 +91,7 @@ def line_chart(ident: str, title: str, series: list[Series], y_label: str, *, no
     frame = _Frame(nice_ticks(min(xs), max(xs), 6, integer=all(float(x).is_integer() for x in xs)),
                    _y_ticks(ys, log_y), log_y)
     out = [f'<svg class="plot" viewBox="0 0 {W} {H}" role="img" aria-label="{esc(title)}">']
-    out += frame.axes(y_label)
+    out += frame.axes(y_label, x_label)
     out += _lines(series, frame)
     for x in bad:
         cx = frame.px(x)
@@ -153,7 +153,7 @@ class _Frame:
         y0, y1 = self.yt[0], self.yt[-1]
         return TOP + self.ph - (v - y0) / (y1 - y0) * self.ph
 
-    def axes(self, y_label: str) -> list[str]:
+    def axes(self, y_label: str, x_label: str = "step") -> list[str]:
         """Grid, tick labels, frame and the two axis labels."""
         out = []
         yt, pw, ph = self.yt, self.pw, self.ph
@@ -169,7 +169,7 @@ class _Frame:
                        f'<text class="tick" x="{x:.1f}" y="{TOP + ph + 15}" text-anchor="middle">'
                        f'{esc(label)}</text>')
         out.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}"/>')
-        out.append(f'<text class="label" x="{LEFT + pw / 2:.1f}" y="{H - 6}" text-anchor="middle">step</text>')
+        out.append(f'<text class="label" x="{LEFT + pw / 2:.1f}" y="{H - 6}" text-anchor="middle">{esc(x_label)}</text>')
         out.append(f'<text class="label" transform="translate(14 {TOP + ph / 2:.1f}) rotate(-90)" '
                    f'text-anchor="middle">{esc(y_label + (" (log scale)" if self.log_y else ""))}</text>')
         return out

@@ -15,6 +15,7 @@ from lorakit.config.sweep import objective_direction
 from lorakit.report import CSS
 from lorakit.report.charts import Series, line_chart
 from lorakit.report.format import esc, table
+from lorakit.sweep.result import shown
 
 PC_W, PC_H, PC_PAD = 960, 300, 60
 
@@ -27,7 +28,7 @@ def _history(rows: list[dict], minimize: bool) -> str:
         best.append((n, running))
     return line_chart("history", "Optimisation history", [Series("trial", done, markers=True),
                                                           Series("best so far", best)], "objective",
-                      note="x: trial number; pruned and failed trials have no final value.")
+                      note="Pruned and failed trials have no final value.", x_label="trial")
 
 
 def _curves(rows: list[dict], objective: str) -> str:
@@ -106,7 +107,7 @@ def _table(rows: list[dict], objective: str, best: int | None) -> str:
         state = r["state"] + (f" at step {r['pruned_at']}" if r["pruned_at"] else "") + \
             (" (interrupted)" if r["interrupted"] else "") + (f" (retry of {r['retry_of']})" if r["retry_of"] is not None else "")
         body.append([esc(r["number"]) + (" ★" if r["number"] == best else ""), esc(state),
-                     "-" if r["value"] is None else f"{r['value']:.4g}", *(esc(r["params"].get(k, "-")) for k in keys),
+                     "-" if r["value"] is None else f"{r['value']:.4g}", *(esc(shown(r["params"].get(k, "-"))) for k in keys),
                      "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
                      esc((r["error"] or "").splitlines()[0] if r["error"] else "")])
     return table(["trial", "state", esc(objective), *map(esc, keys), "seconds", "error"], body)

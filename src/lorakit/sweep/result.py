@@ -59,6 +59,11 @@ def best_config(ctx, trial) -> str:
     return head + yaml.safe_dump(raw, sort_keys=False)
 
 
+def shown(value: Any) -> str:
+    """A parameter's value in a table or a log line: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def format_trials(rows: list[dict[str, Any]], objective: str, best: int | None) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     head = ["trial", "state", objective, *keys, "s"]
@@ -66,7 +71,7 @@ def format_trials(rows: list[dict[str, Any]], objective: str, best: int | None) 
     for r in rows:
         value = "-" if r["value"] is None else f"{r['value']:.4g}"
         state = r["state"] + (f" @{r['pruned_at']}" if r["pruned_at"] else "") + (" *" if r["number"] == best else "")
-        table.append([str(r["number"]), state, value, *(str(r["params"].get(k, "-")) for k in keys),
+        table.append([str(r["number"]), state, value, *(shown(r["params"].get(k, "-")) for k in keys),
                       "-" if r["seconds"] is None else f"{r['seconds']:.0f}"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
@@ -102,4 +107,4 @@ def importance(study) -> dict[str, float]:
         return {}
 
 
-__all__ = ["best_config", "format_trials", "importance", "publish", "trial_rows", "values_of"]
+__all__ = ["best_config", "format_trials", "importance", "publish", "shown", "trial_rows", "values_of"]

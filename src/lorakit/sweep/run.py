@@ -219,7 +219,9 @@ def _drive(config_path, overrides: list[str], ctx: Context, study, deadline: flo
     procs = []
     for i in range(s.workers):
         out = open(ctx.paths.logs / f"worker-{i}.log", "a", encoding="utf-8")
-        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), out))
+        # each worker's sampler gets its own seed: with one seed they would all draw the same values
+        procs.append((subprocess.Popen([*cmd, "--sweep.seed", str(s.seed + i)], stdout=out, stderr=subprocess.STDOUT,
+                                       env=env), out))
     seen: set[int] = set()
     try:
         while True:
@@ -263,7 +265,9 @@ def worker_main(config_path, overrides: list[str], *, trials: int | None, storag
 
 def trial_line(t, s: SweepConfig) -> str:
     """'trial 3 complete: exact_match 0.62 in 95 s (lr=..., r=16)'."""
-    values = ", ".join(f"{k}={v}" for k, v in t.user_attrs.get("values", {}).items())
+    from lorakit.sweep.result import shown
+
+    values = ", ".join(f"{k}={shown(v)}" for k, v in t.user_attrs.get("values", {}).items())
     state = t.state.name.lower()
     what = f"{s.objective} {t.value:.4g}" if t.value is not None else \
         (f"at step {t.user_attrs['pruned_at']}" if "pruned_at" in t.user_attrs else t.user_attrs.get("error", "")

@@ -52,10 +52,10 @@ def open_storage(s: SweepConfig, paths: SweepPaths):
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.retries) if s.retries else None
     try:
         with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5 (it has been since 2.8)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=s.retries) if s.retries else None
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
                                               grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
     except Exception as e:  # noqa: BLE001 - a bad URL or an unreachable server: the user's to fix

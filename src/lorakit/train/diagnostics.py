@@ -77,6 +77,42 @@ class DiagnosticLog:
             append_jsonl(path, d.__dict__)
 
 
+BUSY_CORES = 0.75
+"""Cores other processes must keep busy, measured as a training starts, for `busy_cpu` to warn."""
+
+
+def busy_cpu(device: str, log: Callable[[str], None], interval: float = 0.2) -> float | None:
+    """Warn when a CPU run starts on a machine other processes keep busy; return the cores they use
+    (None when not measured). Measured on 2 cores (benchmarks/busy.py, BENCHMARKS.md): beside one busy
+    process, torch's default threads (one per core) trained 2.8-3.6x slower than alone, not the 2x
+    of a fair share, because OpenMP threads spin at each barrier waiting for a core the other process
+    holds; OMP_WAIT_POLICY=PASSIVE or one thread fewer brought it to 1.4-2.0x. PASSIVE costs 10-20 % on
+    an idle machine and fewer threads halve its speed, so neither is made the default: the run says
+    what it sees and how to choose. Skipped when the user set the threads or the wait policy (a sweep's
+    workers, torchrun), or torch runs one thread."""
+    import os
+    import time
+
+    import psutil
+    import torch
+
+    if device != "cpu" or torch.get_num_threads() < 2 or \
+            any(k in os.environ for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")):
+        return None
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None)
+    time.sleep(interval)
+    cores = psutil.cpu_count() or 1
+    others = max(0.0, psutil.cpu_percent(None) / 100 * cores - me.cpu_percent(None) / 100)
+    if others >= BUSY_CORES:
+        log(f"warning: other processes keep about {others:.1f} of {cores} cores busy; with {torch.get_num_threads()} "
+            "threads this run may slow down far more than its share (OpenMP threads wait for cores by spinning). "
+            f"If they stay busy, run it as OMP_WAIT_POLICY=PASSIVE lorakit train ... (or OMP_NUM_THREADS="
+            f"{max(1, cores - round(others))})")
+    return others
+
+
 def preflight(cfg: Config, prepared, tokenizer, trainable: int, warn: Callable[..., None]) -> None:
     """Checks that need no training step; errors stop before any compute is spent."""
     if trainable == 0:

@@ -32,7 +32,8 @@ from lorakit.train import distributed, speed
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.callbacks import KeepBest, MetricsLogger, Progress, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
-from lorakit.train.diagnostics import DiagnosticLog, Diagnostics, Health, nonfinite_error, oom_error, preflight
+from lorakit.train.diagnostics import (DiagnosticLog, Diagnostics, Health, busy_cpu, nonfinite_error, oom_error,
+                                       preflight)
 
 ProbeFactory = Callable[[Config, Any, Prepared], Any]
 """(config, tokenizer, prepared data) -> the generation probe of each evaluation, or None."""
@@ -60,6 +61,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
             log = _quiet  # one voice: the main process's
     warn = DiagnosticLog(log)
     resolve(cfg, machine)  # a config this machine cannot run fails before any data is read
+    if world == 1:
+        busy_cpu(machine.device, log)
     if world > 1:
         distributed.check_strategy(cfg, machine.device)
     if not resume:
