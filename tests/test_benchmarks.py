@@ -173,6 +173,15 @@ def test_processes_benchmark_trains_the_same_examples_both_ways(tmp_path):
     assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-3)  # step 1: the same examples, bf16
 
 
+def test_sweep_benchmark_runs_one_and_two_workers(tmp_path, tiny_model_dir):
+    proc = subprocess.run([sys.executable, str(BENCH / "sweep.py"), "--trials", "2", "--steps", "2", "--model",
+                           str(tiny_model_dir), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [(s["workers"], s["finished"]) for s in result["sweeps"]] == [(1, 2), (2, 2)]
+    assert result["speedup"] > 0
+
+
 @pytest.mark.slow  # five SmolLM2 trainings of one step, one of them beside a busy process each
 def test_busy_benchmark_trains_beside_a_busy_process(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "busy.py"), "--steps", "1", "--out", str(tmp_path)],
