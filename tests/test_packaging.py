@@ -185,6 +185,31 @@ def test_installed_dpo_and_grpo_runs(installed, venv, tmp_path, tiny_model_dir):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_installed_sweep_with_two_workers_then_trains_its_best(installed, venv, tmp_path, tiny_model_dir):
+    """lorakit sweep from the wheel: two worker processes on one study, the trials grouped by
+    `lorakit runs`, and best.yaml trained as it is."""
+    import json
+
+    from conftest import ALPACA_ROWS, write_jsonl
+
+    lk = venv / "bin/lorakit"
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    (tmp_path / "search.yaml").write_text(
+        f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}, template: alpaca, max_length: 96, val_fraction: 0.25}}\n"
+        "lora: {r: 4, alpha: 8}\ntrain: {max_steps: 2, batch_size: 2, save_steps: 0, report_to: []}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n"
+        "sweep: {trials: 3, sampler: random, pruner: none, reports: 1, space: {train.lr: [1.0e-3, 1.0e-2], "
+        "lora.r: [2, 4]}}\n", encoding="utf-8")
+    out = _ok(_run([lk, "sweep", tmp_path / "search.yaml", "--workers", "2"], cwd=tmp_path))
+    assert "best: trial" in out.stdout
+    rows = json.loads((tmp_path / "runs" / "search" / "trials.json").read_text())
+    assert sum(r["state"] == "complete" for r in rows) == 3
+    listing = _ok(_run([lk, "runs", tmp_path / "runs"], cwd=tmp_path)).stdout
+    assert "search [sweep: 3 trials" in listing and listing.count("search/trial-") == 3
+    _ok(_run([lk, "train", tmp_path / "runs" / "search" / "best.yaml"], cwd=tmp_path))
+    assert (tmp_path / "runs" / "search-best" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_installed_serve_answers_the_openai_client_and_stops_cleanly(installed, venv, tmp_path, tiny_model_dir,
                                                                      tiny_tokenizer):
     """`lorakit serve` from the wheel's console script: up, listed, answering, then SIGTERM -> exit 0."""
