@@ -44,6 +44,7 @@ from lorakit.artifacts import (PARITY_FILE, AdapterMeta, RunPaths, atomic_dir, a
                                find_adapter_dir, is_run_adapter, now_iso, read_meta, save_tokenizer, write_meta)
 from lorakit.config import MergeConfig
 from lorakit.errors import LorakitError
+from lorakit.metrics import text_columns
 
 DTYPES = typing.get_args(typing.get_type_hints(MergeConfig)["dtype"])  # the schema's choices
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
@@ -368,9 +369,8 @@ def format_report(r: MergeReport) -> str:
     if r.quantized is not None:
         q = r.quantized
         rows.append((q.reference, f"{q.max_abs_diff:.3g}", f"{q.mean_abs_diff:.3g}", greedy(q)))
-    w = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [f"merge parity: {r.prompts} prompts, {r.positions} positions, {GREEDY_TOKENS} greedy tokens each"]
-    lines += ["  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    lines += text_columns(rows)
     verdict = "ok" if r.passed else "FAILED"
     lines.append(f"  {r.dtype} tolerance {r.tolerance:.3g} (logit scale {r.logit_scale:.3g}): {verdict}; "
                  f"the adapter itself moves the logits by up to {r.adapter_effect:.3g}")

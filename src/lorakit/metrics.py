@@ -193,6 +193,15 @@ def table_rows(summary: "EvalSummary") -> list[tuple[str, dict[str, float | None
     return rows
 
 
+def text_columns(rows, indent: str = "  ") -> list[str]:
+    """Rows of cells as left-aligned columns two spaces apart, each line after `indent` with its
+    trailing spaces cut: the one layout of lorakit's terminal tables (runs, merge parity, the GGUF
+    checks, --gguf auto, sweeps)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+
+
 def fmt_value(key: str, v: float | None) -> str:
     if v is None:
         return "-"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorakit.artifacts import RunPaths, SweepPaths, read_jsonl, read_meta
 from lorakit.errors import LorakitError
+from lorakit.metrics import text_columns
 
 
 @dataclass(frozen=True)
@@ -126,5 +127,4 @@ def format_runs(rows: list[RunRow]) -> str:
         name = r.name if r.status == "done" else f"{r.name} [{r.status}]"
         table.append((name, r.base, r.template, _f(r.steps, "d"), _f(r.train_loss, ".4f"), _f(r.eval_loss, ".4f"),
                       em, date))
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join(text_columns(table, indent=""))

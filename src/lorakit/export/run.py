@@ -35,6 +35,7 @@ from lorakit.artifacts import (OLLAMA_DIR, PEFT_CONFIG, RunPaths, export_gguf, e
                                imatrix_path, is_run_adapter, partial_path, read_meta)
 from lorakit.config import ExportConfig
 from lorakit.errors import LorakitError
+from lorakit.metrics import text_columns
 
 AUTO = "auto"
 IMATRIX_BY_DEFAULT = ("q4_k_m", "iq4_xs", "q4_0")
@@ -441,5 +442,4 @@ def format_candidates(rows: list[dict[str, Any]]) -> str:
         lines.append((kind, f"{r['mib']:.1f}", "yes" if r["imatrix"] else "no", metric, drop,
                       "-" if r["changed"] is None else str(r["changed"]), f"{r['top1_agreement']:.3f}",
                       f"{r['seconds']:.0f}", "kept" if r["passed"] else "too lossy"))
-    w = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in lines)
+    return "\n".join(text_columns(lines))

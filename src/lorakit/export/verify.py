@@ -71,6 +71,7 @@ from lorakit.artifacts import atomic_write_json, verification_path
 from lorakit.artifacts import publish as publish_file
 from lorakit.errors import DataError, LorakitError
 from lorakit.export.llama import Llama, cut_at_stop
+from lorakit.metrics import text_columns
 from lorakit.infer.decoder import greedy as decoder_greedy
 
 SAFETY = 3.0
@@ -342,11 +343,10 @@ def format_verification(v: Verification) -> str:
         tok = {True: "same", False: "DIFFERS", None: "?"}[r.tokens_equal]
         rows.append((str(i), str(r.prompt_tokens), greedy, f"{r.top1_agree}/{r.positions}",
                      f"{r.max_logprob_diff:.3g}", tok))
-    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     what = f"{Path(v.gguf).name}" + (f" + {Path(v.adapter).name}" if v.adapter else "")
     lines = [f"verify {what} ({v.type}) against {v.reference}: {len(v.prompts)} prompts, "
              f"{v.new_tokens} greedy tokens, top-{v.top_n} logprobs (teacher-forced on the reference's tokens)"]
-    lines += ["  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(row)).rstrip() for row in rows]
+    lines += text_columns(rows)
     rule = (f"max |Δ logprob| ≤ {v.logprob_bound:.3g} and every greedy token identical" if v.logprob_bound is not None
             else f"top-1 agreement ≥ {v.top1_floor}")
     lines.append(f"  greedy identical {v.greedy_identical}/{len(v.prompts)}, top-1 agreement {v.top1_agreement:.3f}, "

@@ -11,6 +11,7 @@ import yaml
 
 from lorakit import artifacts
 from lorakit.config.sweep import apply, objective_direction
+from lorakit.metrics import text_columns
 from lorakit.sweep import study as St
 
 
@@ -73,8 +74,7 @@ def format_trials(rows: list[dict[str, Any]], objective: str, best: int | None) 
         state = r["state"] + (f" @{r['pruned_at']}" if r["pruned_at"] else "") + (" *" if r["number"] == best else "")
         table.append([str(r["number"]), state, value, *(shown(r["params"].get(k, "-")) for k in keys),
                       "-" if r["seconds"] is None else f"{r['seconds']:.0f}"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join(text_columns(table))
 
 
 def publish(ctx, study, log: Callable[[str], None]) -> None:
