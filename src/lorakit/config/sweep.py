@@ -9,8 +9,10 @@ would refuse is refused here, before any trial starts. The search itself is Optu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +23,6 @@ EVAL_METRICS = ("eval_loss", "exact_match", "exact_match_strict", "rouge_l", "bl
 """What an evaluation during training measures, and so what a sweep's trial or train.best_by can be
 judged by: the validation loss, or a score of greedy answers to validation rows (the eval stage's
 scorers, through training's generation probe, train.eval_generate_rows)."""
-OBJECTIVES = EVAL_METRICS
 
 
 def lower_is_better(metric: str) -> bool:
@@ -47,7 +48,7 @@ class SweepConfig:
         "The keys to search and their values: `train.lr: {low: 1e-5, high: 1e-3, log: true}` (a range; "
         "integers for an integer key, `step` optional), `lora.r: [8, 16, 32]` (choices, any value the key "
         "takes, lists too), and `lora.alpha_per_r: [1, 2]` for alpha as a multiple of r.", factory=dict)
-    objective: Literal[OBJECTIVES] = _help(  # type: ignore[valid-type]
+    objective: Literal[EVAL_METRICS] = _help(  # type: ignore[valid-type]
         "What a trial is judged by: 'eval_loss', or a score of greedy answers to sweep.eval_rows validation "
         "rows ('exact_match', 'json_field_accuracy', 'rouge_l', ... as `lorakit eval` scores them).", "eval_loss")
     direction: Literal["auto", "minimize", "maximize"] = _help(
@@ -121,33 +122,18 @@ class Param:
 
 
 def _field_type(key: str):
-    """The annotated type of a dotted config key, or None when the schema has no such key."""
-    import typing
-
+    """The annotated type of a config key 'section.name', or None when the schema has no such key."""
     from lorakit.config import Config
 
-    cls: Any = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        tp = hints[part]
-        if i == len(parts) - 1:
-            return tp
-        import dataclasses
-
-        if not dataclasses.is_dataclass(tp):
-            return None
-        cls = tp
-    return None
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(Config).get(section)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    return typing.get_type_hints(cls).get(name)
 
 
 def schema_keys() -> list[str]:
     """Every dotted key of the schema a space may name (the did-you-mean's vocabulary)."""
-    import dataclasses
-    import typing
-
     from lorakit.config import Config
 
     out = []
@@ -160,7 +146,6 @@ def schema_keys() -> list[str]:
 def _numeric_kind(tp) -> str | None:
     """'int' / 'float' for a key a range can set (its number type, 'auto' allowed beside it)."""
     import types
-    import typing
 
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if int in options:
@@ -269,5 +254,5 @@ def check_sweep(s: SweepConfig, problems: list[str]) -> None:
         problems.append(f"sweep.time: {s.time!r} is not a duration; write it as '45m', '2h', '1h30m' or '90s'")
 
 
-__all__ = ["ALPHA_PER_R", "EVAL_METRICS", "OBJECTIVES", "logged_as", "lower_is_better", "Param", "SweepConfig", "apply", "check_sweep", "objective_direction",
-           "parse_space", "parse_time", "schema_keys"]
+__all__ = ["ALPHA_PER_R", "EVAL_METRICS", "Param", "SweepConfig", "apply", "check_sweep", "logged_as",
+           "lower_is_better", "objective_direction", "parse_space", "parse_time", "schema_keys"]

@@ -88,9 +88,6 @@ def guard(vectors: dict[str, np.ndarray], changed: dict[str, tuple[np.ndarray, n
     return out, withheld
 
 
-
-
-
 def changed_tensors(merged_dir, base_config, arch: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`deltas` of a merged folder against its base (`base_config`: the adapter's
     `meta.base.model_config(dtype="fp32")`), named as in a GGUF of architecture `arch`."""
@@ -103,4 +100,6 @@ def changed_tensors(merged_dir, base_config, arch: str) -> dict[str, tuple[np.nd
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     base, _ = load_model(base_config, training=False)
     return deltas(merged, base.float(), tensor_names(merged, arch))
+
+
 __all__ = ["GUARDED", "changed_tensors", "deltas", "guard", "kept"]

@@ -29,7 +29,7 @@ from lorakit.artifacts import RunPaths, SweepPaths
 from lorakit.config.sweep import SweepConfig, check_sweep, objective_direction, parse_space, parse_time
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.sweep import study as St
-from lorakit.sweep.trial import Context, objective_key
+from lorakit.sweep.trial import Context
 
 POLL_S = 2.0
 """How often the driver of several workers reads the study to print progress."""
@@ -268,12 +268,17 @@ def trial_line(t, s: SweepConfig) -> str:
     from lorakit.sweep.result import shown
 
     values = ", ".join(f"{k}={shown(v)}" for k, v in t.user_attrs.get("values", {}).items())
-    state = t.state.name.lower()
-    what = f"{s.objective} {t.value:.4g}" if t.value is not None else \
-        (f"at step {t.user_attrs['pruned_at']}" if "pruned_at" in t.user_attrs else t.user_attrs.get("error", "")
-         .splitlines()[0] if t.user_attrs.get("error") else "interrupted" if t.user_attrs.get(St.INTERRUPTED) else "")
-    seconds = t.user_attrs.get("seconds")
-    return f"trial {t.number} {state}: {what}" + (f" in {seconds:.0f} s" if seconds else "") + f" ({values})"
+    a = t.user_attrs
+    if t.value is not None:
+        what = f"{s.objective} {t.value:.4g}"
+    elif "pruned_at" in a:
+        what = f"at step {a['pruned_at']}"
+    elif a.get("error"):
+        what = a["error"].splitlines()[0]
+    else:
+        what = "interrupted" if a.get(St.INTERRUPTED) else ""
+    seconds = a.get("seconds")
+    return f"trial {t.number} {t.state.name.lower()}: {what}" + (f" in {seconds:.0f} s" if seconds else "") + f" ({values})"
 
 
 def progress_line(study, s: SweepConfig, deadline: float | None) -> str:

@@ -19,11 +19,7 @@ from transformers import TrainerCallback
 from lorakit.artifacts import RunPaths, SweepPaths
 from lorakit.config.sweep import Param, SweepConfig, apply, logged_as
 from lorakit.errors import LorakitError
-
-
-def objective_key(s: SweepConfig) -> str:
-    """The metrics.jsonl key the objective is read from."""
-    return logged_as(s.objective)
+from lorakit.sweep.study import INTERRUPTED
 
 
 class Reporter(TrainerCallback):
@@ -105,7 +101,7 @@ def run(trial, ctx: Context) -> float:
         trial.set_user_attr("error", e.render())
         raise
     trial.set_user_attr("run", str(cfg.run_dir))
-    key = objective_key(ctx.settings)
+    key = logged_as(ctx.settings.objective)
     reporter = Reporter(trial, key, ctx.settings.reports)
     ctx.paths.logs.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -118,7 +114,7 @@ def run(trial, ctx: Context) -> float:
         try:
             pipeline.train(cfg, log=log, progress=False, callbacks=[reporter])
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr(INTERRUPTED, True)
             drop_weights(cfg.run_dir)
             raise
         except BaseException as e:
@@ -143,4 +139,4 @@ def run(trial, ctx: Context) -> float:
         return reporter.values[-1][1]
 
 
-__all__ = ["Context", "Reporter", "drop_weights", "objective_key", "run", "trial_config"]
+__all__ = ["Context", "Reporter", "drop_weights", "run", "trial_config"]

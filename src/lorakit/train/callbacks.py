@@ -158,10 +158,12 @@ class KeepBest(TrainerCallback):
         value = float(logs[self.key])
         if not self._better(value):
             return
+        import json
+
         from lorakit import artifacts
 
-        with artifacts.atomic_dir(self.paths.best) as tmp:
+        with artifacts.atomic_dir(self.paths.best) as tmp:  # the folder is published whole, its files with it
             self.model.save_pretrained(tmp, safe_serialization=True)
-            artifacts.atomic_write_json(tmp / self.paths.best_record.name,
-                                        {"metric": self.metric, "value": value, "step": state.global_step})
+            (tmp / self.paths.best_record.name).write_text(
+                json.dumps({"metric": self.metric, "value": value, "step": state.global_step}), encoding="utf-8")
         self.value = value
