@@ -46,7 +46,7 @@ def _importances(importances: dict[str, float]) -> str:
     return table(["parameter", "importance (fANOVA, sums to 1)"], body)
 
 
-def _axis_positions(params, rows: list[dict]) -> list[dict[str, Any]]:
+def _axis_positions(params) -> list[dict[str, Any]]:
     """Per parameter: a function from a trial's stored value to [0, 1], and its tick labels."""
     from lorakit.sweep.space import label
 
@@ -70,7 +70,7 @@ def _parallel(params, rows: list[dict], minimize: bool, objective: str) -> str:
     done = [r for r in rows if r["state"] == "complete" and r["value"] is not None]
     if not done:
         return '<p class="missing">No completed trial yet.</p>'
-    axes = _axis_positions(params, rows)
+    axes = _axis_positions(params)
     values = [r["value"] for r in done]
     lo, hi = min(values), max(values)
     axes.append({"key": objective, "at": lambda v: 0.5 if hi == lo else (v - lo) / (hi - lo),
@@ -85,7 +85,8 @@ def _parallel(params, rows: list[dict], minimize: bool, objective: str) -> str:
         for u, text in ax["ticks"]:
             out.append(f'<text x="{x + 4:.1f}" y="{y(u) + 4:.1f}" font-size="10" fill="#5f6b7a">{esc(text)}</text>')
     for r in sorted(done, key=lambda r: r["value"], reverse=minimize):  # the best drawn last, on top
-        good = 1 - (r["value"] - lo) / (hi - lo) if hi > lo and minimize else ((r["value"] - lo) / (hi - lo) if hi > lo else 1)
+        share = (r["value"] - lo) / (hi - lo) if hi > lo else 1.0
+        good = 1.0 if hi == lo else (1 - share if minimize else share)
         pts = []
         for x, ax in zip(xs, axes[:-1]):
             u = ax["at"](r["params"].get(ax["key"]))
