@@ -37,6 +37,7 @@ class Reporter(TrainerCallback):
         # time (with a generation objective it answers every probe row). Read after this callback.
         args.eval_on_start = False
         n = state.max_steps
+        self.trial.set_user_attr("steps", n)  # what a pruned trial would have run: the time pruning saved
         self.points = {round(k * n / self.reports) for k in range(1, self.reports)} - {0, n}
 
     def on_step_end(self, args, state, control, **kwargs):
