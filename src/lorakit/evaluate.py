@@ -77,16 +77,23 @@ def held_out_loss(session: Session, items: list[dict], *, use_adapter: bool = Tr
 def answer(session: Session, prompts: list[list[dict]], *, use_adapter: bool = True, max_new_tokens: int = 64,
            batch_size: int = 16, adapter: str | None = None) -> list[str]:
     """Greedy answers to `prompts`, batched by prompt length (less left padding), in input order."""
+    return [c.text for c in completions(session, prompts, use_adapter=use_adapter, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, adapter=adapter)]
+
+
+def completions(session: Session, prompts: list[list[dict]], *, use_adapter: bool = True, max_new_tokens: int = 64,
+                batch_size: int = 16, adapter: str | None = None) -> list:
+    """`answer`'s greedy answers as Completions (a reward reads whether each ended by itself)."""
     sampling = Sampling(max_new_tokens=max_new_tokens, greedy=True)
     tok, template = session.tokenizer, session.adapter(adapter).template
     lengths = [len(template.encode_prompt(tok, p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    out: list[str] = [""] * len(prompts)
+    out: list = [None] * len(prompts)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         done = generate_batch(session, [prompts[j] for j in idx], sampling, adapter=adapter, use_adapter=use_adapter)
         for j, c in zip(idx, done):
-            out[j] = c.text
+            out[j] = c
     return out
 
 
@@ -104,15 +111,35 @@ class GenerationProbe:
     training, scored like `lorakit eval` (eval_exact_match, eval_rouge_l, ... beside eval_loss in
     metrics.jsonl and TensorBoard). Loss can fall while answers stay wrong; this shows it early.
 
+    With `rewards` (the config's grpo.rewards) each answer is also scored by them, and their
+    weighted sum, averaged over the rows, is `eval_reward`: the measure of a GRPO run, and what a
+    sweep or train.best_by can choose by when a reward says best what a good answer is. A reward
+    reads the row's `columns` (a prompt row's, as GRPO hands them) or, for a chat row, its
+    `reference`; rows without a reference are answered for the rewards only.
+
     It answers with the model being trained (its active adapter, not mixed per row: the fast path's
     fused LoRA layers take no `adapter_names`) and puts it back in training mode afterwards."""
 
     def __init__(self, tokenizer, template, examples: list[dict], batch_size: int = 16,
-                 max_new_tokens: int | None = None):
-        gen = [ex for ex in examples if has_reference(ex)]
-        self.prompts = [split_reference(ex)[0] for ex in gen]
-        self.references = [split_reference(ex)[1] for ex in gen]
+                 max_new_tokens: int | None = None, rewards=None, columns: list[dict] | None = None):
+        self.prompts: list[list[dict]] = []
+        self.references: list[str | None] = []
+        self.rows: list[dict] = []
+        for i, ex in enumerate(examples):
+            if has_reference(ex):
+                prompt, ref = split_reference(ex)
+            elif rewards is not None and ex.get("messages") and ex["messages"][-1]["role"] in ("user", "tool"):
+                prompt, ref = ex["messages"], None
+            else:
+                continue
+            self.prompts.append(prompt)
+            self.references.append(ref)
+            row = dict(columns[i]) if columns is not None else {}
+            if ref is not None:
+                row.setdefault("reference", ref)
+            self.rows.append(row)
         self.tokenizer, self.template, self.batch_size = tokenizer, template, batch_size
+        self.rewards = rewards
         self.max_new_tokens = max_new_tokens  # None: room for the longest reference (auto_max_new_tokens)
         self.last_answers: list[str] = []
 
@@ -123,27 +150,43 @@ class GenerationProbe:
             return {}
         name = getattr(model, "active_adapter", "default")
         session = Session(model, self.tokenizer, {name: Adapter(name, Path("."), None, self.template, mixable=False)})
+        refs = [r for r in self.references if r is not None]
         was_training = model.training
         model.eval()
         try:
-            answers = answer(session, self.prompts,
-                             max_new_tokens=self.max_new_tokens or auto_max_new_tokens(session, self.references),
-                             batch_size=self.batch_size)
+            done = completions(session, self.prompts, batch_size=self.batch_size,
+                               max_new_tokens=self.max_new_tokens or auto_max_new_tokens(session, refs))
         finally:
             model.train(was_training)
-        self.last_answers = answers
-        scores = M.aggregate(answers, self.references)
-        return {f"eval_{k}": round(float(scores[k]), 4) for k in (*M.SCORES, *M.JSON_SCORES) if k in scores}
+        answers = self.last_answers = [c.text for c in done]
+        out = {}
+        if refs:
+            scores = M.aggregate([a for a, r in zip(answers, self.references) if r is not None], refs)
+            out = {f"eval_{k}": round(float(scores[k]), 4) for k in (*M.SCORES, *M.JSON_SCORES) if k in scores}
+        if self.rewards is not None:
+            texts = [self.tokenizer.decode(self.template.encode_prompt(self.tokenizer, p)) for p in self.prompts]
+            rows = [{**row, "finished": c.finish_reason == "stop"} for row, c in zip(self.rows, done)]
+            total, _ = self.rewards.score(texts, answers, rows)
+            out["eval_reward"] = round(sum(total) / len(total), 4)
+        return out
 
 
 def probe_for(cfg, tokenizer, prepared) -> GenerationProbe | None:
     """The probe a training run asks for (train.eval_generate_rows over its validation rows), or
-    None: the factory `lorakit.train.run.train` takes as `probe`."""
+    None: the factory `lorakit.train.run.train` takes as `probe`. With grpo.rewards it scores the
+    answers by them too (eval_reward); a GRPO run's evaluations are this probe alone."""
     n = cfg.train.eval_generate_rows
     if n <= 0 or not prepared.validation_examples:
         return None
+    rewards = columns = None
+    if cfg.grpo.rewards:
+        from lorakit.rewards import load_rewards
+
+        rewards = load_rewards(cfg.grpo.rewards, Path.cwd())
+    if prepared.validation and "columns" in prepared.validation[0]:  # prompt rows (GRPO): what rewards read
+        columns = [it["columns"] for it in prepared.validation[:n]]
     return GenerationProbe(tokenizer, prepared.template, prepared.validation_examples[:n],
-                           batch_size=cfg.train.eval_batch_size)
+                           batch_size=cfg.train.eval_batch_size, rewards=rewards, columns=columns)
 
 
 def wins(tuned: list[str], base: list[str], references: list[str], limit: int = 2) -> list[int]:

@@ -220,13 +220,15 @@ class TrainConfig:
     best_by: Union[Literal[EVAL_METRICS], None] = _help(  # type: ignore[valid-type]
         "Keep the adapter of the evaluation with the best value of this metric ('eval_loss', or with "
         "train.eval_generate_rows a score of greedy answers: 'exact_match', 'json_field_accuracy', 'rouge_l', "
-        "...) in best/ while training, and publish it as the run's adapter; the last step's adapter then "
+        "..., or 'reward', their mean grpo.rewards) in best/ while training, and publish it as the run's adapter; the last step's adapter then "
         "goes to last/. null: the last step's adapter.",
         None,
     )
     eval_generate_rows: int = _help(
         "At every evaluation also answer this many validation rows greedily and log exact match, "
-        "ROUGE-L and BLEU (eval_exact_match, ...) beside eval_loss. 0: loss only (generation is slow).",
+        "ROUGE-L and BLEU (eval_exact_match, ...) beside eval_loss, and with grpo.rewards their mean "
+        "reward (eval_reward). 0: loss only (generation is slow). A GRPO run evaluates only when this is "
+        "above 0.",
         0,
     )
     fast_path: bool = _help(
@@ -490,8 +492,12 @@ def _check(cfg: Config, problems: list[str]) -> None:
     if t.best_by not in (None, "eval_loss") and t.eval_generate_rows < 1:
         problems.append(f"train.best_by: {t.best_by} is a score of greedy answers, and train.eval_generate_rows "
                         "is 0; set it to the validation rows to answer at each evaluation (e.g. 50)")
-    if t.best_by is not None and t.method == "grpo":
-        problems.append("train.best_by: a GRPO run has no validation evaluation to choose by; leave it null")
+    if t.best_by == "eval_loss" and t.method == "grpo":
+        problems.append("train.best_by: a GRPO run has no validation loss; choose by 'reward' (its grpo.rewards on "
+                        "greedy answers to train.eval_generate_rows validation prompts) or leave it null")
+    if t.best_by == "reward" and not cfg.grpo.rewards:
+        problems.append("train.best_by: 'reward' scores answers with grpo.rewards, and there are none; list them "
+                        "(e.g. grpo: {rewards: [{name: exact_match}]}) or choose by another metric")
     if t.warmup < 0:
         problems.append(f"train.warmup: {t.warmup} must be 0 or more")
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bf16":

@@ -19,10 +19,11 @@ from typing import Any, Literal
 from lorakit.config.declare import _help
 
 EVAL_METRICS = ("eval_loss", "exact_match", "exact_match_strict", "rouge_l", "bleu", "json_field_accuracy",
-                "json_valid")
+                "json_valid", "reward")
 """What an evaluation during training measures, and so what a sweep's trial or train.best_by can be
 judged by: the validation loss, or a score of greedy answers to validation rows (the eval stage's
-scorers, through training's generation probe, train.eval_generate_rows)."""
+scorers, through training's generation probe, train.eval_generate_rows), or `reward`: the mean
+weighted sum of the config's grpo.rewards over those answers (lorakit.rewards; any train.method)."""
 
 
 def lower_is_better(metric: str) -> bool:
@@ -50,7 +51,9 @@ class SweepConfig:
         "takes, lists too), and `lora.alpha_per_r: [1, 2]` for alpha as a multiple of r.", factory=dict)
     objective: Literal[EVAL_METRICS] = _help(  # type: ignore[valid-type]
         "What a trial is judged by: 'eval_loss', or a score of greedy answers to sweep.eval_rows validation "
-        "rows ('exact_match', 'json_field_accuracy', 'rouge_l', ... as `lorakit eval` scores them).", "eval_loss")
+        "rows ('exact_match', 'json_field_accuracy', 'rouge_l', ... as `lorakit eval` scores them), or "
+        "'reward': those answers scored by the config's grpo.rewards (mean weighted sum; any train.method, "
+        "and the only measure of a GRPO trial).", "eval_loss")
     direction: Literal["auto", "minimize", "maximize"] = _help(
         "'auto': minimize eval_loss, maximize the scores.", "auto")
     trials: int = _help("Trials to finish (completed or pruned); failed ones do not count.", 20)
@@ -82,6 +85,10 @@ class SweepConfig:
         "lets workers on several machines join the same study.", None)
     retries: int = _help("Times a trial killed mid-run (the sweep was stopped or its worker died) is run again.",
                          1)
+    memory_gb: float | None = _help(
+        "Memory one trial may take, in GB: a trial that `lorakit plan` says needs more is skipped before it "
+        "starts, with the reason recorded. null: what plan reads here (the available RAM; on a GPU its "
+        "memory divided among sweep.workers).", None)
 
 
 def objective_direction(s: SweepConfig) -> str:
@@ -238,6 +245,17 @@ def apply(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_objective(s: SweepConfig, method: str, rewards: list, problems: list[str]) -> None:
+    """The objective is one the trials will report: a reward needs rewards to score with, and a GRPO
+    trial has no validation loss (its evaluations are greedy answers)."""
+    if s.objective == "reward" and not rewards:
+        problems.append("sweep.objective: 'reward' scores answers with grpo.rewards, and there are none; list "
+                        "them (e.g. grpo: {rewards: [{name: exact_match}]}) or choose another objective")
+    if method == "grpo" and s.objective == "eval_loss":
+        problems.append("sweep.objective: a GRPO trial has no validation loss; judge it by 'reward' (its "
+                        "grpo.rewards on greedy answers) or by a score such as 'exact_match'")
+
+
 def check_sweep(s: SweepConfig, problems: list[str]) -> None:
     """The section's own ranges and its space's shape (values against the schema: `check_space_values`)."""
     parse_space(s.space, problems)
@@ -246,6 +264,8 @@ def check_sweep(s: SweepConfig, problems: list[str]) -> None:
             problems.append(f"sweep.{key}: {getattr(s, key)} must be at least 1")
     if s.eval_rows < 1:
         problems.append(f"sweep.eval_rows: {s.eval_rows} must be at least 1")
+    if s.memory_gb is not None and s.memory_gb <= 0:
+        problems.append(f"sweep.memory_gb: {s.memory_gb} must be positive, or null for this machine's memory")
     if s.retries < 0:
         problems.append(f"sweep.retries: {s.retries} must be 0 or more")
     try:
@@ -254,5 +274,5 @@ def check_sweep(s: SweepConfig, problems: list[str]) -> None:
         problems.append(f"sweep.time: {s.time!r} is not a duration; write it as '45m', '2h', '1h30m' or '90s'")
 
 
-__all__ = ["ALPHA_PER_R", "EVAL_METRICS", "Param", "SweepConfig", "apply", "check_sweep", "logged_as",
+__all__ = ["ALPHA_PER_R", "EVAL_METRICS", "Param", "SweepConfig", "apply", "check_objective", "check_sweep", "logged_as",
            "lower_is_better", "objective_direction", "parse_space", "parse_time", "schema_keys"]

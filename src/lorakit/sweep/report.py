@@ -117,7 +117,7 @@ def _table(rows: list[dict], objective: str, best: int | None) -> str:
 def render(ctx, rows: list[dict], best, importances: dict[str, float]) -> str:
     s = ctx.settings
     minimize = objective_direction(s) == "minimize"
-    counts = {state: sum(r["state"] == state for r in rows) for state in ("complete", "pruned", "fail", "running")}
+    counts = {state: sum(r["state"] == state for r in rows) for state in ("complete", "pruned", "skipped", "fail", "running")}
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     best_text = f"best: trial {best.number}, {esc(s.objective)} {best.value:.4g}; " \
         f"train it with <code>lorakit train {esc(ctx.paths.best)}</code>" if best is not None else "no completed trial yet"
@@ -125,7 +125,7 @@ def render(ctx, rows: list[dict], best, importances: dict[str, float]) -> str:
         f"<header><h1>lorakit sweep: {esc(ctx.paths.root.name)}</h1><p><code>{esc(ctx.paths.root.resolve())}</code>"
         f"</p></header><h2>Summary</h2><p>{esc(s.objective)} ({'minimized' if minimize else 'maximized'}), sampler "
         f"{esc(s.sampler)}, pruner {esc(s.pruner)}: {counts['complete']} complete, {counts['pruned']} pruned, "
-        f"{counts['fail']} failed, {counts['running']} running. {best_text}.</p>",
+        f"{counts['skipped']} skipped (too big for memory), {counts['fail']} failed, {counts['running']} running. {best_text}.</p>",
         "<h2>History</h2>", _history(rows, minimize), _curves(rows, s.objective),
         "<h2>Parameter importances</h2>", _importances(importances),
         "<h2>Parallel coordinates</h2>", _parallel(ctx.params, rows, minimize, s.objective),

@@ -25,10 +25,11 @@ def trial_rows(study) -> list[dict[str, Any]]:
         seconds = a.get("seconds")
         if seconds is None and t.datetime_start and t.datetime_complete:
             seconds = round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
-        rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
+        state = "skipped" if a.get(St.SKIPPED) else t.state.name.lower()
+        rows.append({"number": t.number, "state": state, "value": t.value,
                      "params": dict(a.get("values", t.params)), "seconds": seconds, "pruned_at": a.get("pruned_at"),
                      "steps": a.get("steps"),
-                     "error": a.get("error"), "interrupted": bool(a.get(St.INTERRUPTED)), "retry_of": a.get(St.RETRY_OF),
+                     "error": a.get("error") or a.get(St.SKIPPED), "interrupted": bool(a.get(St.INTERRUPTED)), "retry_of": a.get(St.RETRY_OF),
                      "run": a.get("run"),
                      "intermediate": sorted((int(k), float(v)) for k, v in t.intermediate_values.items())})
     return rows

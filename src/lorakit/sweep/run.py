@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from lorakit import artifacts
 from lorakit.artifacts import RunPaths, SweepPaths
-from lorakit.config.sweep import SweepConfig, check_sweep, objective_direction, parse_space, parse_time
+from lorakit.config.sweep import SweepConfig, check_objective, check_sweep, objective_direction, parse_space, parse_time
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.sweep import study as St
 from lorakit.sweep.trial import Context
@@ -52,6 +52,7 @@ def prepare(config_path: str | Path, overrides: list[str], s: SweepConfig, cfg, 
 
     problems: list[str] = []
     params = parse_space(s.space, problems)
+    check_objective(s, cfg.train.method, cfg.grpo.rewards, problems)
     if problems:
         raise ConfigError(problems, str(config_path))
     if not params:
@@ -271,6 +272,8 @@ def trial_line(t, s: SweepConfig) -> str:
     a = t.user_attrs
     if t.value is not None:
         what = f"{s.objective} {t.value:.4g}"
+    elif a.get(St.SKIPPED):
+        what = f"skipped: {a[St.SKIPPED]}"
     elif "pruned_at" in a:
         what = f"at step {a['pruned_at']}"
     elif a.get("error"):

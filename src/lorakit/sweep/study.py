@@ -30,6 +30,9 @@ SURPLUS = "surplus"
 and counts nowhere."""
 RETRY_OF = "retry_of"
 INTERRUPTED = "interrupted"
+SKIPPED = "skipped"
+"""user attr of a trial `lorakit plan` said would not fit in memory (the reason): it ends pruned
+before training."""
 
 
 def storage_url(s: SweepConfig, paths: SweepPaths) -> str:

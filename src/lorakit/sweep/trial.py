@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from lorakit.artifacts import RunPaths, SweepPaths
 from lorakit.config.sweep import Param, SweepConfig, apply, logged_as
 from lorakit.errors import LorakitError
-from lorakit.sweep.study import INTERRUPTED
+from lorakit.sweep.study import INTERRUPTED, SKIPPED
 
 
 class Reporter(TrainerCallback):
@@ -80,6 +80,28 @@ def trial_config(ctx: Context, number: int, values: dict[str, Any]):
     return config_mod.from_dict(raw, f"trial {number}")
 
 
+def too_big(cfg, settings: SweepConfig) -> str | None:
+    """Why `lorakit plan` says the trial's config will not fit in memory here, or None (it fits, or
+    plan cannot model it: then training finds out). A trial's values change its memory (rank, batch
+    size, length), so each one is planned, without calibration steps: a plan costs seconds, a trial
+    that runs out of memory its whole start-up."""
+    from lorakit.plan import make_plan
+    from lorakit.plan.shape import fmt_bytes
+    from lorakit.resolve import Machine
+
+    device = Machine.detect().device
+    try:
+        plan = make_plan(cfg, device=device, memory_gb=settings.memory_gb, calibrate_steps=0)
+    except LorakitError:
+        return None
+    limit, source = plan.limit, "sweep.memory_gb" if settings.memory_gb is not None else plan.limit_source
+    if limit is not None and settings.memory_gb is None and device == "cuda" and settings.workers > 1:
+        limit, source = limit // settings.workers, f"{source} / {settings.workers} workers"
+    if limit is None or plan.target.peak <= limit:
+        return None
+    return f"lorakit plan estimates a peak of {fmt_bytes(plan.target.peak)}; {source} is {fmt_bytes(limit)}"
+
+
 def drop_weights(run_dir: Path) -> None:
     """A pruned or failed trial keeps its logs and report, not its checkpoints or adapter."""
     paths = RunPaths(run_dir)
@@ -102,6 +124,11 @@ def run(trial, ctx: Context) -> float:
         trial.set_user_attr("error", e.render())
         raise
     trial.set_user_attr("run", str(cfg.run_dir))
+    reason = too_big(cfg, ctx.settings)
+    if reason:
+        trial.set_user_attr(SKIPPED, reason)
+        ctx.log(f"trial {trial.number} skipped: {reason}")
+        raise optuna.TrialPruned(reason)  # pruned, so the sampler learns to stay away from these values
     key = logged_as(ctx.settings.objective)
     reporter = Reporter(trial, key, ctx.settings.reports)
     ctx.paths.logs.mkdir(parents=True, exist_ok=True)
@@ -140,4 +167,4 @@ def run(trial, ctx: Context) -> float:
         return reporter.values[-1][1]
 
 
-__all__ = ["Context", "Reporter", "drop_weights", "run", "trial_config"]
+__all__ = ["Context", "Reporter", "drop_weights", "run", "too_big", "trial_config"]

@@ -236,6 +236,15 @@ class GrpoTrainer(LorakitTrainer):
             self._figures.clear()
         super().log(logs, start_time)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """An evaluation is the generation probe alone (greedy answers to validation prompts, scored
+        by the rewards and, where rows have references, as `lorakit eval` scores them): a GRPO run
+        has no loss on held-out rows to compute."""
+        metrics = self.generation_probe(self.model) if self.generation_probe is not None else {}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        return metrics
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return torch.zeros((), device=self.args.device), None, None  # evaluation is the generation probe
 

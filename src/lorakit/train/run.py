@@ -173,8 +173,8 @@ def training_setup(resolved: Resolved, run_dir: Path, n_train: int, has_eval: bo
     total = total_steps(cfg, n_train)
     eval_every = t.eval_steps if t.eval_steps > 0 else total
     rows, accum = (t.batch_size * t.grad_accum, 1) if cfg.data.packing else (t.batch_size, t.grad_accum)
-    if t.method == "grpo":  # a step is one batch of prompts and their rollouts
-        rows, accum, has_eval = cfg.grpo.prompts_per_step, 1, False
+    if t.method == "grpo":  # a step is one batch of prompts and their rollouts; evaluations are the probe's
+        rows, accum, has_eval = cfg.grpo.prompts_per_step, 1, has_eval and t.eval_generate_rows > 0
     args = dict(
         output_dir=str(RunPaths(run_dir).checkpoints),
         per_device_train_batch_size=rows,
@@ -307,7 +307,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
 
         rewards = load_rewards(cfg.grpo.rewards, Path.cwd())
         rewards.check([dict(it["columns"]) for it in prepared.train[:4]])  # a broken reward fails now
-        make, collator, probe = grpo.GrpoTrainer, grpo.collate_prompts, None
+        make, collator = grpo.GrpoTrainer, grpo.collate_prompts
         extra = {"settings": cfg.grpo, "rewards": rewards, "template": prepared.template, "samples_to": paths.rollouts,
                  "continued": bool(cfg.model.adapter)}
     else:
@@ -322,7 +322,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
         tokens_per_pass=setup.tokens_per_pass,
         fast_path=cfg.train.fast_path,
         train_dataset=prepared.train,
-        eval_dataset=(prepared.validation or None) if method != "grpo" else None,
+        eval_dataset=(prepared.validation or None) if method != "grpo" or probe is not None else None,
         processing_class=tokenizer,
         callbacks=[c for c in all_callbacks if c is not None],
         token_counter=counter,
