@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["pyproject.toml", "README.md"]
 RUN_TIME_DATA = {"lorakit/demo/demo.yaml"} | {
     f"lorakit/demo/data/{p.name}" for p in (ROOT / "src/lorakit/demo/data").glob("*.jsonl")
-}
-"""Every non-Python file lorakit reads at run time: the demo config and the demo data."""
+} | {f"lorakit/studio/static/{p.name}" for p in (ROOT / "src/lorakit/studio/static").iterdir()}
+"""Every non-Python file lorakit reads at run time: the demo config and data, the studio's page."""
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -128,3 +128,42 @@ def test_resume_of_a_run_with_auto_values(tmp_path, tiny_model_dir):
     said: list[str] = []
     train(config.load(path, [*auto[:-1], "--train.max_steps=3"]), resume=True, log=said.append, progress=False)
     assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in said), said
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    """A signal (Ctrl-C, or SIGTERM as a scheduler or the studio's Stop sends it) ends the run after
+    the step under way with a checkpoint, although train.save_steps is 0; --resume then finishes it
+    exactly as an uninterrupted run."""
+    import json
+    import os
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "data.jsonl", ALPACA_ROWS)
+    steps = 30
+
+    def config(name: str) -> Path:
+        p = write_config(tmp_path, tiny_model_dir, data, name)
+        text = p.read_text().replace(f"max_steps: {STEPS}", f"max_steps: {steps}").replace("save_steps: 1", "save_steps: 0")
+        p.write_text(text.replace("eval_steps: 3", "eval_steps: 10"))
+        return p
+
+    subprocess.run(cli("train", str(config("whole"))), check=True, capture_output=True, timeout=300)
+    cfg = config("stopped")
+    run = tmp_path / "runs" / "stopped"
+    proc = subprocess.Popen(cli("train", str(cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not any('"loss"' in line and json.loads(line)["step"] >= 2
+                  for line in ((run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else [])):
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped_at = int(err.split("after step ")[1].split(",")[0])
+    assert 2 <= stopped_at < steps and "--resume" in err
+    assert (run / "checkpoints" / f"checkpoint-{stopped_at}").is_dir() and not (run / "adapter").exists()
+    assert (run / "report.html").is_file()  # a stopped run gets its report too
+    out = subprocess.run(cli("train", str(cfg), "--resume"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert_same(adapter(run), adapter(tmp_path / "runs" / "whole"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ALPACA_ROWS, write_jsonl
+from conftest import ALPACA_ROWS, tiny_config
 from lorakit import config
 from lorakit import metrics as M
 from lorakit.errors import ConfigError
@@ -66,37 +66,22 @@ def test_the_probe_scores_answers_with_the_rewards(tiny_model_dir, tiny_tokenize
     assert len(without.last_answers) == 3
 
 
-def _raw(tmp: Path, model_dir: Path, name: str, **sections) -> dict:
-    data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
-    raw = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": [str(data)], "template": "alpaca", "max_length": 96, "val_fraction": 0.25},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "lr": 5.0e-3, "logging_steps": 1,
-                  "save_steps": 0, "warmup": 0, "mixed_precision": "no", "report_to": []},
-        "output": {"dir": str(tmp / "runs"), "name": name},
-    }
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return raw
-
-
 def test_a_reward_objective_needs_rewards_and_a_grpo_run_has_no_eval_loss(tmp_path, tiny_model_dir):
     from lorakit.sweep.run import prepare, settings
 
     with pytest.raises(ConfigError) as e:
-        config.from_dict(_raw(tmp_path, tiny_model_dir, "r", train={"best_by": "reward", "eval_generate_rows": 4}))
+        config.from_dict(tiny_config(tmp_path, tiny_model_dir, "r", train={"best_by": "reward", "eval_generate_rows": 4}))
     assert "train.best_by: 'reward' scores answers with grpo.rewards, and there are none" in str(e.value)
     grpo = {"method": "grpo", "eval_generate_rows": 4}
     with pytest.raises(ConfigError) as e:
-        config.from_dict(_raw(tmp_path, tiny_model_dir, "g", train={**grpo, "best_by": "eval_loss"},
+        config.from_dict(tiny_config(tmp_path, tiny_model_dir, "g", train={**grpo, "best_by": "eval_loss"},
                               grpo={"rewards": [{"name": "exact_match"}]}))
     assert "train.best_by: a GRPO run has no validation loss; choose by 'reward'" in str(e.value)
     space = {"space": {"train.lr": [1e-3, 1e-2]}}
     for sections, wanted in (({"sweep": {**space, "objective": "reward"}}, "sweep.objective: 'reward' scores answers"),
                              ({"sweep": space, "train": grpo, "grpo": {"rewards": [{"name": "exact_match"}]}},
                               "sweep.objective: a GRPO trial has no validation loss")):
-        cfg = config.from_dict(_raw(tmp_path, tiny_model_dir, "s", **sections))
+        cfg = config.from_dict(tiny_config(tmp_path, tiny_model_dir, "s", **sections))
         with pytest.raises(ConfigError) as e:
             prepare(tmp_path / "s.yaml", [], settings(cfg), cfg, print)
         assert wanted in str(e.value)
@@ -110,7 +95,7 @@ def test_a_sweep_of_grpo_trials_is_judged_by_the_reward_and_keeps_the_best(tmp_p
 
     (tmp_path / "r.py").write_text("def longer(prompt, completion):\n    return len(completion) / (1 + len(completion))\n",
                                    encoding="utf-8")
-    raw = _raw(tmp_path, tiny_model_dir, "rl", train={"method": "grpo", "best_by": "reward", "eval_generate_rows": 3},
+    raw = tiny_config(tmp_path, tiny_model_dir, "rl", train={"method": "grpo", "best_by": "reward", "eval_generate_rows": 3},
                grpo={"prompts_per_step": 2, "generations": 2, "max_completion_tokens": 6, "temperature": 1.0,
                      "rewards": [{"name": f"{tmp_path / 'r.py'}:longer"}, {"name": "exact_match", "weight": 2.0}]},
                sweep={"objective": "reward", "space": {"train.lr": [1e-3, 3e-2]}, "trials": 2, "sampler": "grid",
@@ -127,12 +112,14 @@ def test_a_sweep_of_grpo_trials_is_judged_by_the_reward_and_keeps_the_best(tmp_p
         assert r["value"] == pytest.approx(evals[-1]["eval_reward"])
         best = json.loads(run.best_record.read_text(encoding="utf-8"))
         assert best["metric"] == "reward" and best["value"] == pytest.approx(max(e["eval_reward"] for e in evals))
+        page = run.report.read_text(encoding="utf-8")  # the evaluations are charted, though no eval_loss came
+        assert 'id="chart-eval-metrics"' in page and ">reward<" in page.split('id="chart-eval-metrics"')[1]
 
 
 def test_a_trial_plan_says_will_not_fit_is_skipped_with_the_reason(tmp_path, tiny_model_dir):
     from lorakit.sweep import sweep
 
-    raw = _raw(tmp_path, tiny_model_dir, "big", sweep={"space": {"lora.r": [2, 4]}, "trials": 2, "sampler": "grid",
+    raw = tiny_config(tmp_path, tiny_model_dir, "big", sweep={"space": {"lora.r": [2, 4]}, "trials": 2, "sampler": "grid",
                                                        "pruner": "none", "reports": 1, "memory_gb": 0.001})
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")

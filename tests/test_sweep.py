@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import ALPACA_ROWS, write_jsonl
+from conftest import tiny_config
 from lorakit import config
 from lorakit.config.sweep import parse_time
 from lorakit.errors import ConfigError, LorakitError
@@ -25,16 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_config(tmp: Path, model_dir: Path, name: str, sweep: dict, **train) -> Path:
-    data = write_jsonl(tmp / "data.jsonl", ALPACA_ROWS)
-    raw = {
-        "model": {"name": str(model_dir)},
-        "data": {"train": [str(data)], "template": "alpaca", "max_length": 96, "val_fraction": 0.25},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 1, "lr": 5.0e-3, "logging_steps": 1,
-                  "save_steps": 0, "warmup": 0, "mixed_precision": "no", "report_to": [], **train},
-        "output": {"dir": str(tmp / "runs"), "name": name},
-        "sweep": sweep,
-    }
+    raw = tiny_config(tmp, model_dir, name, train=train, sweep=sweep)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
@@ -116,7 +107,10 @@ def test_time_budgets():
 
 class FakeTrial:
     def __init__(self, prune_at: int | None):
-        self.prune_at, self.reported = prune_at, []
+        self.prune_at, self.reported, self.attrs = prune_at, [], {}
+
+    def set_user_attr(self, key, value):
+        self.attrs[key] = value
 
     def report(self, value, step):
         self.reported.append((step, value))
@@ -149,6 +143,7 @@ def test_reporter_asks_for_evenly_spaced_evaluations_and_stops_a_pruned_trial():
     full = Reporter(FakeTrial(None), "eval_loss", 4)
     assert _drive(full, 12, values) == 12
     assert [s for s, _ in full.trial.reported] == [3, 6, 9, 12] and full.pruned_at is None
+    assert full.trial.attrs["steps"] == 12  # what a pruned trial would have run: the time pruning saved
     cut = Reporter(FakeTrial(prune_at=6), "eval_loss", 4)
     assert _drive(cut, 12, values) == 6
     assert cut.pruned_at == 6 and [s for s, _ in cut.values] == [3, 6]

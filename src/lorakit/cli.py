@@ -70,17 +70,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lorakit.data.dataset import prepare
-    from lorakit.data.preference import preference_kind, prepare_preference
-    from lorakit.data.report import format_preference_report, format_report
-    from lorakit.model.load import load_tokenizer
+    from lorakit.data.report import data_report
 
-    cfg = _load_config(args)
-    tokenizer = load_tokenizer(cfg.model)
-    if preference_kind(cfg.data):  # declared by data.format, or the first training row's keys
-        print(format_preference_report(prepare_preference(cfg, tokenizer), tokenizer))
-    else:
-        print(format_report(prepare(cfg, tokenizer), tokenizer))
+    print(data_report(_load_config(args)))
     return 0
 
 
@@ -235,6 +227,13 @@ def cmd_export(args) -> int:
     if result.ollama_command:
         print(f"Ollama folder: {result.ollama_dir}\nimport it with: {result.ollama_command}")
     return 0
+
+
+def cmd_studio(args) -> int:
+    from lorakit.config import StudioConfig
+    from lorakit.studio.run import studio
+
+    return studio(_settings(args, StudioConfig))
 
 
 def cmd_serve(args) -> int:
@@ -398,6 +397,15 @@ def _serve_parser(sub) -> None:
               flag("max_batch"), flag("max_queue"), flag("max_tokens_cap"), flag("timeout"))
 
 
+def _studio_parser(sub) -> None:
+    from lorakit.config import StudioConfig
+
+    st = _stage_parser(sub, "studio", "A local web app over your runs: the runs table, live curves, eval answers "
+                       "one by one, runs compared.", cmd_studio)
+    add_flags(st, StudioConfig, flag("runs", metavar="DIR"), flag("data", metavar="DIR"), flag("host"), flag("port"),
+              flag("token"))
+
+
 def _tool_parsers(sub) -> None:
     """The commands around the stages: listing runs, checks, the schema, reports, the demo."""
     r = sub.add_parser("runs", help="List the runs in a folder, newest first: base, template, steps, losses, "
@@ -433,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_parsers(sub)
     _sweep_parser(sub)
     for add in (_generate_parser, _eval_parser, _pairs_parser, _tool_parsers, _chat_parser, _merge_parser,
-                _export_parser, _serve_parser):
+                _export_parser, _serve_parser, _studio_parser):
         add(sub)
     return p
 
@@ -442,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("generate", "eval", "pairs", "runs", "chat", "report", "merge", "export", "serve"):
+    if extra and args.command in ("generate", "eval", "pairs", "runs", "chat", "report", "merge", "export", "serve",
+                                  "studio"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     args.argv = argv
@@ -454,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e.render()}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -42,6 +42,12 @@ class TrainingStopped(LorakitError):
     what happened, so whoever runs the stage can still draw its report."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (Ctrl-C, SIGTERM) after the step under way, with a checkpoint
+    saved. A KeyboardInterrupt, so every layer that lets Ctrl-C through still does (a sweep marks
+    its trial interrupted); its text says where the run can continue from."""
+
+
 class DataError(LorakitError):
     """A dataset file or row that cannot be used; `where` names file, line and field."""
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from lorakit.errors import TrainingStopped
+from lorakit.errors import RunInterrupted, TrainingStopped
 
 
 def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           machine=None, callbacks=()) -> Path:
     """`lorakit train`: the training stage with the eval stage's probe, then report.html. A run that
-    stopped early (out of memory, a non-finite loss) still gets its report, which says why."""
+    stopped early (out of memory, a non-finite loss, a signal) still gets its report, which says why."""
     from lorakit.evaluate import probe_for
     from lorakit.train import distributed
     from lorakit.train.run import train as train_stage
@@ -22,7 +22,7 @@ def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, prog
     try:
         run_dir = train_stage(cfg, resume=resume, log=log, progress=progress, machine=machine, probe=probe_for,
                                 callbacks=callbacks)
-    except TrainingStopped:
+    except (TrainingStopped, RunInterrupted):
         if distributed.is_main():
             refresh_report(cfg.run_dir, log, verb="written")
         raise

@@ -19,7 +19,7 @@ from lorakit.artifacts.meta import (SCHEMA_VERSION, AdapterMeta, BaseModelRef, D
                                     library_versions, read_meta, same_base, save_adapter, save_tokenizer, write_meta)
 from lorakit.artifacts.paths import (ADAPTER_DIR, CHECKPOINT_STAGING, META_FILE, MODELFILE, OLLAMA_ADAPTER,
                                      OLLAMA_DIR, OLLAMA_MODEL, PARITY_FILE, PEFT_CONFIG, PEFT_WEIGHTS, VERIFY_SUFFIX,
-                                     RunPaths, SweepPaths, check_free, claim, export_gguf, export_lora_gguf, find_adapter_dir,
+                                     RunPaths, StudioPaths, SweepPaths, check_free, claim, export_gguf, export_lora_gguf, find_adapter_dir,
                                      has_work, imatrix_path, is_run_adapter, release, restore, verification_path)
 from lorakit.artifacts.records import (EVAL_SCHEMA, Diagnostic, EvalRecord, EvalSummary, append_jsonl, now_iso,
                                        read_diagnostics, read_jsonl)
@@ -28,7 +28,7 @@ __all__ = [
     "ADAPTER_DIR", "CHECKPOINT_STAGING", "EVAL_SCHEMA", "META_FILE", "MODELFILE", "OLLAMA_ADAPTER",
     "OLLAMA_DIR", "OLLAMA_MODEL", "PARITY_FILE", "PEFT_CONFIG", "PEFT_WEIGHTS", "SCHEMA_VERSION",
     "VERIFY_SUFFIX", "AdapterMeta", "BaseModelRef", "DataRef", "Diagnostic", "EvalRecord", "EvalSummary",
-    "RunPaths", "SweepPaths", "append_jsonl", "atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_text",
+    "RunPaths", "StudioPaths", "SweepPaths", "append_jsonl", "atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_text",
     "check_free", "check_same_base", "claim", "export_gguf", "export_lora_gguf", "find_adapter_dir",
     "fsync_dir", "fsync_tree", "has_work", "imatrix_path", "is_run_adapter", "leftovers", "library_versions",
     "move", "now_iso", "partial_path", "publish", "read_diagnostics", "read_jsonl", "read_meta", "release",

@@ -113,6 +113,16 @@ class RunPaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    def stage_log(self, stage: str) -> Path:
+        """logs/studio-<stage>.log: the output of an eval, merge or export `lorakit studio` started."""
+        return self.logs / f"studio-{stage}.log"
+
+    @property
+    def writing(self) -> Path:
+        """.training: locked (artifacts.lock) by the `lorakit train` writing this run, for as long as
+        it trains; a reader asks it whether the run is still going."""
+        return self.root / ".training"
+
     @property
     def metrics(self) -> Path:
         """metrics.jsonl: one JSON object per Trainer log record (see train.callbacks.MetricsLogger)."""
@@ -166,6 +176,24 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+@dataclass(frozen=True)
+class StudioPaths:
+    """What `lorakit studio` keeps in the runs folder it serves (`root`), under .studio/: the config
+    of each run it started (what a resume reads) and that training's output."""
+
+    root: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.root / ".studio"
+
+    def config(self, run: str) -> Path:
+        return self.folder / "configs" / f"{run}.yaml"
+
+    def train_log(self, run: str) -> Path:
+        return self.folder / "logs" / f"{run}.log"
 
 
 @dataclass(frozen=True)

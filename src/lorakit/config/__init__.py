@@ -26,7 +26,7 @@ import yaml
 from lorakit.config.declare import _help
 from lorakit.config.stages import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, MergeConfig, PairsConfig
 from lorakit.config.stages import SamplingConfig
-from lorakit.config.stages import ServeConfig, SessionConfig  # noqa: F401 - re-exported: part of this schema
+from lorakit.config.stages import ServeConfig, SessionConfig, StudioConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.config.grpo import GrpoConfig, check_grpo, split_user_reward
 from lorakit.config.grpo import RewardConfig  # noqa: F401 - re-exported: part of this schema
 from lorakit.config.sweep import EVAL_METRICS, SweepConfig, check_sweep
@@ -283,6 +283,7 @@ class Config:
     simpo: SimpoConfig = field(default_factory=SimpoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    studio: StudioConfig = field(default_factory=StudioConfig)
 
     @property
     def run_dir(self) -> Path:

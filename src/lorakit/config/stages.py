@@ -202,3 +202,18 @@ class ServeConfig:
     max_tokens_cap: int = _help("The largest max_tokens a request may ask for.", 4096)
     timeout: float | None = _help("Seconds a request may take, from submission; null: no limit.", 600.0)
     drain_s: float = _help("Seconds running requests get to finish when the server is stopped.", 10.0)
+
+
+@dataclass
+class StudioConfig:
+    """`lorakit studio`: the local web app over a folder of runs."""
+
+    runs: str = _help("Folder of run folders the studio shows, and where the runs it starts go.", "runs")
+    data: list[str] = _help(
+        "Folders the New-run form may pick data files from (nothing outside them is read); [] or absent: "
+        "the folder the studio is started in.", factory=list)
+    host: str = _help("Address to bind. Anything but loopback requires the token.", "127.0.0.1")
+    port: int = _help("Port to listen on.", 7860)
+    token: str | None = _help(
+        "Token a browser or script must present (the printed URL's ?token=, then a cookie; or Authorization: "
+        "Bearer). null: none on 127.0.0.1, a new one printed at start on any other address.", None)

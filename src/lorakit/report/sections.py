@@ -117,17 +117,19 @@ def _charts(f: RunFiles) -> str:
                         "non-padding token through the model."),
     ]
     charts += _preference_charts(train, evals, pts) + _grpo_charts(train, pts)
-    extra = sorted({k for r in evals for k, v in r.items() if k.startswith("eval_") and k not in EVAL_LOG_SKIP
+    # scores of greedy answers (train.eval_generate_rows); a GRPO run's evaluations have no eval_loss
+    scored = [r for r in f.metrics if "step" in r and any(k.startswith("eval_") for k in r)]
+    extra = sorted({k for r in scored for k, v in r.items() if k.startswith("eval_") and k not in EVAL_LOG_SKIP
                     and k.removeprefix("eval_").split("/")[0] not in PREFERENCE_FIGURES
                     and (finite(v) or v is None)})
     if extra:
         charts.append(line_chart("chart-eval-metrics", "Eval metrics",
-                                 [Series(k.removeprefix("eval_"), pts(evals, k), markers=True) for k in extra],
+                                 [Series(k.removeprefix("eval_"), pts(scored, k), markers=True) for k in extra],
                                  "score"))
     return f'<section id="charts"><h2>Training curves</h2><div class="charts">{"".join(charts)}</div></section>'
 
 
-PREFERENCE_FIGURES = ("rewards", "logps", "kl", "log_odds_ratio", "reward")
+PREFERENCE_FIGURES = ("rewards", "logps", "kl", "log_odds_ratio")
 """The figures a preference method logs (lorakit.train.preference), charted on their own."""
 
 

@@ -15,7 +15,7 @@ from lorakit.config.sweep import objective_direction
 from lorakit.report import CSS
 from lorakit.report.charts import Series, line_chart
 from lorakit.report.format import esc, table
-from lorakit.sweep.result import shown
+from lorakit.sweep.space import shown
 
 PC_W, PC_H, PC_PAD = 960, 300, 60
 

@@ -13,6 +13,7 @@ from lorakit import artifacts
 from lorakit.config.sweep import apply, objective_direction
 from lorakit.metrics import text_columns
 from lorakit.sweep import study as St
+from lorakit.sweep.space import shown
 
 
 def trial_rows(study) -> list[dict[str, Any]]:
@@ -62,11 +63,6 @@ def best_config(ctx, trial) -> str:
     return head + yaml.safe_dump(raw, sort_keys=False)
 
 
-def shown(value: Any) -> str:
-    """A parameter's value in a table or a log line: floats to 4 significant digits."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def format_trials(rows: list[dict[str, Any]], objective: str, best: int | None) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     head = ["trial", "state", objective, *keys, "s"]
@@ -109,4 +105,4 @@ def importance(study) -> dict[str, float]:
         return {}
 
 
-__all__ = ["best_config", "format_trials", "importance", "publish", "shown", "trial_rows", "values_of"]
+__all__ = ["best_config", "format_trials", "importance", "publish", "trial_rows", "values_of"]

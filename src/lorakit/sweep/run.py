@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorakit import artifacts
-from lorakit.artifacts import RunPaths, SweepPaths
+from lorakit.artifacts import RunPaths, SweepPaths, lock
 from lorakit.config.sweep import SweepConfig, check_objective, check_sweep, objective_direction, parse_space, parse_time
 from lorakit.errors import ConfigError, LorakitError
 from lorakit.sweep import study as St
@@ -94,29 +94,15 @@ def _claim(ctx: Context, config_path: str | Path) -> None:
     artifacts.atomic_write_json(ctx.paths.marker, new)
 
 
-class _Lock:
-    """One driver per sweep folder on this machine (flock on runs/<name>/.lock, released by the OS
-    when the process dies, so a killed sweep never leaves it held)."""
-
-    def __init__(self, paths: SweepPaths):
-        self.path = paths.lock
-
-    def __enter__(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise LorakitError(f"another `lorakit sweep` is running this sweep ({self.path.parent})",
-                               hint="wait for it, add workers with --workers, or share a --storage URL between "
-                               "machines") from None
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
+def _one_driver(paths: SweepPaths) -> lock.hold:
+    """One driver per sweep folder on this machine: its .lock, taken here (released by the OS when
+    the process dies, so a killed sweep never leaves it held)."""
+    try:
+        return lock.hold(paths.lock).acquire()
+    except lock.Busy:
+        raise LorakitError(f"another `lorakit sweep` is running this sweep ({paths.root})",
+                           hint="wait for it, add workers with --workers, or share a --storage URL between "
+                           "machines") from None
 
 
 def sweep(config_path: str | Path, overrides: list[str] | None = None, *, trials: int | None = None,
@@ -130,7 +116,7 @@ def sweep(config_path: str | Path, overrides: list[str] | None = None, *, trials
     ctx = prepare(config_path, overrides or [], s, cfg, log)
     budget = parse_time(s.time)
     deadline = time.time() + budget if budget is not None else None
-    with _Lock(ctx.paths):
+    with _one_driver(ctx.paths):
         _claim(ctx, config_path)
         storage_ = St.open_storage(s, ctx.paths)
         study = St.open_study(s, storage_, ctx.paths.root.name, ctx.params)
@@ -266,7 +252,7 @@ def worker_main(config_path, overrides: list[str], *, trials: int | None, storag
 
 def trial_line(t, s: SweepConfig) -> str:
     """'trial 3 complete: exact_match 0.62 in 95 s (lr=..., r=16)'."""
-    from lorakit.sweep.result import shown
+    from lorakit.sweep.space import shown
 
     values = ", ".join(f"{k}={shown(v)}" for k, v in t.user_attrs.get("values", {}).items())
     a = t.user_attrs

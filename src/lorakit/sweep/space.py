@@ -16,6 +16,11 @@ from lorakit.errors import ConfigError, LorakitError
 _SCALARS = (type(None), bool, int, float, str)
 
 
+def shown(value: Any) -> str:
+    """A parameter's value in a table or a log line: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def label(value: Any) -> Any:
     """The value Optuna stores for a choice: itself, or a list's YAML flow text."""
     if isinstance(value, _SCALARS):
@@ -82,4 +87,4 @@ def check_values(base: dict[str, Any], params: list[Param], source: str | None) 
         raise ConfigError(problems, source)
 
 
-__all__ = ["check_values", "grid", "grid_size", "label", "suggest"]
+__all__ = ["check_values", "grid", "grid_size", "label", "shown", "suggest"]

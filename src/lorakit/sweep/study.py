@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.artifacts import SweepPaths
+from lorakit.artifacts import RunPaths, SweepPaths
 from lorakit.config.sweep import SweepConfig, objective_direction
 from lorakit.errors import LorakitError
 
@@ -144,6 +144,15 @@ def is_surplus(study, trial, wanted: int) -> bool:
     return len(before) >= wanted
 
 
+def drop_weights(run_dir: Path) -> None:
+    """A pruned, failed or killed trial keeps its logs and report, not its checkpoints or adapter."""
+    import shutil
+
+    paths = RunPaths(run_dir)
+    for folder in (paths.checkpoints, paths.adapter):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def reclaim(study, storage, retries: int, log) -> list[int]:
     """Trials left RUNNING by a sweep that was killed, marked failed, and every killed or
     interrupted trial enqueued again (with its parameters) while it has retries left. Only for the
@@ -152,7 +161,6 @@ def reclaim(study, storage, retries: int, log) -> list[int]:
 
     study_id = storage.get_study_id_from_name(study.study_name)
     trials = study.get_trials(deepcopy=False)
-    from lorakit.sweep.trial import drop_weights
 
     for t in trials:
         if t.state == S.RUNNING:
@@ -177,5 +185,5 @@ def reclaim(study, storage, retries: int, log) -> list[int]:
     return queued
 
 
-__all__ = ["GRACE_S", "HEARTBEAT_S", "Tally", "is_local", "is_surplus", "open_storage", "open_study", "pruner",
+__all__ = ["GRACE_S", "HEARTBEAT_S", "Tally", "drop_weights", "is_local", "is_surplus", "open_storage", "open_study", "pruner",
            "reached", "reclaim", "sampler", "storage_url", "tally"]

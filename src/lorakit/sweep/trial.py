@@ -8,18 +8,16 @@ value to Optuna and stops the run when the pruner says so.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from lorakit.artifacts import RunPaths, SweepPaths
+from lorakit.artifacts import SweepPaths
 from lorakit.config.sweep import Param, SweepConfig, apply, logged_as
 from lorakit.errors import LorakitError
-from lorakit.sweep.study import INTERRUPTED, SKIPPED
+from lorakit.sweep.study import INTERRUPTED, SKIPPED, drop_weights
 
 
 class Reporter(TrainerCallback):
@@ -102,13 +100,6 @@ def too_big(cfg, settings: SweepConfig) -> str | None:
     return f"lorakit plan estimates a peak of {fmt_bytes(plan.target.peak)}; {source} is {fmt_bytes(limit)}"
 
 
-def drop_weights(run_dir: Path) -> None:
-    """A pruned or failed trial keeps its logs and report, not its checkpoints or adapter."""
-    paths = RunPaths(run_dir)
-    for folder in (paths.checkpoints, paths.adapter):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def run(trial, ctx: Context) -> float:
     """Optuna's objective: train the trial, return its last reported value (or raise TrialPruned)."""
     import optuna
@@ -167,4 +158,4 @@ def run(trial, ctx: Context) -> float:
         return reporter.values[-1][1]
 
 
-__all__ = ["Context", "Reporter", "drop_weights", "run", "too_big", "trial_config"]
+__all__ = ["Context", "Reporter", "run", "too_big", "trial_config"]

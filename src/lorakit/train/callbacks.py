@@ -1,6 +1,7 @@
 """Callbacks that make a run visible: a progress bar with loss, lr, tokens/s and ETA, and a
 metrics JSONL file that later stages (report, plan calibration) read without TensorBoard; and
-KeepBest, which keeps the adapter of the best evaluation (train.best_by).
+KeepBest, which keeps the adapter of the best evaluation (train.best_by); StopOnSignal, which
+turns Ctrl-C or SIGTERM into a checkpoint and a clean stop.
 """
 
 from __future__ import annotations
@@ -167,3 +168,55 @@ class KeepBest(TrainerCallback):
             (tmp / self.paths.best_record.name).write_text(
                 json.dumps({"metric": self.metric, "value": value, "step": state.global_step}), encoding="utf-8")
         self.value = value
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop, `lorakit studio`'s Stop button) ends the run
+    cleanly: the step under way finishes, a checkpoint is saved whatever train.save_steps says, and
+    `lorakit train CONFIG --resume` continues exactly from it. A second signal stops at once, as a
+    plain KeyboardInterrupt did before. The handlers are set for the training loop only, and only in
+    the main thread (where Python delivers signals)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.stopped_at: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signal is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = {getattr(signal, s): signal.signal(getattr(signal, s), self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def interrupted(self, paths: RunPaths):
+        from lorakit.errors import RunInterrupted
+
+        return RunInterrupted(f"stopped by {self.signal} after step {self.stopped_at}, its checkpoint saved in "
+                              f"{paths.checkpoints}; continue with: lorakit train CONFIG --resume")

@@ -8,6 +8,7 @@ and is shared with `lorakit plan`'s calibration, so the plan times the code that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -20,17 +21,18 @@ from transformers.integrations import TensorBoardCallback
 
 from lorakit import artifacts
 from lorakit import config as config_mod
-from lorakit.artifacts import AdapterMeta, RunPaths
+from lorakit.artifacts import AdapterMeta, RunPaths, lock
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared
 from lorakit.data.preference import prepare_method
+from lorakit.errors import LorakitError
 from lorakit.model.load import TORCH_DTYPES, load_model, load_tokenizer
 from lorakit.model.lora import apply_lora, continue_adapter, count_parameters, describe_parameters
 from lorakit.resolve import Machine, Resolved, resolve
 from lorakit.train import distributed, speed
 from lorakit.train import trainer as trainer_mod
-from lorakit.train.callbacks import KeepBest, MetricsLogger, Progress, TokenCounter
+from lorakit.train.callbacks import KeepBest, MetricsLogger, Progress, StopOnSignal, TokenCounter
 from lorakit.train.checkpoint import check_resumable, checkpoints, trim_metrics
 from lorakit.train.diagnostics import (DiagnosticLog, Diagnostics, Health, busy_cpu, nonfinite_error, oom_error,
                                        preflight)
@@ -65,6 +67,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
         busy_cpu(machine.device, log)
     if world > 1:
         distributed.check_strategy(cfg, machine.device)
+    if distributed.is_main() and lock.held(RunPaths(cfg.run_dir).writing):
+        raise LorakitError(f"another `lorakit train` is writing {cfg.run_dir}", where="output.name",
+                           hint="wait for it to finish, or train into another folder: --output.name NAME")
     if not resume:
         artifacts.check_free(cfg.run_dir, cfg.output.overwrite)
     set_seed(cfg.train.seed)
@@ -100,10 +105,12 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] = pri
             backup = artifacts.claim(cfg.run_dir)
     if resume:
         log(f"resuming from {checkpoint}")
+    writing = lock.hold(RunPaths(cfg.run_dir).writing) if distributed.is_main() else contextlib.nullcontext()
     try:
-        fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
-            progress=progress, warn=warn, probe=probe(cfg, tokenizer, prepared) if probe else None,
-            callbacks=list(callbacks))
+        with writing:
+            fit(resolved, cfg.run_dir, model, tokenizer, prepared, info, checkpoint=checkpoint, log=log,
+                progress=progress, warn=warn, probe=probe(cfg, tokenizer, prepared) if probe else None,
+                callbacks=list(callbacks))
     except BaseException:
         if distributed.is_main():
             artifacts.restore(cfg.run_dir, backup, log)
@@ -262,6 +269,7 @@ class Fitting:
     health: Health
     diagnostics: Diagnostics
     warn: DiagnosticLog
+    stopper: StopOnSignal | None = None
 
 
 def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepared, *,
@@ -284,7 +292,10 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
     counter, health = counter or TokenCounter(), Health()
     diagnostics = Diagnostics(cfg, health, warn)
     setup = training_setup(resolved, run_dir, len(prepared.train), bool(prepared.validation))
+    # one process only: ranks that saw the signal at different steps would wait for each other
+    stopper = StopOnSignal() if distributed.launcher_world_size() == 1 else None
     all_callbacks = [
+        stopper,
         MetricsLogger(paths.metrics, counter),
         Progress(counter, enabled=progress),
         diagnostics,
@@ -339,7 +350,7 @@ def build(resolved: Resolved, run_dir: Path, model, tokenizer, prepared: Prepare
     if trainer.processes > 1:
         log(f"distributed: {trainer.processes} processes ({trainer.accelerator.distributed_type}), "
             f"{trainer.args.per_device_train_batch_size} rows per process and step")
-    return Fitting(resolved, prepared, paths, model, tokenizer, trainer, counter, health, diagnostics, warn)
+    return Fitting(resolved, prepared, paths, model, tokenizer, trainer, counter, health, diagnostics, warn, stopper)
 
 
 def run_steps(f: Fitting, *, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -355,6 +366,8 @@ def run_steps(f: Fitting, *, checkpoint: Path | None = None) -> dict[str, Any]:
         f.warn.record(error.render(), kind="oom")
         raise error from e
     seconds = time.perf_counter() - start
+    if f.stopper is not None and f.stopper.stopped_at is not None:
+        raise f.stopper.interrupted(f.paths)
     if f.diagnostics.stopped == "nonfinite":
         error = nonfinite_error(f.health, checkpoints(f.paths.checkpoints))
         f.warn.record(error.render(), kind="nonfinite", step=f.health.nonfinite_step)
