@@ -110,7 +110,8 @@ def train_tps(folder: Path, name: str, steps: int, watch=None) -> float:
     """Tokens/s of a demo-config training of `steps` steps; `watch(run_name)` opens its page."""
     demo = yaml.safe_load((HERE.parent / "src/lorakit/demo/demo.yaml").read_text(encoding="utf-8"))
     data = HERE.parent / "src/lorakit/demo/data"
-    demo["data"].update(train=str(data / "train.jsonl"), validation=str(data / "val.jsonl"), test=None)
+    demo["data"].update(train=str(data / "train.jsonl"), validation=str(data / "val.jsonl"))
+    demo["data"].pop("test", None)
     demo["train"].update(max_steps=steps, eval_steps=0, report_to=[], logging_steps=1)
     demo["output"] = {"dir": str(folder / "runs"), "name": name, "overwrite": True}
     cfg = folder / f"{name}.yaml"
