@@ -4,7 +4,8 @@ from a later layer to an earlier one or within a layer, and no two parts import 
 The layers, from the ground up (README, "Development"): the shared ground (errors, the config
 schema, the `auto` rules, data, the run-folder contract, metrics), then model → infer → train →
 the stages that use a trained adapter (eval, pairs, merge, export, serve, chat) → the views over runs
-(report, runs, plan, doctor) → the pipeline that chains stages → the front doors (CLI, demo).
+(report, runs, plan, doctor) → the pipeline that chains stages → the sweep → the studio → the front
+doors (CLI, demo).
 The decoder (infer) sits below training because RL rollouts generate with the adapter being
 trained; a stage reaches a later one only through a callback it is handed (pipeline.py)."""
 
@@ -30,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"report", "runs", "plan", "doctor"},
     {"pipeline"},
     {"sweep"},
+    {"studio"},
     {"cli", "demo", "__main__", "__init__"},
 ]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}

@@ -70,7 +70,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lorakit.data.report import data_report
+    from lorakit.pipeline import data_report
 
     print(data_report(_load_config(args)))
     return 0

@@ -31,6 +31,21 @@ def train(cfg, *, resume: bool = False, log: Callable[[str], None] = print, prog
     return run_dir
 
 
+def data_report(cfg) -> str:
+    """`lorakit data CONFIG`'s text (the studio's data preview is the same): SFT or preference data,
+    as the config's data section declares or its first training row shows, read with the model's
+    tokenizer."""
+    from lorakit.data.dataset import prepare
+    from lorakit.data.preference import preference_kind, prepare_preference
+    from lorakit.data.report import format_preference_report, format_report
+    from lorakit.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    if preference_kind(cfg.data):
+        return format_preference_report(prepare_preference(cfg, tokenizer), tokenizer)
+    return format_report(prepare(cfg, tokenizer), tokenizer)
+
+
 def evaluate(run, settings=None, **kwargs: Any) -> list:
     """`lorakit eval`: the eval stage (`settings`: its EvalConfig section), then the run's
     report.html with the new tables."""

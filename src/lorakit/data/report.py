@@ -15,19 +15,6 @@ OPEN, CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around trained text
 SHOW_DROPPED = 10
 
 
-def data_report(cfg) -> str:
-    """`lorakit data CONFIG`'s text (the studio's data preview shows the same): SFT or preference
-    data, as the config's data section declares or its first training row shows."""
-    from lorakit.data.dataset import prepare
-    from lorakit.data.preference import preference_kind, prepare_preference
-    from lorakit.model.load import load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.model)
-    if preference_kind(cfg.data):
-        return format_preference_report(prepare_preference(cfg, tokenizer), tokenizer)
-    return format_report(prepare(cfg, tokenizer), tokenizer)
-
-
 def format_report(prepared: Prepared, tokenizer: Any) -> str:
     s = prepared.stats
     lines = [

@@ -180,7 +180,7 @@ def create_app(runs: Path, *, hosts: set[str], token: str | None = None,
     def api_check(body: NewRun):
         """The form checked as `lorakit train` would load it; with no problem, what `lorakit data`
         and `lorakit plan` say of it (seconds: the tokenizer, the data, a two-layer probe)."""
-        from lorakit.data.report import data_report
+        from lorakit.pipeline import data_report
         from lorakit.plan import format_plan, make_plan
 
         cfg, problems = form.check(body.values, body.name, runs, roots)
