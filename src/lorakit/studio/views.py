@@ -69,19 +69,12 @@ def eval_examples(root: Path, ident: str, name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- compare
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def compare(root: Path, ids: list[str]) -> dict[str, Any]:
     """Curves overlaid (one colour a run), the config keys whose values differ, and each run's
     eval scores on the sets they share."""
     import yaml
+
+    from lorakit.report.read import _flatten
 
     if len(ids) < 2:
         raise NotFound("pick at least two runs to compare")
@@ -101,7 +94,7 @@ def compare(root: Path, ids: list[str]) -> dict[str, Any]:
     configs = []
     for f in files:
         try:
-            configs.append(_flat(yaml.safe_load(f.paths.config.read_text(encoding="utf-8")) or {}))
+            configs.append(_flatten(yaml.safe_load(f.paths.config.read_text(encoding="utf-8")) or {}))
         except (OSError, yaml.YAMLError):
             configs.append({})
     keys = sorted({k for c in configs for k in c})
