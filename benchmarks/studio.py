@@ -1,6 +1,6 @@
 """What the studio costs: a long run's page, its idle CPU, and a training watched live.
 
-    python benchmarks/studio.py [--steps 10000] [--train-steps 12] [--skip-train] [--out DIR]
+    python benchmarks/studio.py [--steps 10000] [--train-steps 24] [--rounds 3] [--skip-train] [--out DIR]
 
 1. A run folder with `--steps` logged steps (train loss, learning rate, gradient norm and tokens/s
    every step, an evaluation every 100) is written, `lorakit studio` is started on it, and headless
@@ -10,9 +10,11 @@
 2. Idle CPU: the studio process's CPU seconds over 30 s with that page open (its event stream
    polling the run folder), as a share of one core.
 3. Training with the studio watching: the demo config (SmolLM2-135M, support data) for
-   `--train-steps` steps, trained three times alternately alone and with the studio's page open on
-   the run (the studio and Chromium in the same machine), tokens/s from the run's own metrics.
-   Run it on an otherwise idle machine. Last line: JSON.
+   `--train-steps` steps, trained `--rounds` times alternately alone and with the studio's page
+   open on the run (the studio and Chromium on the same machine), tokens/s from the run's own
+   metrics: over the whole loop (which includes the page's one-off load), and over the steps after
+   the first third (the steady cost of watching: the event stream and its redraws). Run it on an
+   otherwise idle machine. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
+from processes import DEMO, write_config
+
 CHROMIUM = "/usr/bin/chromium"
+DEMO_BATCH = yaml.safe_load((DEMO / "demo.yaml").read_text(encoding="utf-8"))["train"]["batch_size"]
 
 
 def fake_run(folder: Path, steps: int) -> None:
@@ -106,28 +110,53 @@ def idle_cpu(proc, url: str, run: str, browser, seconds: float = 30.0) -> float:
     return round(100 * used / seconds, 2)
 
 
-def train_tps(folder: Path, name: str, steps: int, watch=None) -> float:
-    """Tokens/s of a demo-config training of `steps` steps; `watch(run_name)` opens its page."""
-    demo = yaml.safe_load((HERE.parent / "src/lorakit/demo/demo.yaml").read_text(encoding="utf-8"))
-    data = HERE.parent / "src/lorakit/demo/data"
-    demo["data"].update(train=str(data / "train.jsonl"), validation=str(data / "val.jsonl"))
-    demo["data"].pop("test", None)
-    demo["train"].update(max_steps=steps, eval_steps=0, report_to=[], logging_steps=1)
-    demo["output"] = {"dir": str(folder / "runs"), "name": name, "overwrite": True}
-    cfg = folder / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump(demo), encoding="utf-8")
+def rates(records: list[dict], after: int) -> tuple[float, float]:
+    """(tokens/s of the whole training loop, tokens/s over the steps after step `after`). Each
+    record's trained_tokens_per_s is cumulative from the loop's start, so a record's time is
+    trained_tokens / trained_tokens_per_s and a window's rate is its tokens over its time."""
+    logged = [r for r in records if r.get("trained_tokens_per_s")]
+    start = max((r for r in logged if r["step"] <= after), key=lambda r: r["step"])
+    end = logged[-1]
+    seconds = end["trained_tokens"] / end["trained_tokens_per_s"] - start["trained_tokens"] / start["trained_tokens_per_s"]
+    return float(end["trained_tokens_per_s"]), (end["trained_tokens"] - start["trained_tokens"]) / seconds
+
+
+def cpu_seconds(pids: list[int] | None = None) -> dict[str, float]:
+    """CPU seconds used so far by the studio (`pids`) and by every Chromium process."""
+    import psutil
+
+    out = {"studio": 0.0, "chromium": 0.0}
+    for p in psutil.process_iter(["pid", "name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is None:
+            continue
+        if pids and p.info["pid"] in pids:
+            out["studio"] += t.user + t.system
+        elif "chrom" in (p.info["name"] or ""):
+            out["chromium"] += t.user + t.system
+    return out
+
+
+def train_tps(folder: Path, name: str, steps: int, watch=None) -> tuple[float, float, int | None]:
+    """(whole-loop tokens/s, tokens/s after the first third of the steps, the step logged when the
+    watching page had drawn its curve) of a demo-config training; `watch(run_name)` opens its page
+    and returns once the page shows the run. The steady window leaves out the page's one-off load,
+    which happens while the first steps train."""
+    cfg = write_config(folder, name, DEMO_BATCH, steps)
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    page = None
+    metrics = folder / "runs" / name / "metrics.jsonl"
+    page = loaded_at = None
     if watch is not None:
-        while not (folder / "runs" / name / "metrics.jsonl").is_file() and proc.poll() is None:
+        while not metrics.is_file() and proc.poll() is None:
             time.sleep(0.2)
         page = watch(name)
+        loaded_at = max((json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()), default=0)
     assert proc.wait() == 0
     if page is not None:
         page.close()
-    records = [json.loads(line) for line in (folder / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    return float([r for r in records if "trained_tokens_per_s" in r][-1]["trained_tokens_per_s"])
+    whole, steady = rates([json.loads(line) for line in metrics.read_text().splitlines()], steps // 3)
+    return whole, steady, loaded_at
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--train-steps", type=int, default=12)
+    p.add_argument("--train-steps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -156,16 +186,27 @@ def main(argv: list[str] | None = None) -> int:
                 def watch(name):
                     page = browser.new_page()
                     page.goto(f"{url}/#/run/{name}")
+                    page.wait_for_selector("#section-charts", timeout=120_000)
                     return page
 
-                alone, watched = [], []
-                for i in range(3):
-                    alone.append(train_tps(folder, f"alone-{i}", args.train_steps))
-                    watched.append(train_tps(folder, f"watched-{i}", args.train_steps, watch))
-                    print(f"round {i + 1}: alone {alone[-1]:.1f} tok/s, watched {watched[-1]:.1f} tok/s", flush=True)
-                out.update(alone_tps=alone, watched_tps=watched,
-                           watched_over_alone=round(statistics.median(watched) / statistics.median(alone), 3))
-                print(f"watched / alone (medians): {out['watched_over_alone']}")
+                alone, watched, loaded, used = [], [], [], []
+                for i in range(args.rounds):
+                    alone.append(train_tps(folder, f"alone-{i}", args.train_steps)[:2])
+                    before, start = cpu_seconds([proc.pid]), time.perf_counter()
+                    *w, at = train_tps(folder, f"watched-{i}", args.train_steps, watch)
+                    after, seconds = cpu_seconds([proc.pid]), time.perf_counter() - start
+                    used.append({k: round(100 * (after[k] - before[k]) / seconds, 1) for k in after})
+                    watched.append(tuple(w))
+                    loaded.append(at)
+                    print(f"round {i + 1}: alone {alone[-1][0]:.1f} tok/s (after step {args.train_steps // 3}: "
+                          f"{alone[-1][1]:.1f}), watched {watched[-1][0]:.1f} ({watched[-1][1]:.1f}; page drawn at "
+                          f"step {at}); while watched, % of one core: {used[-1]}", flush=True)
+                med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+                out.update(alone_tps=alone, watched_tps=watched, page_drawn_at_step=loaded, watching_cpu_pct=used,
+                           watched_over_alone=round(med(watched, 0) / med(alone, 0), 3),
+                           steady_watched_over_alone=round(med(watched, 1) / med(alone, 1), 3))
+                print(f"watched / alone (medians): whole loop {out['watched_over_alone']}, after step "
+                      f"{args.train_steps // 3} {out['steady_watched_over_alone']}")
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -141,10 +141,20 @@ def test_runs_lists_done_and_unfinished_runs_newest_first(run, tmp_path):
     assert [r.name for r in rows] == ["killed", "finished"]
     done = rows[1]
     meta = read_meta(run[0] / "adapter")
-    assert (done.status, done.steps, done.eval_loss) == ("done", meta.metrics["steps"], meta.metrics["eval_loss"])
-    assert rows[0].status == "no adapter" and rows[0].steps == meta.metrics["steps"]
+    assert (done.state, done.steps, done.eval_loss) == ("done", meta.metrics["steps"], meta.metrics["eval_loss"])
+    assert (done.state, done.template, done.method) == ("done", meta.template.name, meta.train.method)
+    assert rows[0].state == "interrupted" and rows[0].steps == meta.metrics["steps"]
     text = format_runs(rows)
-    assert text.splitlines()[1].startswith("killed [no adapter]") and "alpaca" in text
+    assert text.splitlines()[1].startswith("killed [interrupted]") and "alpaca" in text
+    # a training holds the run's lock (its `lorakit train` process: here this test) -> running;
+    # an ending diagnostic with no adapter -> failed
+    from lorakit.artifacts import RunPaths, append_jsonl, lock
+
+    with lock.hold(RunPaths(root / "killed").writing):
+        assert list_runs(root)[0].state == "running"
+        assert format_runs(list_runs(root)).splitlines()[1].startswith("killed [running]")
+    append_jsonl(RunPaths(root / "killed").diagnostics, {"kind": "nonfinite", "message": "loss is NaN", "step": 1})
+    assert list_runs(root)[0].state == "failed"
 
 
 def test_generation_probe_answers_with_the_training_model_as_eval_does(tiny_model_dir, tiny_tokenizer, tmp_path):

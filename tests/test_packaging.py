@@ -275,3 +275,45 @@ def test_installed_export_checks_the_task_and_weights_4_bit_types(installed, ven
     assert "task check on 'heldout'" in out.stdout
     task = json.loads((run / "export" / "e-f32.gguf.verify.json").read_text(encoding="utf-8"))["task"]
     assert task["passed"] and task["changed"] == 0 and task["rows"] == len(EVAL_ROWS) * 4
+
+
+def test_installed_studio_serves_its_page_and_a_run_from_the_package(installed, venv, tmp_path):
+    """`lorakit studio` from the wheel: the page and its script come from the installed package's
+    static folder (no CDN, no build step), and a run folder is listed and drawn."""
+    import json
+    import socket
+    import time
+
+    import httpx
+
+    run = tmp_path / "runs" / "logged"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "learning_rate": 1e-4}) + "\n"
+                                               for s in range(1, 6)), encoding="utf-8")
+    (run / "config.yaml").write_text("model: {name: tiny}\ntrain: {method: sft}\n", encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([venv / "bin/lorakit", "studio", "--runs", tmp_path / "runs", "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url, page = f"http://127.0.0.1:{port}", None
+    try:
+        end = time.monotonic() + 90
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                page = httpx.get(url + "/", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert page is not None and page.status_code == 200 and "/static/studio.js" in page.text, proc.poll()
+        script = httpx.get(url + "/static/studio.js", timeout=10)
+        assert script.text == (installed / "studio" / "static" / "studio.js").read_text(encoding="utf-8")
+        rows = httpx.get(url + "/api/runs", timeout=30).json()["runs"]
+        assert [(r["id"], r["state"], r["steps"]) for r in rows] == [("logged", "interrupted", 5)]
+        drawn = httpx.get(url + "/api/run", params={"id": "logged"}, timeout=60).json()
+        assert "<svg" in drawn["sections"]["charts"]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out

@@ -239,6 +239,12 @@ def test_runs_page_run_page_answers_and_compare_in_a_browser(studio, runs, brows
     if wrong:  # a wrong answer marks the words that differ from the reference
         assert page.locator("#example-list mark").count() > 0
     tab.shot("run")
+    # the plan of the run's own config, beside the peak its training measured
+    page.click("#plan")
+    page.wait_for_selector("#plan-report", timeout=60_000)
+    planned = _lorakit("plan", str(runs / "alpha" / "config.yaml"), "--no-calibrate").stdout
+    assert page.inner_text("#plan-report").split("\n")[0] == planned.strip().split("\n")[0]
+    assert "measured" in page.inner_text("#plan-check")
 
     page.goto(studio.url + "/")
     page.wait_for_selector("table#runs tbody tr")
@@ -275,12 +281,18 @@ def test_a_training_run_is_watched_live(studio, runs, browser, tiny_model_dir, t
                 const line = document.querySelector('#chart-loss polyline.series');
                 return line ? line.getAttribute('points').trim().split(/\\s+/).length : 0; }""")
 
-        first = points()
+        first, opened = points(), time.monotonic()
         page.wait_for_function("() => Number(document.body.dataset.updates || 0) >= 2", timeout=60_000)
         assert points() > first
         tab.shot("live")
         assert proc.wait(timeout=300) == 0
         page.wait_for_function("() => document.getElementById('state').textContent === 'done'", timeout=30_000)
+        # every step is logged (some 70 a second), yet the page is redrawn at most every REDRAW_S while
+        # the run trains, plus at once for each change of state or stage (running -> done: a few)
+        from lorakit.studio.app import REDRAW_S
+
+        updates = page.evaluate("() => Number(document.body.dataset.updates)")
+        assert updates <= (time.monotonic() - opened) / REDRAW_S + 4, updates
         assert tab.errors == [] and tab.outside == []
     finally:
         if proc.poll() is None:

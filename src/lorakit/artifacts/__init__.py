@@ -21,11 +21,11 @@ from lorakit.artifacts.paths import (ADAPTER_DIR, CHECKPOINT_STAGING, META_FILE,
                                      OLLAMA_DIR, OLLAMA_MODEL, PARITY_FILE, PEFT_CONFIG, PEFT_WEIGHTS, VERIFY_SUFFIX,
                                      RunPaths, StudioPaths, SweepPaths, check_free, claim, export_gguf, export_lora_gguf, find_adapter_dir,
                                      has_work, imatrix_path, is_run_adapter, release, restore, verification_path)
-from lorakit.artifacts.records import (EVAL_SCHEMA, Diagnostic, EvalRecord, EvalSummary, append_jsonl, now_iso,
+from lorakit.artifacts.records import (ENDING_KINDS, EVAL_SCHEMA, Diagnostic, EvalRecord, EvalSummary, append_jsonl, now_iso,
                                        read_diagnostics, read_jsonl)
 
 __all__ = [
-    "ADAPTER_DIR", "CHECKPOINT_STAGING", "EVAL_SCHEMA", "META_FILE", "MODELFILE", "OLLAMA_ADAPTER",
+    "ADAPTER_DIR", "CHECKPOINT_STAGING", "ENDING_KINDS", "EVAL_SCHEMA", "META_FILE", "MODELFILE", "OLLAMA_ADAPTER",
     "OLLAMA_DIR", "OLLAMA_MODEL", "PARITY_FILE", "PEFT_CONFIG", "PEFT_WEIGHTS", "SCHEMA_VERSION",
     "VERIFY_SUFFIX", "AdapterMeta", "BaseModelRef", "DataRef", "Diagnostic", "EvalRecord", "EvalSummary",
     "RunPaths", "StudioPaths", "SweepPaths", "append_jsonl", "atomic_dir", "atomic_file", "atomic_write_json", "atomic_write_text",

@@ -52,6 +52,11 @@ class Diagnostic:
         return cls(str(d.get("kind", "")), str(d.get("message", "")), d.get("step"), str(d.get("time", "")))
 
 
+ENDING_KINDS = frozenset({"nonfinite", "oom", "nan"})
+"""The diagnostics that end a training (lorakit.train.run writes them): a run folder with one of
+them and no adapter failed, rather than being stopped or killed."""
+
+
 def read_diagnostics(paths) -> list[Diagnostic]:
     """The run's diagnostics.jsonl (`paths`: its RunPaths; paths.py reads records, not the reverse)."""
     return [Diagnostic.from_dict(d) for d in read_jsonl(paths.diagnostics)]

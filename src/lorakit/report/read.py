@@ -15,7 +15,6 @@ from lorakit.errors import LorakitError
 SAMPLES = 3  # sample answers shown per eval dataset
 ROLLOUT_STEPS = 4  # GRPO steps whose sampled answers are shown: the first and the last three recorded
 LISTED_ROWS = 5  # dropped / truncated rows named one by one
-ERROR_KINDS = {"nonfinite", "oom", "nan"}  # diagnostics that ended the run, drawn in red
 
 @dataclass
 class RunFiles:

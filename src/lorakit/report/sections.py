@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lorakit import artifacts
-from lorakit.artifacts import EvalRecord, EvalSummary
+from lorakit.artifacts import ENDING_KINDS, EvalRecord, EvalSummary
 from lorakit.metrics import LABELS, PERCENT, fmt_value, table_rows
 from lorakit.report.charts import Series, line_chart
 from lorakit.report.format import duration, esc, finite, kv_table, num, prose, size, table, value_text
-from lorakit.report.read import ERROR_KINDS, LISTED_ROWS, ROLLOUT_STEPS, SAMPLES, RunFiles, _flatten
+from lorakit.report.read import LISTED_ROWS, ROLLOUT_STEPS, SAMPLES, RunFiles, _flatten
+
 
 def _train_records(f: RunFiles) -> list[dict[str, Any]]:
     return [r for r in f.metrics if "loss" in r and "step" in r]
@@ -26,7 +27,7 @@ def _final_record(f: RunFiles) -> dict[str, Any]:
 
 def _status(f: RunFiles) -> tuple[str, str]:
     """(css class, sentence): how the run ended, as far as the folder tells."""
-    stopped = [d for d in f.diagnostics or [] if d.kind in ERROR_KINDS]
+    stopped = [d for d in f.diagnostics or [] if d.kind in ENDING_KINDS]
     if stopped:
         d = stopped[-1]
         at = f" at step {d.step}" if d.step is not None else ""
@@ -227,7 +228,7 @@ def _diagnostics(f: RunFiles) -> str:
     if not f.diagnostics:
         return f'<section id="diagnostics">{head}<p class="good">None raised.</p></section>'
     rows = [[num(d.step) if d.step is not None else "before",
-             f'<span class="kind{" bad" if d.kind in ERROR_KINDS else ""}">{esc(d.kind)}</span>',
+             f'<span class="kind{" bad" if d.kind in ENDING_KINDS else ""}">{esc(d.kind)}</span>',
              f'<pre class="msg">{esc(d.message)}</pre>'] for d in f.diagnostics]
     return (f'<section id="diagnostics">{head}<p>Every warning raised during the run, in order.</p>'
             f'{table(["step", "kind", "message"], rows, "diag", "diagnostics-table")}</section>')

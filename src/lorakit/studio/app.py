@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,15 @@ from lorakit.studio.guard import Guard, _error
 from lorakit.studio.read import NotFound, locate, runs_table
 
 POLL_S = 0.5
-"""How often a run's event stream looks at its files (a stat of two files: negligible)."""
+"""How often a run's event stream looks at its files (a stat of a few files: negligible)."""
+REDRAW_S = 2.0
+"""The least time between two redraws of a training run's live sections. A redraw re-reads the
+metrics and draws the curves again on the server and in the browser, both on the cores the
+training uses; once a step is far too often for a fast run on a small machine (measured in
+BENCHMARKS.md, "The studio"), and every 2 s is still live to the eye."""
+REDRAW_SHARE = 0.05
+"""...and at most this share of the wall time spent redrawing: a run with 10,000 logged steps
+whose sections take 0.3 s to draw is redrawn every 6 s, not every 2."""
 HEARTBEAT_S = 15.0
 """A comment line this often keeps proxies and the browser from closing an idle stream."""
 
@@ -152,6 +161,10 @@ def create_app(runs: Path, *, hosts: set[str], token: str | None = None,
                 raise
             return {"starting": starting[0]}
 
+    @app.get("/api/run/plan")
+    def api_plan(id: str = Query(...)):
+        return views.plan(runs, id)
+
     @app.get("/api/run/eval")
     def api_eval(id: str = Query(...), name: str = Query(..., alias="set")):
         return views.eval_examples(runs, id, name)
@@ -268,7 +281,7 @@ def create_app(runs: Path, *, hosts: set[str], token: str | None = None,
 
         async def stream():
             nonlocal seen
-            quiet, sent_jobs = 0.0, None
+            quiet, sent_jobs, next_redraw = 0.0, None, 0.0
             yield "retry: 2000\n\n"
             while not await request.is_disconnected():
                 await asyncio.sleep(POLL_S)
@@ -281,10 +294,14 @@ def create_app(runs: Path, *, hosts: set[str], token: str | None = None,
                 if mine != sent_jobs:
                     sent_jobs, quiet = mine, 0.0
                     yield _event("jobs", {"jobs": mine})
-                if now != seen:
+                urgent = now[0][-1] != seen[0][-1] or now[1] != seen[1]  # a new state or a later stage: at once
+                if now != seen and (urgent or time.monotonic() >= next_redraw):
                     names = views.LIVE if now[1] == seen[1] else views.SECTIONS
                     seen, quiet = now, 0.0
+                    start = time.monotonic()
                     sections = await asyncio.to_thread(views.sections, runs, id, names)
+                    took = time.monotonic() - start
+                    next_redraw = start + max(REDRAW_S, took / REDRAW_SHARE)
                     yield _event("live", {"state": now[0][-1], "sections": sections})
                 else:
                     quiet += POLL_S

@@ -38,14 +38,24 @@ class Job:
     log: Path
     proc: subprocess.Popen = field(repr=False)
     started: float = field(default_factory=time.time)
+    _tail: tuple[int, str] = field(default=(-1, ""), repr=False)  # (the log's size when read, its tail)
 
     def view(self) -> dict[str, Any]:
         code = self.proc.poll()
         state = "running" if code is None else "done" if code == 0 else "stopped" if code == 130 else \
             f"failed (exit {code})"  # 130: `lorakit train` stopped by a signal, its checkpoint saved
         return {"number": self.number, "run": self.run, "kind": self.kind, "command": " ".join(self.argv[3:]),
-                "state": state,
-                "started": self.started, "log": tail(self.log)}
+                "state": state, "started": self.started, "log": self.log_tail()}
+
+    def log_tail(self) -> str:
+        """`tail` of the log, read again only when the log has grown (every open page asks twice a second)."""
+        try:
+            size = self.log.stat().st_size
+        except OSError:
+            return ""
+        if size != self._tail[0]:
+            self._tail = (size, tail(self.log))
+        return self._tail[1]
 
 
 def tail(path: Path, lines: int = 12, limit: int = 64_000) -> str:

@@ -10,7 +10,7 @@ from lorakit.errors import LorakitError
 
 def studio(settings: StudioConfig, *, log=print) -> int:
     """Serve the studio over `settings.runs` until the process is stopped."""
-    from lorakit.serve.run import _is_loopback, _require_serve_extra
+    from lorakit.serve.run import _draining_server, _is_loopback, _require_serve_extra
 
     _require_serve_extra()
     import uvicorn
@@ -33,9 +33,10 @@ def studio(settings: StudioConfig, *, log=print) -> int:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown}:{settings.port}/" + (f"?token={token}" if token else "")
     log(f"lorakit studio: {url}  (runs: {runs.resolve()})")
-    # a page's event stream never ends by itself: on Ctrl-C give open ones a second, then close them
-    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                  timeout_graceful_shutdown=1)).run()
+    # a page's event stream never ends by itself: on Ctrl-C or SIGTERM give open ones a second, then
+    # close them; a stop asked for and carried out is a success (exit 0), as for lorakit serve
+    _draining_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                    timeout_graceful_shutdown=1)).run()
     return 0
 
 

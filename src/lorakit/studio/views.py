@@ -8,9 +8,11 @@ from typing import Any
 
 from lorakit import artifacts
 from lorakit.artifacts import EvalRecord, RunPaths
+from lorakit.errors import LorakitError
 from lorakit.report.charts import COLORS, Series, line_chart
 from lorakit.report.format import esc, num, table, value_text
-from lorakit.studio.read import NotFound, locate, run_row, state
+from lorakit.runs import run_state
+from lorakit.studio.read import NotFound, locate, run_json
 
 SECTIONS = ("summary", "charts", "rollouts", "diagnostics", "evals", "data", "config", "merge", "exports")
 LIVE = ("summary", "charts", "diagnostics")
@@ -42,17 +44,40 @@ def version(root: Path, ident: str) -> tuple[tuple, tuple]:
     paths = RunPaths(locate(root, ident))
     sizes = tuple(p.stat().st_size if p.exists() else -1 for p in (paths.metrics, paths.diagnostics))
     stages = tuple(p.stat().st_mtime_ns if p.exists() else -1 for p in (paths.eval_dir, paths.export_dir, paths.merge))
-    return sizes + (paths.meta.is_file(), state(paths)), stages
+    return sizes + (paths.meta.is_file(), run_state(paths)), stages
 
 
 def run_page(root: Path, ident: str) -> dict[str, Any]:
     folder = locate(root, ident)
     paths = RunPaths(folder)
-    row = run_row(root, folder) or {"id": ident, "name": folder.name, "state": state(paths)}
+    row = run_json(root, folder) or {"id": ident, "name": folder.name, "state": run_state(paths)}
     sets = [p.name.removesuffix(".jsonl") for p in sorted(paths.eval_dir.glob("*.jsonl"))] \
         if paths.eval_dir.is_dir() else []
     ggufs = sorted(p.name for p in paths.export_dir.glob("*.gguf")) if paths.export_dir.is_dir() else []
     return {"run": row, "sections": sections(root, ident), "eval_sets": sets, "ggufs": ggufs}
+
+
+def plan(root: Path, ident: str) -> dict[str, Any]:
+    """What `lorakit plan` says of the run's own config.yaml (without its timing calibration:
+    seconds, for the tokenizer, the data and a two-layer probe), and beside it the peak memory the
+    training measured once it has finished, so the estimate can be checked against the run."""
+    from lorakit import config as config_mod
+    from lorakit.plan import format_plan, make_plan
+
+    paths = RunPaths(locate(root, ident))
+    if not paths.config.is_file():
+        raise NotFound(f"run {ident!r} has no config.yaml to plan", hint="`lorakit train` writes it when it starts")
+    measured, kind = None, "process_peak_rss"
+    if paths.meta.is_file():
+        try:
+            metrics = artifacts.read_meta(paths.adapter).metrics
+            measured, kind = metrics.get("peak_memory_bytes"), metrics.get("peak_memory_kind", kind)
+        except LorakitError:
+            pass
+    device = "cpu" if kind == "process_peak_rss" else "cuda"
+    made = make_plan(config_mod.load(paths.config), device=device, calibrate_steps=0)
+    return {"plan": format_plan(made), "device": device, "planned_peak_bytes": made.target.peak,
+            "measured_peak_bytes": measured, "measured_kind": kind}
 
 
 def eval_examples(root: Path, ident: str, name: str) -> dict[str, Any]:
@@ -118,4 +143,4 @@ def compare(root: Path, ids: list[str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["LIVE", "SECTIONS", "compare", "eval_examples", "run_page", "sections", "version"]
+__all__ = ["LIVE", "SECTIONS", "compare", "eval_examples", "plan", "run_page", "sections", "version"]

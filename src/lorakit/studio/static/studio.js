@@ -149,8 +149,9 @@ async function showRun(id) {
   let browser = evalBrowser(id, data.eval_sets);
   const jobsBox = el("section", {id: "jobs"});
   const bar = actions(id, data, badge);
+  const extra = {evals: () => browser, config: () => planBox(id)}; // what follows a report section
   view().replaceChildren(el("h1", {}, "Run ", el("code", {}, id), " ", badge), bar, jobsBox,
-    ...ORDER.filter((n) => n in boxes).flatMap((n) => n === "evals" ? [boxes[n], browser] : [boxes[n]]));
+    ...ORDER.filter((n) => n in boxes).flatMap((n) => n in extra ? [boxes[n], extra[n]()] : [boxes[n]]));
   stream = new EventSource("/api/run/events?id=" + encodeURIComponent(id));
   stream.addEventListener("jobs", (ev) => drawJobs(jobsBox, JSON.parse(ev.data).jobs));
   stream.addEventListener("live", (ev) => {
@@ -171,6 +172,27 @@ async function showRun(id) {
     }
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   });
+}
+
+// `lorakit plan` of the run's own config, on demand (it reads the tokenizer and the data: seconds),
+// with the peak memory the finished training measured beside the planned one.
+function planBox(id) {
+  const out = el("div", {id: "plan-box"});
+  const mib = (b) => (b / 2 ** 20).toLocaleString(undefined, {maximumFractionDigits: 0}) + " MiB";
+  const button = el("button", {id: "plan", onclick: () => {
+    button.disabled = true;
+    out.replaceChildren(el("p", {class: "dim"}, "Planning…"));
+    api("/api/run/plan?id=" + encodeURIComponent(id)).then((r) => {
+      const lines = [];
+      if (r.planned_peak_bytes && r.measured_peak_bytes) {
+        lines.push(el("p", {id: "plan-check"}, `planned peak ${mib(r.planned_peak_bytes)}, measured ${mib(r.measured_peak_bytes)} ` +
+          `(${(r.measured_peak_bytes / r.planned_peak_bytes).toFixed(2)}× the plan; ${r.measured_kind})`));
+      }
+      out.replaceChildren(...lines, el("pre", {id: "plan-report"}, r.plan));
+    }, (e) => out.replaceChildren(el("p", {class: "said bad"}, e.message + (e.detail && e.detail.hint ? " — " + e.detail.hint : ""))))
+      .finally(() => { button.disabled = false; });
+  }}, "Plan this config");
+  return el("div", {class: "section", id: "section-plan"}, el("h2", {}, "Plan"), button, out);
 }
 
 function post(path, body) {
