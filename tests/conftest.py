@@ -25,12 +25,60 @@ CORPUS = [
 ]
 
 
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "olmo2", "qwen3_moe")
+"""The model families the tests build tiny random models of ('llama' is the tests' long-standing
+tied-embedding Llama; 'llama3' is Llama 3's shape: untied head, rope scaling, grouped-query)."""
+
+SLIDING = 24
+"""The tiny models' sliding window: shorter than the tests' packed rows, so a kernel that ignored
+it would change the loss."""
+
+
+def family_config(family: str, vocab: int, tok, hidden: int = 64, layers: int = 2):
+    """The transformers configuration of a tiny random model of `family`, from the family's own
+    configuration class, with the architecture details that family is known for switched on."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    head = hidden // 4
+    if family == "llama":
+        return T.LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "llama3":  # untied head, rope scaled as Llama 3.1+ ships it
+        return T.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 128})
+    if family == "qwen2":  # Qwen2.5: q/k/v biases, tied embeddings in the small sizes
+        return T.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k RMS norms
+        return T.Qwen3Config(**common, head_dim=head, tie_word_embeddings=True)
+    if family == "gemma2":  # attention and final logit soft-capping, sliding window every other layer
+        return T.Gemma2Config(**common, head_dim=head, query_pre_attn_scalar=head, sliding_window=SLIDING,
+                              layer_types=["sliding_attention", "full_attention"][:layers] * (layers // 2 or 1),
+                              tie_word_embeddings=True)
+    if family == "gemma3":  # q/k norms, local/global rope, sliding window, (1 + w) norms, scaled embeddings
+        return T.Gemma3TextConfig(**common, head_dim=head, query_pre_attn_scalar=head, sliding_window=SLIDING,
+                                  layer_types=["sliding_attention", "full_attention"][:layers] * (layers // 2 or 1),
+                                  tie_word_embeddings=True)
+    if family == "mistral":  # sliding window
+        return T.MistralConfig(**common, head_dim=head, sliding_window=SLIDING, tie_word_embeddings=False)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return T.Phi3Config(**common, tie_word_embeddings=False)
+    if family == "olmo2":  # q/k norms over all heads, norms after attention and MLP
+        return T.Olmo2Config(**common, tie_word_embeddings=False)
+    if family == "qwen3_moe":  # a router and experts in every layer
+        return T.Qwen3MoeConfig(**common, head_dim=head, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=hidden, decoder_sparse_step=1, tie_word_embeddings=False)
+    raise ValueError(f"no tiny model of family {family!r}: one of {FAMILIES}")
+
+
 def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, chat_template: str | None = CHATML,
-                     pad_is_eos: bool = True, seed: int = 0) -> Path:
-    """Write a random LlamaForCausalLM + tokenizer to `folder` and return it."""
+                     pad_is_eos: bool = True, seed: int = 0, family: str = "llama") -> Path:
+    """Write a random model of `family` (a Llama unless named) + tokenizer to `folder` and return it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -52,20 +100,7 @@ def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, chat_te
     hf_tok.save_pretrained(folder)
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(hf_tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(family_config(family, len(hf_tok), hf_tok, hidden, layers))
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -170,3 +170,19 @@ def test_diagnostics_and_doctor_read_the_resolver():
     auto = doctor.check_auto().detail
     assert f"model.dtype {here.dtype}," in auto and f"train.mixed_precision {here.mixed_precision}," in auto
     assert f"tokens_per_pass {here.tokens_per_pass}" in auto and f"checkpointing {here.checkpointing} " in auto
+
+
+def test_attention_auto_lets_transformers_pick_per_family(tmp_path):
+    """'auto' loads SDPA where the architecture supports it and eager where it does not (Gemma 2's
+    soft-capped attention logits); a kernel named in the config is passed through."""
+    from conftest import build_tiny_model
+
+    from lorakit.config import ModelConfig
+    from lorakit.model.load import load_model
+
+    for family, kernel in (("llama", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa"), ("mistral", "sdpa")):
+        folder = build_tiny_model(tmp_path / family, family=family)
+        model, _ = load_model(ModelConfig(name=str(folder)), training=False)
+        assert model.config._attn_implementation == kernel, family
+    model, _ = load_model(ModelConfig(name=str(tmp_path / "llama"), attn_implementation="eager"), training=False)
+    assert model.config._attn_implementation == "eager"

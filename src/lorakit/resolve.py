@@ -166,6 +166,14 @@ def weight_dtype(mcfg: ModelConfig, machine: Machine) -> str:
     return mcfg.dtype
 
 
+def attention(mcfg: ModelConfig) -> str | None:
+    """The attention kernel to load the model with: `model.attn_implementation`, where 'auto' is
+    None, transformers' own pick for the architecture: SDPA where the model supports it, eager where
+    it does not (Gemma 2, whose soft-capped attention logits SDPA cannot compute). Forcing 'sdpa' on
+    such a model is refused by transformers, with its reason."""
+    return None if mcfg.attn_implementation == AUTO else mcfg.attn_implementation
+
+
 def mixed_precision(cfg: Config, machine: Machine) -> str:
     """'bf16' | 'fp16' | 'no': the autocast precision; see TrainConfig.mixed_precision."""
     mp = cfg.train.mixed_precision

@@ -77,7 +77,12 @@ class ModelConfig:
         "memory stays near a normal pass's while other passes keep full speed.",
         "auto",
     )
-    attn_implementation: str = _help("Attention kernel passed to transformers ('sdpa', 'eager', ...).", "sdpa")
+    attn_implementation: str = _help(
+        "Attention kernel passed to transformers ('sdpa', 'eager', 'flash_attention_2', ...). 'auto': "
+        "transformers' pick for the architecture: SDPA where the model supports it, eager where it does "
+        "not (Gemma 2, whose soft-capped attention logits SDPA cannot compute).",
+        "auto",
+    )
     allow_pickle: bool = _help(
         "Allow loading .bin/.pt weights (pickle files can run code). Off: safetensors only.", False
     )

@@ -25,7 +25,7 @@ import transformers
 from lorakit.config import DEFAULT_MODEL, ModelConfig
 from lorakit.errors import MissingExtraError, ModelError
 from lorakit.model import embedded
-from lorakit.resolve import Machine, checkpoints_every_pass, weight_dtype
+from lorakit.resolve import Machine, attention, checkpoints_every_pass, weight_dtype
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -113,7 +113,7 @@ def load_model(mcfg: ModelConfig, *, training: bool = True, tokenizer=None, mach
     src = _resolve_source(mcfg)
     kwargs: dict = {
         "dtype": dtype,
-        "attn_implementation": mcfg.attn_implementation,
+        "attn_implementation": attention(mcfg),
         "trust_remote_code": mcfg.trust_remote_code,
         "use_safetensors": None if mcfg.allow_pickle else True,
     }

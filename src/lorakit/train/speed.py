@@ -155,24 +155,35 @@ class _SegmentAttention(torch.autograd.Function):
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
-    """Causal SDPA per example of a packed row; the stock SDPA path for everything else."""
+    """Causal SDPA per example of a packed row, windowed on a sliding-window layer (Mistral,
+    Gemma 3, Qwen2 with use_sliding_window) where an example is longer than the window; the stock
+    SDPA path for everything else."""
     bounds = kwargs.pop(SEGMENTS, None)
     if bounds is None or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    if query.device.type == "cpu" and value.dtype != CPU_ATTENTION_DTYPE and dropout == 0:
+    if kwargs.get("softcap"):  # use_segment_attention declines such models; never compute them uncapped
+        raise RuntimeError("segment attention cannot soft-cap attention logits")
+    bounds = tuple(int(i) for i in bounds)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    windowed = bool(window) and max(e - s for s, e in zip(bounds[:-1], bounds[1:])) > window
+    if query.device.type == "cpu" and value.dtype != CPU_ATTENTION_DTYPE and dropout == 0 and not windowed:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         with torch.autocast("cpu", enabled=False):
-            return _SegmentAttention.apply(query, key, value, tuple(int(i) for i in bounds), scaling), None
+            return _SegmentAttention.apply(query, key, value, bounds, scaling), None
     gqa = query.shape[1] != key.shape[1]  # grouped-query heads: SDPA reads the shared k/v, no copies
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                                   enable_gqa=gqa))
+        mask = None
+        if window and e - s > window:  # query i sees keys i - window < j <= i, as transformers' sliding mask
+            i = torch.arange(e - s, device=query.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                                   scale=scaling, enable_gqa=gqa))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -190,6 +201,9 @@ def use_segment_attention(model: nn.Module) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(inner, "config", None)
     if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", ATTENTION):
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text, "attn_logit_softcapping", None):
         return False
     _register()
     for sub in inner.modules():
