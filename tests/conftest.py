@@ -34,9 +34,17 @@ SLIDING = 24
 it would change the loss."""
 
 
-def family_config(family: str, vocab: int, tok, hidden: int = 64, layers: int = 2):
+def family_config(family: str, vocab: int, tok, hidden: int = 64, layers: int = 2, **overrides):
     """The transformers configuration of a tiny random model of `family`, from the family's own
-    configuration class, with the architecture details that family is known for switched on."""
+    configuration class, with the architecture details that family is known for switched on
+    (`overrides`: config keys to set otherwise)."""
+    cfg = _family_config(family, vocab, tok, hidden, layers)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _family_config(family: str, vocab: int, tok, hidden: int, layers: int):
     import transformers as T
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
@@ -57,9 +65,9 @@ def family_config(family: str, vocab: int, tok, hidden: int = 64, layers: int = 
         return T.Gemma2Config(**common, head_dim=head, query_pre_attn_scalar=head, sliding_window=SLIDING,
                               layer_types=["sliding_attention", "full_attention"][:layers] * (layers // 2 or 1),
                               tie_word_embeddings=True)
-    if family == "gemma3":  # q/k norms, local/global rope, sliding window, (1 + w) norms, scaled embeddings
+    if family == "gemma3":  # q/k norms, local/global rope, sliding window, (1 + w) norms, scaled embeddings;
+        # the layer types are the family's own pattern (five sliding, then one global), as llama.cpp assumes
         return T.Gemma3TextConfig(**common, head_dim=head, query_pre_attn_scalar=head, sliding_window=SLIDING,
-                                  layer_types=["sliding_attention", "full_attention"][:layers] * (layers // 2 or 1),
                                   tie_word_embeddings=True)
     if family == "mistral":  # sliding window
         return T.MistralConfig(**common, head_dim=head, sliding_window=SLIDING, tie_word_embeddings=False)
@@ -69,16 +77,32 @@ def family_config(family: str, vocab: int, tok, hidden: int = 64, layers: int = 
         return T.Olmo2Config(**common, tie_word_embeddings=False)
     if family == "qwen3_moe":  # a router and experts in every layer
         return T.Qwen3MoeConfig(**common, head_dim=head, num_experts=4, num_experts_per_tok=2,
-                                moe_intermediate_size=hidden, decoder_sparse_step=1, tie_word_embeddings=False)
+                                moe_intermediate_size=hidden, decoder_sparse_step=1, norm_topk_prob=True,
+                                tie_word_embeddings=False)
     raise ValueError(f"no tiny model of family {family!r}: one of {FAMILIES}")
 
 
 def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, chat_template: str | None = CHATML,
-                     pad_is_eos: bool = True, seed: int = 0, family: str = "llama") -> Path:
-    """Write a random model of `family` (a Llama unless named) + tokenizer to `folder` and return it."""
+                     pad_is_eos: bool = True, seed: int = 0, family: str = "llama", tokenizer=None,
+                     **overrides) -> Path:
+    """Write a random model of `family` (a Llama unless named) + tokenizer to `folder` and return it.
+    `tokenizer`: one to save with it instead of the small BPE trained here (llama.cpp's converter
+    knows only real tokenizers: the GGUF tests pass the embedded SmolLM2's)."""
     import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_tok = tokenizer if tokenizer is not None else _small_tokenizer(chat_template, pad_is_eos)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family, len(hf_tok), hf_tok, hidden, layers, **overrides))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _small_tokenizer(chat_template: str | None, pad_is_eos: bool):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -96,13 +120,7 @@ def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, chat_te
     )
     if chat_template:
         hf_tok.chat_template = chat_template
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_tok.save_pretrained(folder)
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, len(hf_tok), hf_tok, hidden, layers))
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return hf_tok
 
 
 @pytest.fixture(scope="session")

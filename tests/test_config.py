@@ -20,7 +20,7 @@ def write(tmp_path, text: str) -> Path:
 def test_defaults_and_run_name_from_file_stem(tmp_path):
     cfg = config.load(write(tmp_path, "data:\n  train: x.jsonl\n"))
     assert cfg.model.name == config.DEFAULT_MODEL
-    assert cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.lora.target_modules == config.GUIDE_TARGETS
+    assert cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.lora.target_modules == "all-linear"
     assert cfg.train.max_grad_norm == 0.3 and cfg.train.weight_decay == 0.01
     assert cfg.data.train == ["x.jsonl"]  # a single string becomes a list
     assert cfg.output.name == "run"

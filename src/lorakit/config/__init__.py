@@ -150,9 +150,19 @@ class LoraConfig:
     )
     dropout: Union[float, Literal["auto"]] = _help("Dropout on the LoRA input path." + _BY_SIZE, 0.05)
     target_modules: Union[list[str], str] = _help(
-        "Layers to adapt: a list of module names, a regex string matched against full module "
-        "names, or 'all-linear'.",
-        factory=lambda: list(GUIDE_TARGETS),
+        "Layers to adapt: a preset, a list of module names (or dotted suffixes), or a regex string "
+        "matched against full module names. Presets, resolved on the model's own layers: "
+        "'all-linear' (every linear layer of the decoder: attention and MLP, fused qkv_proj / "
+        "gate_up_proj too; for Llama-shaped models the guide's seven projections), 'attention', "
+        "'mlp'. No preset adapts the LM head or a mixture-of-experts router.",
+        "all-linear",
+    )
+    experts: bool = _help(
+        "Mixture-of-experts models with a preset: also adapt the experts' weights (one LoRA per "
+        "expert tensor, PEFT's target_parameters). Off: the experts stay frozen and the log says so; "
+        "such adapters also serve in mixed batches (PEFT cannot batch expert LoRAs of several "
+        "adapters) and export as llama.cpp LoRA GGUFs.",
+        False,
     )
     bias: Literal["none", "all", "lora_only"] = _help("Which biases to train.", "none")
     modules_to_save: list[str] = _help(

@@ -163,10 +163,6 @@ class Decoder:
     def __init__(self, model, tokenizer=None, *, adapters: Sequence[str] = (), stacked: bool = True,
                  head_weight: torch.Tensor | None = None):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        why = kv.unsupported(base.config)
-        if why:
-            raise LorakitError(f"lorakit's decoder does not run this model: {why}",
-                               hint="use a model family with plain causal attention (Llama, Qwen, Mistral, ...)")
         self.model, self.tokenizer = model, tokenizer
         self.base = base
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config

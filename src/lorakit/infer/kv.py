@@ -112,6 +112,7 @@ def row_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
                                       **kwargs)
     layer = module.layer_idx
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    softcap = kwargs.get("softcap")
     b, h, t, d = query.shape
     out = query.new_zeros((b, t, h, d))
     work = attention_dtype(query)
@@ -119,11 +120,11 @@ def row_attention(module, query, key, value, attention_mask, dropout=0.0, scalin
     gqa = h != key.shape[1]
     # autocast would cast the fp32 operands back to 16 bits: attention is on its lower-precision list
     with torch.autocast(query.device.type, enabled=False) if work != out.dtype else contextlib.nullcontext():
-        _attend(query, rows, layer, window, scaling, gqa, out)
+        _attend(query, rows, layer, window, scaling, gqa, out, softcap)
     return out, None
 
 
-def _attend(query, rows: "Rows", layer: int, window, scaling, gqa: bool, out: torch.Tensor) -> None:
+def _attend(query, rows: "Rows", layer: int, window, scaling, gqa: bool, out: torch.Tensor, softcap=None) -> None:
     import torch.nn.functional as F
 
     for i, start, end, slot in rows.parts:
@@ -135,9 +136,27 @@ def _attend(query, rows: "Rows", layer: int, window, scaling, gqa: bool, out: to
             at = torch.arange(n - m, n, device=query.device).unsqueeze(1)  # the queries' positions
             keys = torch.arange(n, device=query.device).unsqueeze(0)
             mask, causal = (keys <= at) & (keys > at - window), False
-        o = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=causal,
-                                           scale=scaling, enable_gqa=gqa)
+        if softcap:
+            o = _capped(q, k.unsqueeze(0), v.unsqueeze(0), mask, causal, scaling, softcap)
+        else:
+            o = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, is_causal=causal,
+                                               scale=scaling, enable_gqa=gqa)
         out[i, start:end] = o[0].transpose(0, 1)
+
+
+def _capped(q, k, v, mask, causal: bool, scaling, cap: float) -> torch.Tensor:
+    """Attention with soft-capped logits, cap · tanh(s / cap) before the softmax (Gemma 2): what
+    transformers' eager kernel computes, which SDPA cannot. q: (1, h, m, d), k/v: (1, kv heads, n, d)."""
+    h, m, n = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != h:  # grouped-query heads: each k/v head serves h / kv consecutive query heads
+        k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    scores = torch.tanh(scores / cap) * cap
+    if causal:
+        mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
@@ -147,19 +166,10 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
-def unsupported(config) -> str | None:
-    """Why `row_attention` would not compute this model's attention (None: it does). It is causal
-    softmax attention, windowed where a layer says so; soft-capped logits need their own kernel."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(cfg, "attn_logit_softcapping", None):
-        return "its attention logits are soft-capped (attn_logit_softcapping)"
-    return None
-
-
 def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, row_attention)
 
 
-__all__ = ["ATTENTION", "RowCache", "Rows", "SLOTS", "Slot", "register", "row_attention", "unsupported"]
+__all__ = ["ATTENTION", "RowCache", "Rows", "SLOTS", "Slot", "register", "row_attention"]

@@ -12,6 +12,7 @@ with an error that lists the names the model actually has.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import peft
 from torch import nn
@@ -19,13 +20,125 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import ModelError
 
-_EXAMPLE = "lora.target_modules: [q_proj, v_proj]   (or 'all-linear', or a regex such as '.*\\.(q|v)_proj')"
+_EXAMPLE = ("lora.target_modules: [q_proj, v_proj]   (or a preset: 'all-linear', 'attention', 'mlp'; or a regex such "
+            "as '.*\\.(q|v)_proj')")
 
 
-def apply_lora(model: nn.Module, lcfg: LoraConfig) -> peft.PeftModel:
-    """Freeze `model` and add LoRA adapters as `lcfg` describes; returns the PeftModel."""
-    targets = lcfg.target_modules
-    _check_targets(model, targets)
+PRESETS = {
+    "all-linear": "every linear layer of the decoder layers: attention and MLP, fused projections too",
+    "attention": "the attention projections (q/k/v/o, or a fused qkv_proj)",
+    "mlp": "the MLP projections (gate/up/down, or a fused gate_up_proj; a mixture-of-experts' shared MLP)",
+}
+"""`lora.target_modules` presets, resolved against the model's own layers by `targets`. None of
+them adapts the LM head or a mixture-of-experts router: a LoRA on the head trains the whole
+vocabulary's projection (the job of modules_to_save), and one on the router changes which experts
+see which token, which destabilises the experts' training (Unsloth and the Qwen MoE notes advise
+against it). Experts' weights (3-D tensors, one slice per expert) are adapted only with
+`lora.experts`."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What LoRA adapts in a given model: PEFT's `target_modules` and `target_parameters`, and what a
+    preset left out on purpose (for the log)."""
+
+    modules: list[str] | str
+    parameters: list[str]
+    left_out: list[str]
+
+    def describe(self, spec: list[str] | str) -> str:
+        named = ", ".join(self.modules) if isinstance(self.modules, list) else f"regex {self.modules!r}"
+        text = f"LoRA targets ({spec if isinstance(spec, str) else 'as listed'}): {named}"
+        if self.parameters:
+            text += f"; expert tensors: {', '.join(self.parameters)}"
+        if self.left_out:
+            text += f"; not adapted: {'; '.join(self.left_out)}"
+        return text
+
+
+def _experts_count(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        n = getattr(text, key, None)
+        if isinstance(n, int) and n > 1:
+            return n
+    return None
+
+
+def _in_layer(name: str) -> bool:
+    """A module of a numbered decoder layer (model.layers.3...), not the embedding, the final norm
+    or the LM head."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def _is_router(name: str, module: nn.Module, experts: int | None) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if "router" in type(module).__name__.lower() or leaf == "router":
+        return True
+    return experts is not None and leaf == "gate" and getattr(module, "out_features", None) == experts
+
+
+def targets(model: nn.Module, lcfg: LoraConfig) -> Targets:
+    """`lcfg.target_modules` resolved on `model`: a preset becomes the names of the model's own
+    layers (`PRESETS`); names and regexes are checked and passed through."""
+    spec = lcfg.target_modules
+    if not (isinstance(spec, str) and spec in PRESETS):
+        _check_targets(model, spec)
+        if lcfg.experts:
+            raise ModelError("lora.experts needs a preset in lora.target_modules (all-linear or mlp)",
+                             hint="lora.target_modules: all-linear", where="config lora.experts")
+        return Targets(list(spec) if isinstance(spec, list) else spec, [], [])
+    experts = _experts_count(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep: dict[str, None] = {}
+    left_out: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if not name or not _in_layer(name):
+            continue
+        if _is_router(name, module, experts):
+            left_out[f"router {_pattern(name)} (never adapted)"] = None
+            continue
+        if not _is_linear(module) or module is head:
+            continue
+        attention = any("attn" in part or "attention" in part for part in name.split("."))
+        if spec == "all-linear" or (spec == "attention") == attention:
+            keep[name.rsplit(".", 1)[-1]] = None
+    params: dict[str, None] = {}
+    if spec != "attention":
+        for name, p in model.named_parameters():
+            if p.dim() == 3 and _in_layer(name) and ".experts." in f".{name}":
+                what = name.rsplit(".", 2)
+                (params if lcfg.experts else left_out).setdefault(
+                    f"{what[-2]}.{what[-1]}" if lcfg.experts else
+                    f"expert tensors {_pattern(name)} (lora.experts: true adapts them)", None)
+    elif lcfg.experts:
+        raise ModelError("lora.experts with the 'attention' preset: experts are MLP weights",
+                         hint="lora.target_modules: all-linear (or mlp)", where="config lora.experts")
+    if params and lcfg.dropout:
+        raise ModelError(f"lora.experts with lora.dropout {lcfg.dropout}: PEFT's LoRA on expert tensors has no dropout",
+                         hint="set lora.dropout: 0", where="config lora.dropout")
+    if lcfg.experts and not params:
+        raise ModelError("lora.experts: this model has no experts' weights (it is not a mixture of experts)",
+                         hint="remove lora.experts", where="config lora.experts")
+    if not keep and not params:
+        raise ModelError(f"lora.target_modules: {spec!r} names no layer of this model "
+                         f"({PRESETS[spec]}); its linear layers are: {', '.join(linear_layer_names(model))}",
+                         hint=_EXAMPLE, where="config lora.target_modules")
+    return Targets(list(keep), list(params), list(left_out))
+
+
+def _pattern(name: str) -> str:
+    """'model.layers.3.mlp.gate' -> 'model.layers.*.mlp.gate': one entry for every layer."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def apply_lora(model: nn.Module, lcfg: LoraConfig, *, log=None) -> peft.PeftModel:
+    """Freeze `model` and add LoRA adapters as `lcfg` describes; returns the PeftModel. `log`
+    receives what was adapted (and what a preset left out)."""
+    chosen = targets(model, lcfg)
+    if log is not None:
+        log(chosen.describe(lcfg.target_modules))
     _check_modules_to_save(model, lcfg.modules_to_save)
     init = lcfg.init.lower()
     config = peft.LoraConfig(
@@ -33,7 +146,8 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig) -> peft.PeftModel:
         r=lcfg.r,
         lora_alpha=lcfg.alpha,
         lora_dropout=lcfg.dropout,
-        target_modules=list(targets) if isinstance(targets, list) else targets,
+        target_modules=chosen.modules,
+        target_parameters=chosen.parameters or None,
         bias=lcfg.bias,
         modules_to_save=list(lcfg.modules_to_save) or None,
         use_rslora=lcfg.use_rslora,
@@ -119,8 +233,6 @@ def _adaptable(module: nn.Module) -> bool:
 
 def _check_targets(model: nn.Module, targets: list[str] | str) -> None:
     modules = [(name, m) for name, m in model.named_modules() if name]
-    if targets == "all-linear":
-        return
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)

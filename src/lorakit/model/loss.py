@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from lorakit.data.collate import segment_kwargs
 
-# Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping or
-# scaling in between (Gemma 2/3 soft-cap, Cohere scales), which this shortcut would skip.
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "smollm3"}
+# Architectures whose logits are exactly `lm_head(final hidden state)` unless their config says
+# otherwise (Gemma 2's final soft-capping, Cohere's logit scale, a mixture-of-experts' router loss
+# when output_router_logits is on), which `split_head` checks: the shortcut would skip them.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "olmo", "olmo2", "smollm3",
+               "qwen3_moe", "mixtral"}
 
 
 def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -33,6 +35,8 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     if getattr(cfg, "model_type", None) not in _PLAIN_HEAD:
         return None
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    if getattr(cfg, "output_router_logits", False):  # the model's loss adds the router's balancing loss
         return None
     return body, head
 

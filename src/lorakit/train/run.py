@@ -148,7 +148,7 @@ def build_model(resolved: Resolved, tokenizer, prepared: Prepared, log: Callable
         model, cfg.lora, _ = continue_adapter(model, cfg.model.adapter, info, dropout=keep_dropout)
         log(f"starting from the adapter in {cfg.model.adapter} (r {cfg.lora.r}, alpha {cfg.lora.alpha})")
     else:
-        model = apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora, log=log)
     trainable, _ = count_parameters(model)
     log(describe_parameters(model))
     if cfg.train.method == "sft":
@@ -433,6 +433,9 @@ def apply_fast_path(resolved: Resolved, model, half: torch.dtype | None) -> list
         notes.append(f"fast path: {done['dropouts']} LoRA dropouts draw masks from 16-bit lanes")
     if done["segments"]:
         notes.append("fast path: attention per packed example")
+    elif done["segments_declined"]:
+        notes.append(f"fast path: no attention per packed example ({done['segments_declined']}); packed "
+                     "examples attend through transformers' own kernel, kept apart by a block-diagonal mask")
     return notes
 
 

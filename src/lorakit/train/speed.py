@@ -196,15 +196,26 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
-def use_segment_attention(model: nn.Module) -> bool:
-    """Switch an SDPA model to `segment_attention`; False (and unchanged) for other attention."""
+def segment_attention_declined(model: nn.Module) -> str | None:
+    """Why `segment_attention` cannot stand in for this model's attention (None: it can)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(inner, "config", None)
-    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", ATTENTION):
-        return False
+    if cfg is None:
+        return "the model has no transformers config"
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if getattr(text, "attn_logit_softcapping", None):
+        return "its attention logits are soft-capped (attn_logit_softcapping), which SDPA cannot compute"
+    kernel = getattr(cfg, "_attn_implementation", None)
+    if kernel not in ("sdpa", ATTENTION):
+        return f"it is loaded with {kernel!r} attention (model.attn_implementation), not SDPA"
+    return None
+
+
+def use_segment_attention(model: nn.Module) -> bool:
+    """Switch an SDPA model to `segment_attention`; False (and unchanged) where it is declined."""
+    if segment_attention_declined(model) is not None:
         return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     _register()
     for sub in inner.modules():
         c = getattr(sub, "config", None)
@@ -219,8 +230,8 @@ def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict:
     autocast or over quantized weights), `packing` whether rows are packed. Without autocast the
     LoRA linears are fused in fp32 when every one sits on a frozen fp32 `nn.Linear` (an fp32 run;
     a quantized base has none). Returns what changed: bytes saved by 16-bit weights, fused linears,
-    replaced dropouts, per-example attention, and `unfused`: LoRA linears that will never run
-    fused, by reason (also logged at INFO)."""
+    replaced dropouts, per-example attention (or `segments_declined`: why not), and `unfused`:
+    LoRA linears that will never run fused, by reason (both also logged at INFO)."""
     linears = lora_linears(model)
     fp32 = half is None and bool(linears) and all(
         type(m.base_layer) is nn.Linear and m.base_layer.weight.dtype == torch.float32 for _, m in linears)
@@ -228,6 +239,10 @@ def apply(model: nn.Module, half: torch.dtype | None, packing: bool) -> dict:
     fused = fuse_lora_linears(model) if half is not None or fp32 else 0
     done = {"saved": saved, "fused": fused, "dropouts": fast_lora_dropout(model),
             "segments": packing and use_segment_attention(model)}
+    done["segments_declined"] = segment_attention_declined(model) if packing and not done["segments"] else None
+    if done["segments_declined"]:
+        log.info("fast path: packed examples attend through transformers' own attention (a block-diagonal "
+                 "mask): attention per example declined, %s", done["segments_declined"])
     done["unfused"] = unfusable(model, half or torch.float32) if fused else {}
     for reason, n in done["unfused"].items():
         log.info("fast path: %d of %d LoRA linears keep PEFT's forward: %s", n, fused, reason)

@@ -1,0 +1,235 @@
+"""Every model family through every stage, on tiny random models built from each family's own
+transformers configuration class (conftest.family_config: q/k/v biases, q/k norms, soft-capping,
+sliding windows, fused projections, tied and untied heads, experts).
+
+Each test is one (family, stage) cell of the README's family table: the fast path's loss and LoRA
+gradients equal PEFT + transformers' own on the same batch (or the fast path declines, saying
+why), packed rows train as padded ones, greedy decoding (merge's and export's checks, eval,
+generate, serve) agrees with transformers and does not depend on the batch, and merge keeps the
+logits. `scripts/family_table.py` runs this file and writes the table from its outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tiny_model
+
+from lorakit.config import LoraConfig, ModelConfig
+from lorakit.data.collate import Collator, PackedCollator
+from lorakit.model.load import load_model
+from lorakit.model.lora import apply_lora
+from lorakit.model.loss import labelled_loss, split_head
+from lorakit.train import speed
+
+LENGTHS = ((41, 12), (9, 5), (30, 20), (17, 3))
+"""(tokens, prompt tokens) of the examples packed into one row: two longer than the tiny models'
+sliding window (conftest.SLIDING), so a kernel that ignored the window would change the loss."""
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_model(tmp_path_factory.mktemp(family), family=family)
+        return built[family]
+
+    return get
+
+
+def _lora_model(model_dir, seed: int = 0):
+    """The family's model with LoRA on every linear layer and non-zero B (so the LoRA terms count)."""
+    torch.manual_seed(seed)
+    m, _ = load_model(ModelConfig(name=str(model_dir), dtype="fp32"), training=True)
+    m = apply_lora(m, LoraConfig(r=4, alpha=8, dropout=0.0, init="gaussian", target_modules="all-linear"))
+    with torch.no_grad():
+        for i, (name, p) in enumerate(m.named_parameters()):
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    m.train()
+    return m
+
+
+def _examples(vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n, prompt in LENGTHS:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_equals_transformers_own_path(family, family_dirs, caplog):
+    """The loss and every LoRA gradient of a packed row through lorakit's fast path (fused LoRA
+    linears, attention per packed example, the loss head on labelled positions) equal PEFT +
+    transformers' own forward on the same examples padded; where the fast path cannot compute a
+    family's attention it declines that part and says so."""
+    folder = family_dirs(family)
+    feats = _examples(_lora_model(folder).config.vocab_size)
+    padded, packed = Collator(0)(feats), PackedCollator()(feats)
+    n = int((packed["labels"][:, 1:] != -100).sum())
+
+    stock = _lora_model(folder)
+    stock.zero_grad()
+    want = stock(**padded).loss
+    want.backward()
+
+    fast = _lora_model(folder)
+    with caplog.at_level(logging.INFO, logger="lorakit.train.speed"):
+        done = speed.apply(fast, None, packing=True)
+    assert done["fused"] > 0
+    softcapped = bool(getattr(fast.config, "attn_logit_softcapping", None))
+    assert done["segments"] is not softcapped  # Gemma 2: transformers' eager attention, with its reason logged
+    if softcapped:
+        assert "soft-capped" in caplog.text
+    fast.zero_grad()
+    head = split_head(fast)
+    got = labelled_loss(*head, packed, n) if head else fast(**packed).loss
+    got.backward()
+
+    # fp32 throughout: the paths differ only in summation order (packed vs padded rows, fused vs
+    # PEFT's separate LoRA matmuls), so 1e-5 relative is float32 rounding over two layers
+    assert torch.allclose(got, want, rtol=1e-5, atol=0), (got.item(), want.item())
+    g_want, g_got = _grads(stock), _grads(fast)
+    assert g_want.keys() == g_got.keys() and g_want
+    for k in g_want:
+        err = float((g_got[k] - g_want[k]).norm() / g_want[k].norm())
+        assert err < 1e-4, f"{k}: relative gradient difference {err:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_train_as_padded_ones_without_the_fast_path(family, family_dirs):
+    """fast_path: false still packs: transformers' own attention keeps the packed examples apart
+    (and windowed) from their restarting positions."""
+    model = _lora_model(family_dirs(family))
+    feats = _examples(model.config.vocab_size)
+    with torch.no_grad():
+        padded = model(**Collator(0)(feats)).loss
+        packed = model(**PackedCollator()(feats)).loss
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=0), (packed.item(), padded.item())
+
+
+def _margin_ok(logits: torch.Tensor, chosen: int) -> bool:
+    """The token greedy decoding chose is transformers' argmax too, unless the two best logits are
+    within 1e-4 (a tie that float32 rounding of a different kernel may break either way; random
+    tiny models have flat logits, and this is 100x the logit differences seen between kernels)."""
+    top2 = logits.topk(2).values
+    return int(logits.argmax()) == chosen or float(top2[0] - top2[1]) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_agrees_with_transformers_alone_and_batched(family, family_dirs, tmp_path):
+    """lorakit's decoder (generate, chat, eval, merge's and export's checks, `lorakit serve`) on two
+    adapters of the family's model: each request's greedy tokens are the same alone as in one batch
+    with the others (prompts of different lengths, adapters mixed, past the sliding window), and
+    each token is transformers' own argmax on the PEFT model with that adapter."""
+    from conftest import make_adapter
+    from transformers import AutoTokenizer
+
+    from lorakit.infer import Decoder, Request, load_session
+
+    folder = family_dirs(family)
+    tok = AutoTokenizer.from_pretrained(folder)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    ads = [make_adapter(folder, tok, tmp_path / f"a{i}", seed=7 + i, lora=lora, scale=0.2) for i in range(2)]
+    session = load_session(ads, log=lambda s: None)
+    names = list(session.adapters)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (30, 5, 17, 26)]
+    reqs = [Request(p, 12, adapter=names[i % 2]) for i, p in enumerate(prompts)]
+    with Decoder(session.model, adapters=names) as d:
+        batched = [r.ids for r in d.run(reqs)]
+        alone = [d.run([r])[0].ids for r in reqs]
+    assert alone == batched
+    model = session.model
+    for r, answer in zip(reqs, batched):
+        assert len(answer) == 12  # no stop ids: every answer runs to max_new_tokens
+        model.set_adapter(r.adapter)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([r.prompt_ids + answer])).logits[0]
+        start = len(r.prompt_ids) - 1
+        for j, token in enumerate(answer):
+            assert _margin_ok(logits[start + j], token), (family, r.adapter, j)
+
+
+# --------------------------------------------------------------------------- LoRA targets per family
+
+PRESET_TARGETS = {
+    # family: (all-linear, attention, mlp) as the model's own layer names
+    "phi3": (["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], ["qkv_proj", "o_proj"], ["gate_up_proj", "down_proj"]),
+    "qwen3_moe": (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], []),
+}
+LLAMA_SHAPED = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_presets_name_each_familys_own_layers_never_the_head_or_router(family, family_dirs):
+    from lorakit.model.lora import targets
+
+    model, _ = load_model(ModelConfig(name=str(family_dirs(family)), dtype="fp32"), training=False)
+    for preset, want in zip(("all-linear", "attention", "mlp"), PRESET_TARGETS.get(family, LLAMA_SHAPED)):
+        if not want:  # a mixture of experts without lora.experts has no MLP linear to adapt
+            with pytest.raises(Exception, match="names no layer"):
+                targets(model, LoraConfig(target_modules=preset))
+            continue
+        chosen = targets(model, LoraConfig(target_modules=preset))
+        assert sorted(chosen.modules) == sorted(want), (family, preset)
+        assert "lm_head" not in chosen.modules and "gate" not in chosen.modules
+    adapted = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    names = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A")]
+    assert names and not any(n.endswith(("lm_head", ".gate", ".router")) or ".experts" in n for n in names)
+
+
+def test_a_mixture_of_experts_adapts_its_experts_only_when_asked_and_its_router_never(family_dirs):
+    from lorakit.model.lora import targets
+
+    said: list[str] = []
+    model, _ = load_model(ModelConfig(name=str(family_dirs("qwen3_moe")), dtype="fp32"), training=True)
+    chosen = targets(model, LoraConfig(target_modules="all-linear"))
+    text = chosen.describe("all-linear")
+    assert "router model.layers.*.mlp.gate (never adapted)" in text
+    assert "expert tensors model.layers.*.mlp.experts.gate_up_proj (lora.experts: true adapts them)" in text
+    with pytest.raises(Exception, match="set lora.dropout: 0"):
+        targets(model, LoraConfig(target_modules="all-linear", experts=True, dropout=0.05))
+    with_experts = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear", experts=True),
+                              log=said.append)
+    assert "expert tensors: experts.gate_up_proj, experts.down_proj" in said[0]
+    lora = {n for n, p in with_experts.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in lora) and not any(".gate." in n and ".experts." not in n for n in lora)
+    # the expert LoRAs train: a backward reaches them
+    ids = torch.randint(3, with_experts.config.vocab_size, (1, 12))
+    with_experts(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in with_experts.named_parameters() if p.requires_grad and ".experts." in n and "lora_B" in n)
+
+
+def test_experts_on_a_dense_model_or_with_a_list_is_a_config_error(family_dirs):
+    from lorakit.errors import ModelError
+    from lorakit.model.lora import targets
+
+    model, _ = load_model(ModelConfig(name=str(family_dirs("llama")), dtype="fp32"), training=False)
+    with pytest.raises(ModelError, match="no experts' weights"):
+        targets(model, LoraConfig(target_modules="all-linear", experts=True))
+    with pytest.raises(ModelError, match="needs a preset"):
+        targets(model, LoraConfig(target_modules=["q_proj"], experts=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_name_that_matches_nothing_lists_the_familys_linear_layers(family, family_dirs):
+    from lorakit.errors import ModelError
+
+    model, _ = load_model(ModelConfig(name=str(family_dirs(family)), dtype="fp32"), training=False)
+    with pytest.raises(ModelError) as err:
+        apply_lora(model, LoraConfig(target_modules=["query_key_value"]))
+    for name in PRESET_TARGETS.get(family, LLAMA_SHAPED)[0]:
+        assert name in str(err.value)
