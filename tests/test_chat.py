@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,9 +179,11 @@ def test_ctrl_c_stops_the_answer_not_the_chat(run, session):
 
         # Ctrl-C at the prompt discards the line and keeps the chat; Ctrl-D then ends it cleanly.
         child.send("half a line")
-        # Wait for readline's echo: CPython's input() only notices a SIGINT that lands while it waits
-        # in select(); one that lands while readline handles the typed keys is kept until the next key.
+        # Wait for readline's echo, then for the process to be back in select(): CPython's input()
+        # only notices a SIGINT that lands while it waits there; one that lands while readline still
+        # handles the typed keys is kept until the next key (a race a loaded machine loses).
         child.expect_exact("half a line")
+        _wait_for_input(child.pid)
         child.sendintr()
         child.expect_exact(PROMPT)
         assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
@@ -189,6 +192,29 @@ def test_ctrl_c_stops_the_answer_not_the_chat(run, session):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+WAITING = {"7", "23", "270", "271"}  # x86-64 poll, select, pselect6, ppoll: where readline waits for a key
+
+
+def _wait_for_input(pid: int, timeout: float = 10.0) -> None:
+    """Until process `pid` is blocked waiting for input (its current system call, from
+    /proc/PID/syscall, is one readline waits in), at most `timeout` seconds."""
+    import platform
+
+    if platform.machine() != "x86_64":  # other system call numbers: give readline time instead
+        time.sleep(1.0)
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            call = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        except (OSError, IndexError):
+            call = ""
+        if call in WAITING:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the chat (pid {pid}) did not go back to waiting for input within {timeout} s")
 
 
 def test_missing_run_is_a_clear_error(tmp_path):

@@ -29,12 +29,13 @@ class Adapter:
     meta: AdapterMeta | None  # None for the model being trained (generation checks during training)
     template: Template
     mixable: bool = True
-    """PEFT can mix it with other adapters per row (`adapter_names`): plain LoRA, not DoRA, and not a
-    model whose LoRA layers the training fast path replaced."""
+    """PEFT can mix it with other adapters per row (`adapter_names`): plain LoRA, not DoRA, not LoRA on
+    a mixture of experts' expert tensors (lora.experts), and not a model whose LoRA layers the
+    training fast path replaced."""
 
     @classmethod
     def from_meta(cls, name: str, path: Path, meta: AdapterMeta) -> "Adapter":
-        return cls(name, path, meta, meta.template, mixable=not meta.lora.use_dora)
+        return cls(name, path, meta, meta.template, mixable=not (meta.lora.use_dora or meta.lora.experts))
 
 
 @dataclass

@@ -137,7 +137,8 @@ class Engine:
 
         bad = [a.name for a in session.adapters.values() if not a.mixable]
         if bad:
-            raise LorakitError(f"adapter(s) {', '.join(bad)} cannot share a batch with other adapters (DoRA)",
+            raise LorakitError(f"adapter(s) {', '.join(bad)} cannot share a batch with other adapters "
+                               "(DoRA, or LoRA on expert tensors: PEFT runs those one adapter at a time)",
                                hint="merge them (lorakit merge) and serve the merged model on its own")
         self.session = session
         self.max_batch = max_batch
