@@ -128,6 +128,7 @@ def test_use_benchmark_runs_on_a_tiny_run(tmp_path, tiny_model_dir, capsys):
 
 
 # About a minute on 2 cores (two servers, four GGUF conversions): the one test of the llama.cpp peer.
+@pytest.mark.slow  # two servers (lorakit's and llama.cpp's) started and driven: about 40 s on 2 cores
 def test_serve_benchmark_runs_both_servers_end_to_end(tmp_path):
     """benchmarks/serve.py on a small random Llama with SmolLM2's tokenizer (llama.cpp converts it):
     both servers answer every request, and the figures it reports are the ones it measured."""
@@ -173,6 +174,7 @@ def test_processes_benchmark_trains_the_same_examples_both_ways(tmp_path):
     assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-3)  # step 1: the same examples, bf16
 
 
+@pytest.mark.slow  # two sweeps of worker processes: about 45 s on 2 cores
 def test_sweep_benchmark_runs_one_and_two_workers(tmp_path, tiny_model_dir):
     proc = subprocess.run([sys.executable, str(BENCH / "sweep.py"), "--trials", "2", "--steps", "2", "--model",
                            str(tiny_model_dir), "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
@@ -192,6 +194,7 @@ def test_busy_benchmark_trains_beside_a_busy_process(tmp_path):
     assert all(c["s_per_step"] > 0 for c in result["cases"])
 
 
+@pytest.mark.slow  # two training processes: about 30 s on 2 cores
 def test_memory_benchmark_runs_a_short_and_a_long_run(tmp_path, tiny_model_dir):
     cmd = [sys.executable, str(BENCH / "memory.py"), "--model", str(tiny_model_dir), "--steps", "1", "2",
            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
@@ -203,6 +206,7 @@ def test_memory_benchmark_runs_a_short_and_a_long_run(tmp_path, tiny_model_dir):
     assert summary["long_over_short_loop_peak"] == pytest.approx(ratio)
 
 
+@pytest.mark.slow  # the recipe and lorakit, each in its own process: about 50 s on 2 cores
 def test_recipe_in_random_order_sees_lorakits_steps(tmp_path, tiny_model_dir):
     """With the Trainer's random order (same seed) each optimizer step of the recipe holds the same
     16 examples as lorakit's (the same trained tokens per step; the guide's length-grouped order, the
@@ -302,6 +306,7 @@ def test_targets_runs_compare_and_keeps_its_summary(tmp_path, tiny_model_dir):
     assert result["verdict"] in ("missed", "undecided")  # one comparison of four can never be "met"
 
 
+@pytest.mark.slow  # TRL's DPO and lorakit's, each in its own process: about 30 s on 2 cores
 def test_dpo_benchmark_runs_both_sides_on_the_same_pairs(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "dpo.py"), "--model", str(tiny_model_dir), "--steps", "2",
@@ -318,6 +323,7 @@ def test_dpo_benchmark_runs_both_sides_on_the_same_pairs(tmp_path, tiny_model_di
     assert lk["reference_s"] > 0  # lorakit's one reference pass is timed and counted in its loop time
 
 
+@pytest.mark.slow  # TRL's GRPO and lorakit's, each in its own process: about 40 s on 2 cores
 def test_grpo_benchmark_runs_both_sides_on_the_same_prompts(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "grpo.py"), "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out)]

@@ -67,6 +67,7 @@ def test_the_budget_is_filled_in_rank_order_and_never_exceeded(f32):
     assert within(f32, "q4_k_m", ranked, sum(plain.values())) == frozenset()
 
 
+@pytest.mark.slow  # several quantized exports, each verified in llama.cpp: about a minute on 2 cores
 def test_max_size_writes_the_widest_mix_that_fits(base, tmp_path, capsys):  # noqa: F811
     """--gguf q4_k_m --max-size: a `-dynamic` file within the size, holding the plain mix with some
     tensors one type wider, checked in llama.cpp (the raised names in .verify.json); a size below
@@ -98,6 +99,7 @@ def test_max_size_writes_the_widest_mix_that_fits(base, tmp_path, capsys):  # no
     assert not list((tmp_path / "small").glob("*.gguf"))
 
 
+@pytest.mark.slow  # the candidates and a dynamic mix, each exported and verified: about a minute on 2 cores
 def test_auto_within_max_size_tries_the_dynamic_mix_last(base, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--gguf auto --max-size between q4_k_m and q8_0: q8_0 is never written, the plain mixes that fit
     come first, the dynamic q4_k_m last (the checks are faked to pass only it; the real ones run in
