@@ -47,10 +47,11 @@ def test_a_schema_2_run_folder_loads():
 
 def test_a_schema_2_meta_writes_back_the_same_json():
     """Schema 2 on disk is unchanged: what is read is written back as it was, plus the keys the
-    schema gained since the fixture was written, at their defaults (train.method: sft, train.best_by: null)."""
+    schema gained since the fixture was written, at their defaults (train.method: sft, train.best_by: null,
+    lora.experts: false)."""
     text = (FIXTURE / "adapter" / META_FILE).read_text(encoding="utf-8")
     written, old = json.loads(read_meta(FIXTURE / "adapter").to_json()), json.loads(text)
-    added = {"train": {"method": "sft", "best_by": None}}
+    added = {"train": {"method": "sft", "best_by": None}, "lora": {"experts": False}}
     for section, keys in added.items():
         assert {k: written[section].pop(k) for k in keys} == keys
     assert written == old

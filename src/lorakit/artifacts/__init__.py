@@ -9,7 +9,9 @@ stage needs only the run or adapter folder, so `lorakit.json` carries everything
 the adapter again: template, base model and its hash, data fingerprint, versions.
 
 One owner for each part: `paths` spells every file name (`RunPaths`), `atomic` is the one way a
-file or folder is published, `meta` is lorakit.json, `records` the JSONL logs and eval results.
+file or folder is published, `meta` is lorakit.json, `records` the JSONL logs and eval results,
+`compat` where an adapter's files will load (PEFT, vLLM, llama.cpp, Ollama), `lock` who is
+writing a run.
 """
 
 from lorakit.artifacts.atomic import (atomic_dir, atomic_file, atomic_write_json, atomic_write_text, fsync_dir,

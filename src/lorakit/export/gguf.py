@@ -287,14 +287,13 @@ def adapter_alpha(cfg: dict, adapter_dir: Path) -> float:
     """The `lora_alpha` to give llama.cpp, which scales every adapter by alpha / r.
 
     PEFT scales by alpha / r, or alpha / sqrt(r) with rsLoRA; alpha' = alpha * sqrt(r) makes
-    alpha' / r = alpha / sqrt(r).  Adapters llama.cpp cannot represent are refused."""
-    if cfg.get("use_dora"):
-        raise _refuse("use_dora", "a DoRA adapter rescales each weight column by a learned magnitude", adapter_dir)
-    if cfg.get("modules_to_save"):
-        raise _refuse("modules_to_save", f"full copies of {cfg['modules_to_save']} were trained", adapter_dir)
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            raise _refuse(key, f"per-module ranks/alphas {cfg[key]} differ from r / lora_alpha", adapter_dir)
+    alpha' / r = alpha / sqrt(r).  Adapters llama.cpp cannot represent are refused, by the rules
+    the compatibility table prints (`lorakit.artifacts.compat`)."""
+    from lorakit.artifacts.compat import llama_cpp_refusal
+
+    refusal = llama_cpp_refusal(cfg)
+    if refusal is not None:
+        raise _refuse(*refusal, adapter_dir)
     alpha, r = float(cfg["lora_alpha"]), int(cfg["r"])
     return alpha * math.sqrt(r) if cfg.get("use_rslora") else alpha
 

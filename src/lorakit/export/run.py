@@ -132,6 +132,9 @@ def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_onl
     _check_request(s, paths, adapter_dir, adapter_only=adapter_only, verify=verify)
     require_toolchain(runtime=verify)
     meta = read_meta(adapter_dir)
+    from lorakit.artifacts import compat
+
+    log(compat.format_table(compat.for_adapter(adapter_dir)))
     name = _slug(paths.root.name if is_run_adapter(adapter_dir) else adapter_dir.name)
     out_dir = Path(out) if out is not None else paths.export_dir
     if adapter_only:  # DoRA / modules_to_save / rank patterns: refused before any work

@@ -21,7 +21,7 @@ from transformers.integrations import TensorBoardCallback
 
 from lorakit import artifacts
 from lorakit import config as config_mod
-from lorakit.artifacts import AdapterMeta, RunPaths, lock
+from lorakit.artifacts import AdapterMeta, RunPaths, compat, lock
 from lorakit.config import Config
 from lorakit.data.collate import Collator, PackedCollator
 from lorakit.data.dataset import Prepared
@@ -389,6 +389,7 @@ def publish(f: Fitting, info, metrics: dict[str, Any], log: Callable[[str], None
             artifacts.save_adapter(f.model, f.tokenizer, f.paths.adapter,
                                    AdapterMeta.build(f.resolved.cfg, f.prepared, info, metrics))
             log(f"adapter saved to {f.paths.adapter}" + (f" (the step-{best['step']} evaluation's)" if best else ""))
+            log(compat.format_table(compat.for_adapter(f.paths.adapter)))
 
 
 def _best(f: Fitting, info, metrics: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
