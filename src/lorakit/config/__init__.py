@@ -124,6 +124,12 @@ class DataConfig:
         "way they are counted and reported.",
         "truncate",
     )
+    reasoning: Literal["train", "drop"] = _help(
+        "Assistant turns' reasoning (a `reasoning`, `reasoning_content` or `thinking` field, or a "
+        "<think>...</think> block the content starts with): 'train' renders and trains it with the "
+        "answer; 'drop' removes it, so the model learns to answer without it.",
+        "train",
+    )
     train_on_inputs: bool = _help(
         "Also train on prompt tokens. Off: loss only on responses (every assistant turn) and EOS.",
         False,

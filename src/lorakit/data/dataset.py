@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from lorakit.config import Config, DataConfig
-from lorakit.data.formats import detect_format, to_example
+from lorakit.data.formats import detect_format, drop_reasoning, to_example
 from lorakit.data.sources import read_rows
 from lorakit.data.templates import Template, resolve_template
 from lorakit.errors import DataError
@@ -148,6 +148,8 @@ def _encode_split(split: str, rows: list[Located], template: Template, tokenizer
                   stats: DataStats, lengths: list[int]) -> tuple[list[dict], list[dict], list[str]]:
     items, examples, wheres = [], [], []
     for example, where in rows:
+        if d.reasoning == "drop":
+            example = drop_reasoning(example)
         try:
             ids, labels = template.encode(tokenizer, example, d.train_on_inputs)
         except DataError as e:

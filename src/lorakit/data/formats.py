@@ -9,6 +9,7 @@ knows the file and line: a null `output` found during tokenization could only sa
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lorakit.errors import DataError
@@ -137,11 +138,21 @@ def _text(row: dict, where: str) -> Example:
 
 
 def _messages(row: dict, where: str) -> Example:
-    return {"messages": _check_turns(message_list(row, "messages", where, "messages"), where, "messages")}
+    example = {"messages": _check_turns(message_list(row, "messages", where, "messages"), where, "messages")}
+    if row.get("tools") is not None:
+        example["tools"] = tool_list(row["tools"], f"{where}, field 'tools'")
+    return example
+
+
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+"""Where chat data keeps an assistant turn's reasoning: OpenAI-style `reasoning`, DeepSeek's and
+vLLM's `reasoning_content`, Anthropic-style `thinking`; lorakit keeps it as `reasoning`."""
 
 
 def message_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
-    """`row[key]` as validated {role, content} turns; whether an assistant turn is needed is the caller's rule."""
+    """`row[key]` as validated turns: {role, content}, plus an assistant turn's `tool_calls` and
+    `reasoning` and a tool turn's `tool_call_id` / `name`; whether an assistant turn is needed is
+    the caller's rule."""
     turns = _turn_list(row, key, where, fmt)
     out = []
     for i, turn in enumerate(turns):
@@ -155,8 +166,87 @@ def message_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
                 hint=f"use one of {', '.join(ROLES)}",
                 where=f"{at}.role'",
             )
-        out.append({"role": role, "content": _content(turn.get("content"), f"{at}.content'", role)})
+        message: dict[str, Any] = {"role": role}
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        if calls:
+            message["tool_calls"] = _tool_calls(calls, f"{at}.tool_calls")
+        content = turn.get("content")
+        message["content"] = "" if calls and content is None else _content(content, f"{at}.content'", role,
+                                                                           empty_ok=bool(calls))
+        if role == "assistant":
+            for k in REASONING_KEYS:
+                if turn.get(k) is not None:
+                    message["reasoning"] = _content(turn[k], f"{at}.{k}'", "reasoning")
+                    break
+        if role == "tool":
+            for k in ("tool_call_id", "name"):
+                if isinstance(turn.get(k), str):
+                    message[k] = turn[k]
+        out.append(message)
     return out
+
+
+def _tool_calls(calls: Any, at: str) -> list[dict]:
+    """OpenAI's `tool_calls`, each as {type: function, [id], function: {name, arguments}} with the
+    arguments as an object (OpenAI sends them as a JSON string; templates print them as JSON)."""
+    if not isinstance(calls, list):
+        raise DataError(f"expected a list of tool calls, got {type(calls).__name__} {_short(calls)}",
+                        hint='[{"type": "function", "function": {"name": "get_order", "arguments": {"id": 5}}}]',
+                        where=f"{at}'")
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{at}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError("a tool call needs function.name", where=f"{here}'",
+                            hint='{"type": "function", "function": {"name": "get_order", "arguments": {"id": 5}}}')
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise DataError(f"arguments are not JSON ({e.msg} at character {e.pos})",
+                                hint="give the arguments as a JSON object (or a string holding one)",
+                                where=f"{here}.function.arguments'") from None
+        if not isinstance(args, dict):
+            raise DataError(f"arguments must be an object, got {type(args).__name__}", where=f"{here}.function.arguments'",
+                            hint='"arguments": {"id": 5}')
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def tool_list(tools: Any, at: str) -> list[dict]:
+    """A row's (or request's) `tools`: OpenAI function tools, {type: function, function: {name, ...}}."""
+    if not isinstance(tools, list):
+        raise DataError(f"expected a list of tools, got {type(tools).__name__} {_short(tools)}", where=at,
+                        hint='"tools": [{"type": "function", "function": {"name": "get_order", "parameters": {...}}}]')
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError("a tool needs function.name", where=f"{at[:-1]}[{j}]'" if at.endswith("'") else f"{at}[{j}]",
+                            hint='{"type": "function", "function": {"name": "get_order", "description": "...", '
+                                 '"parameters": {"type": "object", ...}}}')
+    return tools
+
+
+_THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.S)
+
+
+def drop_reasoning(example: Example) -> Example:
+    """`example` without its assistant turns' reasoning (data.reasoning: drop): the `reasoning`
+    field, and a <think>...</think> block the content starts with."""
+    if "messages" not in example:
+        return example
+    messages = []
+    for m in example["messages"]:
+        if m["role"] == "assistant":
+            m = {k: v for k, v in m.items() if k != "reasoning"}
+            m["content"] = _THINK.sub("", m["content"], count=1)
+        messages.append(m)
+    return {**example, "messages": messages}
 
 
 def _sharegpt(row: dict, where: str) -> Example:
@@ -193,7 +283,7 @@ def _turn_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
     return turns
 
 
-def _content(value: Any, at: str, role: str) -> str:
+def _content(value: Any, at: str, role: str, empty_ok: bool = False) -> str:
     """Turn content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
@@ -204,8 +294,9 @@ def _content(value: Any, at: str, role: str) -> str:
             hint="give the turn's content as a string (only text parts are supported)",
             where=at,
         )
-    if role == "assistant" and not value.strip():
-        raise DataError("empty assistant turn", hint="give the assistant turn text or remove it", where=at)
+    if role == "assistant" and not value.strip() and not empty_ok:
+        raise DataError("empty assistant turn", hint="give the assistant turn text (or tool_calls) or remove it",
+                        where=at)
     return value
 
 

@@ -60,9 +60,37 @@ ALPACA = (
     "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
 )
 
+# ChatML, with the Hermes conventions Qwen2.5/3 and most tool-tuned models use for tools: the
+# functions as JSON lines inside <tools> in the system turn, each call as a JSON object inside
+# <tool_call> tags in the assistant turn, each result inside <tool_response> in a user turn, and an
+# assistant turn's reasoning first, inside <think>. A conversation without any of these renders
+# exactly as plain ChatML.
 CHATML = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call these functions (JSON Schema):\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call one, answer with a JSON object per call inside <tool_call></tool_call> tags:\\n"
+    "<tool_call>\\n{\"name\": <function name>, \"arguments\": <JSON object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if message.get('reasoning') -%}{{- '<think>\\n' + message['reasoning'] + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- message['content'] -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- if message['content'] or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
@@ -95,8 +123,8 @@ class Template:
 
     # ----------------------------------------------------------------------- rendering
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._render(self._normalize(messages), add_generation_prompt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        return self._render(self._normalize(messages), add_generation_prompt, tools)
 
     def _normalize(self, messages: list[dict]) -> list[dict]:
         """Apply the system prompt, and fold alpaca's `input` into the content for templates without an Input block."""
@@ -110,10 +138,11 @@ class Template:
                     m["content"] = f"{m['content']}\n\n{extra}"
         return out
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         try:
             return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token)
+                                                bos_token=self.bos_token, eos_token=self.eos_token,
+                                                tools=tools or None)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
             raise DataError(
                 f"template '{self.name}' cannot render this conversation: {type(e).__name__}: {e}",
@@ -162,7 +191,7 @@ class Template:
         if last is None:
             raise DataError("no assistant turn: nothing to train on", hint="add an assistant turn")
         # Turns after the last response teach nothing and would only cost tokens.
-        spans = self._spans(messages[: last + 1], tokenizer)
+        spans = self._spans(messages[: last + 1], tokenizer, tools=example.get("tools"))
         ids = self._bos(tokenizer, spans[0][0])
         labels = list(ids) if train_on_inputs else [-100] * len(ids)
         last_trained: list[int] = []
@@ -177,16 +206,19 @@ class Template:
             labels.append(eos)
         return ids, labels
 
-    def encode_prompt(self, tokenizer: Any, messages: list[dict]) -> list[int]:
+    def encode_prompt(self, tokenizer: Any, messages: list[dict], tools: list | None = None) -> list[int]:
         """The conversation plus an open assistant turn, with `encode`'s span boundaries."""
-        spans = self._spans(self._normalize(messages), tokenizer, open_turn=True)
+        spans = self._spans(self._normalize(messages), tokenizer, open_turn=True, tools=tools)
         ids = self._bos(tokenizer, spans[0][0] if spans else "")
         for text, _ in spans:
             ids += _tokenize(tokenizer, text)
         return ids
 
-    def _spans(self, messages: list[dict], tokenizer: Any, open_turn: bool = False) -> list[tuple[str, bool]]:
-        """Split the rendered conversation into (text, trained) spans; adjacent untrained spans merge."""
+    def _spans(self, messages: list[dict], tokenizer: Any, open_turn: bool = False,
+               tools: list | None = None) -> list[tuple[str, bool]]:
+        """Split the rendered conversation into (text, trained) spans; adjacent untrained spans merge.
+        An assistant turn is trained whole: its reasoning, text and tool calls; what comes between
+        (the tools' descriptions, users, tool results) is not."""
         spans: list[tuple[str, bool]] = []
 
         def add(text: str, trained: bool) -> None:
@@ -201,8 +233,8 @@ class Template:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._render(messages[:i], True)
-            full = self._render(messages[: i + 1], False)
+            prompt = self._render(messages[:i], True, tools)
+            full = self._render(messages[: i + 1], False, tools)
             self._require_prefix(done, prompt)
             self._require_prefix(prompt, full)
             add(prompt[len(done):], False)
@@ -211,7 +243,7 @@ class Template:
             add(tail, False)
             done = full
         if open_turn:
-            prompt = self._render(messages, True)
+            prompt = self._render(messages, True, tools)
             self._require_prefix(done, prompt)
             add(prompt[len(done):], False)
         return spans
