@@ -196,7 +196,9 @@ def test_errors_are_openai_shaped(server, client):
     assert e.value.body["code"] == "model_not_found"
     # 400 unsupported parameters, named
     for kwargs, param in (({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                          ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                          ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                           "tool_choice"),
+                          ({"tools": [{"type": "function", "function": {}}]}, "tools"),
                           ({"response_format": {"type": "json_object"}}, "response_format"),
                           ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
         with pytest.raises(openai.BadRequestError) as e:

@@ -128,3 +128,92 @@ def test_lorakit_data_shows_the_masked_tool_call(tmp_path, tiny_model_dir):
                                                                 "max_length": 512, "val_fraction": 0.0})
     text = data_report(config.from_dict(cfg))
     assert "get_order" in text and "tool_call" in text and "4" in text
+
+
+# --------------------------------------------------------------------------- served
+
+SHORT_TOOLS = [{"type": "function", "function": {"name": "get_order"}}]
+SERVED = {"tools": SHORT_TOOLS, "messages": ROW["messages"][1:]}
+"""ROW without its system turn and with a one-line tool: short enough for a tiny model to learn
+to write the call, and its stop, in a few hundred steps."""
+
+
+def test_parse_calls_reads_hermes_calls_and_leaves_anything_else_as_text():
+    from lorakit.infer.tools import held_back, parse_calls, tool_format
+    from lorakit.data.templates import CHATML
+
+    assert tool_format(CHATML) == "hermes" and tool_format("{{ messages }}") is None
+    text, calls = parse_calls('Let me look.\n<tool_call>\n{"name": "get_order", "arguments": {"id": 5}}\n</tool_call>')
+    assert text == "Let me look." and [c["function"] for c in calls] == [{"name": "get_order", "arguments": '{"id": 5}'}]
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    two = parse_calls('<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b"}</tool_call>')
+    assert two[0] is None and [c["function"]["name"] for c in two[1]] == ["a", "b"]
+    for not_a_call in ("no call here", "<tool_call>{not json}</tool_call>", '<tool_call>["a"]</tool_call>'):
+        assert parse_calls(not_a_call) == (not_a_call, [])
+    assert [held_back(t) for t in ("abc", "abc<", "abc<tool_c", "<tool_call")] == [0, 1, 7, 10]
+
+
+@pytest.fixture(scope="module")
+def caller(tmp_path_factory):
+    """A run trained until it answers ROW's question with ROW's tool call (and, given the result,
+    with its answer): a model that really writes calls, for the server to read back. Its context is
+    1,024 positions (the tests' 400-token vocabulary spends many tokens on JSON), and its tokenizer
+    has no pad token: the shared tiny model's pad is its EOS, and transformers zeroes the padding
+    row of the (tied) embedding, so that model's EOS logit is stuck at 0, which a LoRA cannot move
+    and a call's end needs to win."""
+    from conftest import build_tiny_model
+
+    from lorakit import config
+    from lorakit.train.run import train
+
+    tmp = tmp_path_factory.mktemp("caller")
+    model = build_tiny_model(tmp / "model", max_position_embeddings=1024, pad_is_eos=False)
+    data = write_jsonl(tmp / "calls.jsonl", [SERVED] * 8)
+    cfg = tiny_config(tmp, model, "caller", data={"train": [str(data)], "template": "chatml",
+                                                            "max_length": 1024, "val_fraction": 0.0},
+                      lora={"r": 16, "alpha": 32, "dropout": 0.0}, train={"max_steps": 150, "lr": 1e-2})
+    return train(config.from_dict(cfg), log=lambda s: None, progress=False)
+
+
+def test_the_server_reads_the_models_tool_call_back_into_tool_calls(caller):
+    """/v1/chat/completions with `tools`, through the real `openai` client: the tools reach the
+    prompt, the trained model's call comes back in `tool_calls` (finish_reason tool_calls), streamed
+    or not; sent back with the tool's result, the next answer is text."""
+    import openai
+    from test_serve_app import running
+
+    from lorakit import infer
+    from lorakit.serve.app import Limits, create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.registry import Registry
+
+    session = infer.load_session([caller / "adapter"], log=lambda *_: None)
+    name = next(iter(session.adapters))
+    engine = Engine(session, log=lambda *_: None)
+    app = create_app(engine, Registry(engine), api_key=None, limits=Limits(max_tokens_cap=400, timeout_s=120))
+    question = SERVED["messages"][:1]
+    with running(app, engine) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=name, messages=question, tools=SHORT_TOOLS, max_tokens=200, temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_order" and json.loads(call.function.arguments) == {"id": 12345}
+        assert choice.message.reasoning_content == "I must look it up first." and choice.message.content is None
+        # streamed: the same call, as one tool_calls delta, and no <tool_call> text leaked as content
+        chunks = list(client.chat.completions.create(model=name, messages=question, tools=SHORT_TOOLS, max_tokens=200,
+                                                     temperature=0, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+        assert "<tool_call>" not in content and [d.function.name for d in deltas] == ["get_order"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the call and its result sent back: the model answers in text
+        follow = question + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()],
+                              "reasoning_content": choice.message.reasoning_content},
+                             {"role": "tool", "tool_call_id": call.id, "content": ROW["messages"][3]["content"]}]
+        r = client.chat.completions.create(model=name, messages=follow, tools=SHORT_TOOLS, max_tokens=100, temperature=0)
+        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+        assert r.choices[0].message.content == "Order 12345 has shipped."
+        # without tools the same model's answer is plain text, unparsed
+        r = client.chat.completions.create(model=name, messages=question, max_tokens=200, temperature=0)
+        assert not r.choices[0].message.tool_calls

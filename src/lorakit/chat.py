@@ -31,11 +31,13 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 from lorakit.config import ChatConfig
 from lorakit.errors import LorakitError
-from lorakit.infer import Sampling, Session, generate
+
+if TYPE_CHECKING:  # importing lorakit.infer imports torch, which starts a thread: see interrupts_reach_this_thread
+    from lorakit.infer import Sampling, Session
 
 PROMPT = "you> "
 TUNED, BASE = "tuned: ", "base: "
@@ -145,6 +147,28 @@ def _reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str]:
 
 
 @contextmanager
+def interrupts_reach_this_thread() -> Iterator[None]:
+    """Import torch and load the model inside: SIGINT is blocked in this thread while inside, so every
+    thread started here inherits the block (importing torch starts one; its worker pool is started
+    here by a first parallel product, if loading did not), and
+    unblocked in this thread alone on the way out. The terminal's Ctrl-C is sent to the process, and
+    the kernel may hand it to any thread that does not block it: handled in a worker thread, it set
+    Python's flag without interrupting the main thread's wait for a key in readline, so a Ctrl-C at
+    the prompt was only noticed at the next key (seen in CI on a loaded machine)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+        import torch
+
+        torch.ones(256, 256) @ torch.ones(256, 256)  # starts the intra-op pool, if loading did not
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextmanager
 def _interrupt_sets(event: threading.Event) -> Iterator[None]:
     """While inside: Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt.
     Signal handlers can only be set from the main thread; elsewhere the caller sets `event` itself."""
@@ -233,6 +257,12 @@ def _command(line: str, conv: Conversation, say: Callable[[str], None]) -> str |
     return None
 
 
+def _generate(*args, **kwargs):
+    from lorakit.infer import generate
+
+    return generate(*args, **kwargs)
+
+
 def _turn(text: str, conv: Conversation, sampling: Sampling, say: Callable[[str], None]) -> None:
     """Answer one message: fit the history, stream the answer, record it (or not, when stopped)."""
     dropped, too_long = conv.ask(text)
@@ -256,7 +286,7 @@ def _turn(text: str, conv: Conversation, sampling: Sampling, say: Callable[[str]
     say(TUNED if conv.use_adapter else BASE)
     try:
         with _interrupt_sets(stop):
-            done = generate(conv.session, conv.messages(), sampling, stream=emit, use_adapter=conv.use_adapter,
+            done = _generate(conv.session, conv.messages(), sampling, stream=emit, use_adapter=conv.use_adapter,
                             stop=stop)
     except LorakitError as e:
         conv.turns.pop()

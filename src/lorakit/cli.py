@@ -156,12 +156,15 @@ def cmd_chat(args) -> int:
     from lorakit.artifacts import find_adapter_dir
 
     find_adapter_dir(args.run)  # a wrong path fails before the slow model import
-    from lorakit.chat import chat
+    from lorakit.chat import chat, interrupts_reach_this_thread
     from lorakit.config import ChatConfig
-    from lorakit.infer import load_session
 
     settings = _settings(args, ChatConfig)
-    return chat(load_session(args.run, settings), settings, title=args.run)
+    with interrupts_reach_this_thread():  # before torch is imported: its threads must not take Ctrl-C
+        from lorakit.infer import load_session
+
+        session = load_session(args.run, settings)
+    return chat(session, settings, title=args.run)
 
 
 def cmd_doctor(args) -> int:

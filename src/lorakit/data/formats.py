@@ -169,7 +169,7 @@ def message_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
         message: dict[str, Any] = {"role": role}
         calls = turn.get("tool_calls") if role == "assistant" else None
         if calls:
-            message["tool_calls"] = _tool_calls(calls, f"{at}.tool_calls")
+            message["tool_calls"] = parse_tool_calls(calls, f"{at}.tool_calls")
         content = turn.get("content")
         message["content"] = "" if calls and content is None else _content(content, f"{at}.content'", role,
                                                                            empty_ok=bool(calls))
@@ -186,7 +186,7 @@ def message_list(row: dict, key: str, where: str, fmt: str) -> list[dict]:
     return out
 
 
-def _tool_calls(calls: Any, at: str) -> list[dict]:
+def parse_tool_calls(calls: Any, at: str) -> list[dict]:
     """OpenAI's `tool_calls`, each as {type: function, [id], function: {name, arguments}} with the
     arguments as an object (OpenAI sends them as a JSON string; templates print them as JSON)."""
     if not isinstance(calls, list):

@@ -35,10 +35,17 @@ def validate_messages(obj: Any, where: str) -> list[dict]:
         if m["role"] not in ROLES:
             raise LorakitError(f"'role' is {m['role']!r}, not one of {', '.join(ROLES)}", where=at,
                                hint="use 'user' for the person asking, 'assistant' for the model")
+        m = dict(m)
+        if m["role"] == "assistant" and m.get("tool_calls"):  # an earlier call of the model, sent back
+            from lorakit.data.formats import parse_tool_calls
+
+            m["tool_calls"] = parse_tool_calls(m["tool_calls"], f"{where}, field 'messages[{i}].tool_calls")
+            if m["content"] is None:
+                m["content"] = ""
         if not isinstance(m["content"], str):
             raise LorakitError(f"'content' must be a string, got {type(m['content']).__name__}", where=at,
                                hint="put the message text in 'content' as one string")
-        out.append(dict(m))
+        out.append(m)
     if out[-1]["role"] not in ("user", "tool"):
         raise LorakitError(f"the last message is from '{out[-1]['role']}': there is nothing to answer",
                            where=f"{where} message {len(out) - 1}", hint="end the conversation with a user message")

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import LorakitError
+from lorakit.infer.tools import OPEN, held_back, parse_calls, split_reasoning, tool_format
 from lorakit.serve.engine import EngineClosed, GenRequest, QueueFull
 from lorakit.serve.protocol import (ApiError, Body, ChatBody, CompletionBody, Limits, LoadBody, UnloadBody,
                                     chat_answer, chat_chunk, chat_messages, completion_answer, completion_chunk,
-                                    error_response, sse, stops, unsupported, usage)
+                                    error_response, request_tools, sse, stops, unsupported, usage)
 from lorakit.serve.registry import AdapterInUse, AdapterNotFound, PathRefused
 
 
@@ -109,14 +110,20 @@ class _Server:
         unsupported(body)
         name = self.resolve(body.model)
         template = self.registry.template(name)
-        prompt_ids = template.encode_prompt(self.tok, chat_messages(body.messages))
+        tools = request_tools(body)
+        prompt_ids = template.encode_prompt(self.tok, chat_messages(body.messages), tools=tools)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         handle = self.submit(name, prompt_ids, body, self.budget(prompt_ids, asked), template.stop_token_ids(self.tok))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
+        calls = tools is not None and tool_format(template.source) is not None  # read calls back out of the answer
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return _stream(handle, chat_chunk(rid, body.model, include_usage), include_usage)
+            return _stream(handle, chat_chunk(rid, body.model, include_usage), include_usage, calls=calls)
         text, ev = await _collect(request, handle)
+        if calls:
+            reasoning, text = split_reasoning(text)
+            text, found = parse_calls(text or "")
+            return chat_answer(rid, body.model, text, ev, found, reasoning)
         return chat_answer(rid, body.model, text, ev)
 
     async def completions(self, request: Request):
@@ -186,25 +193,44 @@ async def _collect(request: Request, handle):
     raise RuntimeError("the engine's stream ended without a final event")
 
 
-def _stream(handle, chunk, include_usage: bool) -> StreamingResponse:
-    """SSE: `data: {json}` per delta, `data: [DONE]` at the end, written raw."""
+def _stream(handle, chunk, include_usage: bool, *, calls: bool = False) -> StreamingResponse:
+    """SSE: `data: {json}` per delta, `data: [DONE]` at the end, written raw. With `calls`, text is
+    streamed until a tool call begins (a possible start of its marker is held back); the calls are
+    sent at the end, whole, as one `tool_calls` delta (finish_reason 'tool_calls')."""
 
     async def events():
         done = False
+        text, sent = "", 0  # with calls: the whole answer so far, and how much of it went out as content
         try:
             first = chunk(None, None)
             if first is not None:
                 yield sse(first)
             async for ev in handle:
-                if ev.text:
+                if ev.text and not calls:
                     yield sse(chunk(ev.text, None))
+                elif ev.text:
+                    text += ev.text
+                    if OPEN not in text:
+                        upto = len(text) - held_back(text)
+                        if upto > sent:
+                            yield sse(chunk(text[sent:upto], None))
+                            sent = upto
                 if ev.finish_reason is not None:
                     done = True
                     if ev.finish_reason == "error":
                         yield sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                              "param": None, "code": None}})
                     else:
-                        yield sse(chunk(None, ev.finish_reason))
+                        reason = ev.finish_reason
+                        if calls:
+                            rest, found = parse_calls(text)
+                            if found:
+                                deltas = [{"index": i, **c} for i, c in enumerate(found)]
+                                yield sse(_with_delta(chunk(None, None), {"tool_calls": deltas}))
+                                reason = "tool_calls" if reason == "stop" else reason
+                            elif len(text) > sent:
+                                yield sse(chunk(text[sent:], None))
+                        yield sse(chunk(None, reason))
                         if include_usage:
                             yield sse({**chunk(None, None, empty=True), "usage": usage(ev)})
                     break
@@ -215,6 +241,12 @@ def _stream(handle, chunk, include_usage: bool) -> StreamingResponse:
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _with_delta(chunk: dict, delta: dict) -> dict:
+    """An opening-shaped chunk turned into one carrying `delta`."""
+    chunk["choices"][0]["delta"] = delta
+    return chunk
 
 
 def create_app(engine, registry, *, api_key: str | None, limits: Limits | None = None) -> FastAPI:

@@ -83,7 +83,11 @@ def unsupported(body: Body) -> None:
     extra = body.model_extra or {}
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
-    for key in ("tools", "tool_choice", "functions", "function_call", "suffix", "logit_bias", "top_logprobs",
+    choice = extra.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: only 'auto' and 'none' are supported (lorakit does not force a call)",
+                       param="tool_choice", code="unsupported_parameter")
+    for key in ("functions", "function_call", "suffix", "logit_bias", "top_logprobs",
                 "audio", "modalities", "prediction"):
         if extra.get(key) not in (None, [], {}):
             raise ApiError(400, f"'{key}' is not supported by lorakit serve", param=key, code="unsupported_parameter")
@@ -121,7 +125,11 @@ def chat_messages(raw: list[dict]) -> list[dict]:
                 raise ApiError(400, f"message {i}: only text content parts are supported",
                                param=f"messages.{i}.content")
             m["content"] = "".join(p["text"] for p in c)
-        out.append({k: v for k, v in m.items() if k in ("role", "content")})
+        kept = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+        reasoning = m.get("reasoning_content", m.get("reasoning"))
+        if m.get("role") == "assistant" and isinstance(reasoning, str) and reasoning:
+            kept["reasoning"] = reasoning  # an earlier answer's reasoning, sent back: rendered as trained
+        out.append(kept)
     try:
         return infer.validate_messages(out, "messages")
     except LorakitError as e:
@@ -183,10 +191,31 @@ def completion_chunk(rid: str, model: str, include_usage: bool):
     return chunk
 
 
-def chat_answer(rid: str, model: str, text: str, ev) -> dict:
+def request_tools(body) -> list[dict] | None:
+    """The request's `tools` (validated), or None when there are none or tool_choice is 'none'."""
+    extra = body.model_extra or {}
+    tools = extra.get("tools")
+    if not tools or extra.get("tool_choice") == "none":
+        return None
+    from lorakit.data.formats import tool_list
+
+    try:
+        return tool_list(tools, "tools")
+    except LorakitError as e:
+        raise ApiError(400, e.render(), param="tools") from None
+
+
+def chat_answer(rid: str, model: str, text: str, ev, calls: list[dict] | None = None,
+                reasoning: str | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning  # vLLM's and DeepSeek's field
+    reason = finished(ev)
+    if calls:
+        message["tool_calls"] = calls
+        reason = "tool_calls" if reason == "stop" else reason
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finished(ev), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
             "usage": usage(ev)}
 
 
