@@ -336,3 +336,17 @@ def test_grpo_benchmark_runs_both_sides_on_the_same_prompts(tmp_path, tiny_model
         assert len(side["rewards"]) == 2 and all(0 <= r <= 1.2 for r in side["rewards"])
         assert side["answer_tokens"] > 0
     assert lk["rollout_s"] > 0 and lk["update_s"] > 0
+
+
+@pytest.mark.slow  # four tiny trainings in one process: about 20 s on 2 cores
+def test_families_benchmark_trains_each_family_both_ways_to_the_same_losses(tmp_path):
+    cmd = [sys.executable, str(BENCH / "families.py"), "--steps", "2", "--hidden", "64", "--layers", "2",
+           "--families", "llama", "gemma2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(summary["families"]) == ["gemma2", "llama"]
+    for row in summary["families"].values():
+        # the same examples in the same order, fp32: the fast path's losses are the plain path's
+        assert row["max_loss_diff"] < 1e-4 and row["fast_tps"] > 0 and row["plain_tps"] > 0
+        assert row["speedup"] == pytest.approx(row["fast_tps"] / row["plain_tps"], abs=0.01)
