@@ -55,12 +55,9 @@ def _lora_model(model_dir, seed: int = 0):
 
 
 def _examples(vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for n, prompt in LENGTHS:
-        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return out
+    from test_speed import _examples as examples
+
+    return examples(vocab, LENGTHS)
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
