@@ -64,10 +64,10 @@ def session(run):
     return load_session(run, log=lambda s: None)
 
 
-def spawn(run: Path, *args: str, wait: bool = True):
+def spawn(run: Path, *args: str, wait: bool = True, preexec_fn=None):
     env = dict(os.environ, PYTHONPATH=str(Path(lorakit.__file__).parents[1]), TERM="xterm")
     child = pexpect.spawn(sys.executable, ["-m", "lorakit", "chat", str(run), *args], env=env, cwd=str(run.parent),
-                          encoding="utf-8", timeout=ANSWER, dimensions=(24, 1000))
+                          encoding="utf-8", timeout=ANSWER, dimensions=(24, 1000), preexec_fn=preexec_fn)
     if wait:
         child.expect_exact(PROMPT, timeout=START)
     return child
@@ -215,6 +215,26 @@ def _wait_for_input(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"the chat (pid {pid}) did not go back to waiting for input within {timeout} s")
+
+
+def test_ctrl_c_at_the_prompt_works_in_a_chat_started_with_sigint_ignored(run):
+    """A shell's background job (`cmd &`, nohup) starts with SIGINT ignored, and Python keeps it so:
+    the chat still takes Ctrl-C at the prompt (this is how the test suite itself is often run)."""
+    import signal
+
+    child = spawn(run, "--greedy", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        child.send("half a line")
+        child.expect_exact("half a line")
+        _wait_for_input(child.pid)
+        child.sendintr()
+        child.expect_exact(PROMPT, timeout=30)
+        assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 def test_missing_run_is_a_clear_error(tmp_path):

@@ -204,6 +204,28 @@ def chat(session: Session, settings: ChatConfig, *, stdin: TextIO | None = None,
         f"answers up to {settings.max_new_tokens} tokens)\n/help lists the commands; Ctrl-C stops an answer; "
         f"/exit or Ctrl-D quits\n")
     read = _reader(stdin, stdout)
+    with _ctrl_c_raises():
+        return _loop(read, conv, settings, say)
+
+
+@contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt at the prompt even in a chat started with SIGINT ignored:
+    a shell's background job (`cmd &`, nohup) inherits SIGINT ignored, and Python then leaves it so,
+    which made a Ctrl-C at the prompt do nothing (an answer's Ctrl-C worked: `_interrupt_sets`
+    installs its own handler)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL, None):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _loop(read, conv: "Conversation", settings: ChatConfig, say: Callable[[str], None]) -> int:
     interrupted = False  # the previous prompt ended with Ctrl-C
     while True:
         try:
