@@ -177,21 +177,26 @@ def test_ctrl_c_stops_the_answer_not_the_chat(run, session):
         out, answer, _ = ask(child, "hello " * 120)
         assert answer is None and "Nothing was generated" in out and "only 100 fit" in out
 
-        # Ctrl-C at the prompt discards the line and keeps the chat; Ctrl-D then ends it cleanly.
-        child.send("half a line")
-        # Wait for readline's echo, then for the process to be back in select(): CPython's input()
-        # only notices a SIGINT that lands while it waits there; one that lands while readline still
-        # handles the typed keys is kept until the next key (a race a loaded machine loses).
-        child.expect_exact("half a line")
-        _wait_for_input(child.pid)
-        child.sendintr()
-        child.expect_exact(PROMPT)
-        assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
-        child.sendeof()
-        child.expect(pexpect.EOF)
+        _ctrl_c_at_the_prompt_then_ctrl_d(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def _ctrl_c_at_the_prompt_then_ctrl_d(child, timeout: float = -1) -> None:
+    """Ctrl-C at the prompt discards the half-typed line and keeps the chat; Ctrl-D then ends it.
+    `timeout` for the prompt to come back (-1: the child's own, ANSWER)."""
+    child.send("half a line")
+    # Wait for readline's echo, then for the process to be back in select(): CPython's input()
+    # only notices a SIGINT that lands while it waits there; one that lands while readline still
+    # handles the typed keys is kept until the next key (a race a loaded machine loses).
+    child.expect_exact("half a line")
+    _wait_for_input(child.pid)
+    child.sendintr()
+    child.expect_exact(PROMPT, timeout=timeout)
+    assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
 
 
 WAITING = {"7", "23", "270", "271"}  # x86-64 poll, select, pselect6, ppoll: where readline waits for a key
@@ -224,14 +229,7 @@ def test_ctrl_c_at_the_prompt_works_in_a_chat_started_with_sigint_ignored(run):
 
     child = spawn(run, "--greedy", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        child.send("half a line")
-        child.expect_exact("half a line")
-        _wait_for_input(child.pid)
-        child.sendintr()
-        child.expect_exact(PROMPT, timeout=30)
-        assert "(Ctrl-C again, Ctrl-D or /exit to quit)" in child.before
-        child.sendeof()
-        child.expect(pexpect.EOF)
+        _ctrl_c_at_the_prompt_then_ctrl_d(child, timeout=30)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0

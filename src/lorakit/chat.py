@@ -152,9 +152,10 @@ def interrupts_reach_this_thread() -> Iterator[None]:
     thread started here inherits the block (importing torch starts one; its worker pool is started
     here by a first parallel product, if loading did not), and
     unblocked in this thread alone on the way out. The terminal's Ctrl-C is sent to the process, and
-    the kernel may hand it to any thread that does not block it: handled in a worker thread, it set
+    the kernel may hand it to any thread that does not block it: handled in a worker thread, it sets
     Python's flag without interrupting the main thread's wait for a key in readline, so a Ctrl-C at
-    the prompt was only noticed at the next key (seen in CI on a loaded machine)."""
+    the prompt would only be noticed at the next key. (The failures the Ctrl-C test showed in CI
+    were another cause: SIGINT inherited ignored, see `_ctrl_c_raises`.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

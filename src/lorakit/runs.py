@@ -164,6 +164,11 @@ def list_runs(folder: str | Path = "runs", inside: Callable[[Path], bool] = lamb
     return [r for g in groups for r in g]
 
 
+def date_text(modified: float) -> str:
+    """A row's date as `lorakit runs` and the studio show it: local time, to the minute."""
+    return datetime.datetime.fromtimestamp(modified).strftime("%Y-%m-%d %H:%M")
+
+
 def _f(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -174,7 +179,7 @@ def format_runs(rows: list[SweepRow | RunRow]) -> str:
     head = ("name", "base", "template", "steps", "train loss", "eval loss", "exact match", "date")
     table = [head]
     for r in rows:
-        date = datetime.datetime.fromtimestamp(r.modified).strftime("%Y-%m-%d %H:%M")
+        date = date_text(r.modified)
         if isinstance(r, SweepRow):
             status = "unreadable sweep" if r.unreadable else f"sweep{' running' if r.state == 'running' else ''}: " \
                 f"{r.trials} trials"
@@ -191,4 +196,5 @@ def format_runs(rows: list[SweepRow | RunRow]) -> str:
     return "\n".join(text_columns(table, indent=""))
 
 
-__all__ = ["RunRow", "STATES", "SweepRow", "format_runs", "list_runs", "run_row", "run_state", "sweep_rows"]
+__all__ = ["RunRow", "STATES", "SweepRow", "date_text", "format_runs", "list_runs", "run_row", "run_state",
+           "sweep_rows"]

@@ -20,7 +20,7 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """vLLM's allowed `--max-lora-rank` values (vllm.config.lora.MaxLoRARanks); its default is 16."""
 VLLM_DEFAULT_RANK = 16
 
-MERGE = "lorakit merge RUN --out DIR"
+MERGE_FOR_VLLM = "lorakit merge RUN --out DIR, then serve DIR with vLLM"
 MERGED_GGUF = "lorakit export RUN --gguf TYPE (the merged model, without --adapter-only)"
 
 
@@ -38,6 +38,10 @@ def _experts(cfg: dict[str, Any]) -> list[str]:
     return list(cfg.get("target_parameters") or [])
 
 
+def _trains_bias(cfg: dict[str, Any]) -> bool:
+    return bool(cfg.get("lora_bias")) or cfg.get("bias", "none") != "none"
+
+
 def llama_cpp_refusal(cfg: dict[str, Any]) -> tuple[str, str] | None:
     """(adapter_config.json key, why) when llama.cpp's LoRA GGUF cannot express this adapter."""
     if cfg.get("use_dora"):
@@ -49,7 +53,7 @@ def llama_cpp_refusal(cfg: dict[str, Any]) -> tuple[str, str] | None:
             return key, f"per-module ranks/alphas {cfg[key]} differ from r / lora_alpha"
     if _experts(cfg):
         return "target_parameters", f"LoRA on expert tensors ({', '.join(_experts(cfg))}) is not a linear layer's"
-    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
+    if _trains_bias(cfg):
         return "bias", "trained biases are not LoRA matrices"
     return None
 
@@ -57,21 +61,20 @@ def llama_cpp_refusal(cfg: dict[str, Any]) -> tuple[str, str] | None:
 def _vllm(cfg: dict[str, Any]) -> Target:
     name = "vLLM (--enable-lora)"
     if cfg.get("use_dora"):
-        return Target(name, "no", "vLLM has no DoRA", f"{MERGE}, then serve DIR with vLLM")
+        return Target(name, "no", "vLLM has no DoRA", MERGE_FOR_VLLM)
     if cfg.get("modules_to_save"):
         return Target(name, "no", f"vLLM loads only LoRA matrices, not the full copies of {cfg['modules_to_save']}",
-                      f"{MERGE}, then serve DIR with vLLM")
-    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
-        return Target(name, "no", "vLLM takes LoRA adapters without trained biases (bias: none)",
-                      f"{MERGE}, then serve DIR with vLLM")
+                      MERGE_FOR_VLLM)
+    if _trains_bias(cfg):
+        return Target(name, "no", "vLLM takes LoRA adapters without trained biases (bias: none)", MERGE_FOR_VLLM)
     if _experts(cfg):
         return Target(name, "unknown", "LoRA on expert tensors (PEFT target_parameters) is not checked against vLLM",
-                      f"{MERGE}, then serve DIR with vLLM")
+                      MERGE_FOR_VLLM)
     ranks = [int(cfg.get("r", 0)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())]
     r = max(ranks)
     if r > VLLM_RANKS[-1]:
         return Target(name, "no", f"rank {r} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})",
-                      f"{MERGE}, then serve DIR with vLLM")
+                      MERGE_FOR_VLLM)
     if r > VLLM_DEFAULT_RANK:
         need = next(x for x in VLLM_RANKS if x >= r)
         return Target(name, f"with --max-lora-rank {need}", f"rank {r} is above vLLM's default limit of "

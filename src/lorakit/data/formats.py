@@ -232,7 +232,9 @@ def tool_list(tools: Any, at: str) -> list[dict]:
     return tools
 
 
-_THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.S)
+THINK = re.compile(r"\A\s*<think>\s*(.*?)\s*</think>\s*", re.S)
+"""A <think>...</think> block an assistant turn starts with (the reasoning, captured): how chat data,
+the built-in chatml and the templates lorakit reads tool calls from write reasoning inline."""
 
 
 def drop_reasoning(example: Example) -> Example:
@@ -244,7 +246,7 @@ def drop_reasoning(example: Example) -> Example:
     for m in example["messages"]:
         if m["role"] == "assistant":
             m = {k: v for k, v in m.items() if k != "reasoning"}
-            m["content"] = _THINK.sub("", m["content"], count=1)
+            m["content"] = THINK.sub("", m["content"], count=1)
         messages.append(m)
     return {**example, "messages": messages}
 

@@ -13,6 +13,8 @@ import re
 import uuid
 from typing import Any
 
+from lorakit.data.formats import THINK
+
 HERMES = "hermes"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
@@ -45,15 +47,12 @@ def parse_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return rest or None, calls
 
 
-_THINK = re.compile(r"\A\s*<think>\s*(.*?)\s*</think>\s*", re.S)
-
-
 def split_reasoning(text: str | None) -> tuple[str | None, str | None]:
     """(the reasoning a <think>...</think> block at the start holds, the rest): how the templates
     lorakit reads calls from render an assistant turn's reasoning (data.reasoning: train)."""
     if not text:
         return None, text
-    m = _THINK.match(text)
+    m = THINK.match(text)
     if m is None:
         return None, text
     return m.group(1), text[m.end():] or None

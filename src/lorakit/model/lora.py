@@ -107,11 +107,12 @@ def targets(model: nn.Module, lcfg: LoraConfig) -> Targets:
     params: dict[str, None] = {}
     if spec != "attention":
         for name, p in model.named_parameters():
-            if p.dim() == 3 and _in_layer(name) and ".experts." in f".{name}":
-                what = name.rsplit(".", 2)
-                (params if lcfg.experts else left_out).setdefault(
-                    f"{what[-2]}.{what[-1]}" if lcfg.experts else
-                    f"expert tensors {_pattern(name)} (lora.experts: true adapts them)", None)
+            if p.dim() != 3 or not _in_layer(name) or ".experts." not in f".{name}":
+                continue
+            if lcfg.experts:
+                params[".".join(name.rsplit(".", 2)[-2:])] = None  # 'experts.gate_up_proj'
+            else:
+                left_out[f"expert tensors {_pattern(name)} (lora.experts: true adapts them)"] = None
     elif lcfg.experts:
         raise ModelError("lora.experts with the 'attention' preset: experts are MLP weights",
                          hint="lora.target_modules: all-linear (or mlp)", where="config lora.experts")

@@ -9,14 +9,13 @@ becomes a path, and it refuses anything that would leave the folder.
 
 from __future__ import annotations
 
-import datetime
 import re
 from pathlib import Path
 from typing import Any, Callable
 
 from lorakit.artifacts import SweepPaths
 from lorakit.errors import LorakitError
-from lorakit.runs import RunRow, SweepRow, list_runs, run_row
+from lorakit.runs import RunRow, SweepRow, date_text, list_runs, run_row
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -43,10 +42,6 @@ def _inside(root: Path) -> Callable[[Path], bool]:
     return lambda p: bool(_PART.fullmatch(p.name)) and p.resolve().is_relative_to(base)
 
 
-def _date(modified: float) -> str:
-    return datetime.datetime.fromtimestamp(modified).strftime("%Y-%m-%d %H:%M")
-
-
 def as_json(root: Path, row: RunRow | SweepRow) -> dict[str, Any]:
     """A row of `lorakit.runs` as the page takes it: named by its path under the folder."""
     base = root.resolve()
@@ -54,12 +49,12 @@ def as_json(root: Path, row: RunRow | SweepRow) -> dict[str, Any]:
     if isinstance(row, SweepRow):
         return {"id": ident, "name": row.name, "kind": "sweep", "parent": None, "state": row.state,
                 "objective": row.objective, "trials": row.trials, "best": row.best, "scores": {},
-                "modified": row.modified, "date": _date(row.modified)}
+                "modified": row.modified, "date": date_text(row.modified)}
     parent = row.path.resolve().parent.parent.relative_to(base).as_posix() if row.sweep else None
     return {"id": ident, "name": row.name, "kind": "trial" if row.sweep else "run", "parent": parent,
             "state": row.state, "base": row.base, "method": row.method, "template": row.template,
             "steps": row.steps, "train_loss": row.train_loss, "eval_loss": row.eval_loss, "scores": row.scores,
-            "scored_on": row.scored_on, "modified": row.modified, "date": _date(row.modified)}
+            "scored_on": row.scored_on, "modified": row.modified, "date": date_text(row.modified)}
 
 
 def run_json(root: Path, folder: Path) -> dict[str, Any] | None:
