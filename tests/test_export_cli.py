@@ -49,6 +49,8 @@ def test_merged_f32_with_ollama(base, tmp_path, capsys):
     modelfile = (export / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith("#") and "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "ollama create run -f" in out
+    assert "Ollama TEMPLATE: tools, calls and tool results; reasoning between <think> and </think>" in out
+    assert ".Tools" in modelfile and ".ToolCalls" in modelfile
     assert not [p for p in export.iterdir() if p.name.startswith(".")], "no temporary or partial file left"
 
 

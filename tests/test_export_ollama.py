@@ -31,27 +31,59 @@ import (
 	"os"
 	"strings"
 	"text/template"
+	"text/template/parse"
 )
 
+// What Ollama's chat path hands a TEMPLATE that uses .Messages: each message's Role, Content,
+// Thinking and ToolCalls (a call's Function.Name, and Function.Arguments printing as compact JSON),
+// and .Tools each printing as compact JSON (Ollama keeps the fields of its tool types; the tools
+// sent here use only those).
+type Args map[string]any
+
+func (a Args) String() string {
+	if a == nil {
+		return "{}"
+	}
+	b, _ := json.Marshal(map[string]any(a))
+	return string(b)
+}
+
+type Tool map[string]any
+
+func (t Tool) String() string {
+	b, _ := json.Marshal(map[string]any(t))
+	return string(b)
+}
+
+type CallFunction struct {
+	Index     int    `json:"index"`
+	Name      string `json:"name"`
+	Arguments Args   `json:"arguments"`
+}
+
+type Call struct {
+	ID       string       `json:"id"`
+	Function CallFunction `json:"function"`
+}
+
 type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string `json:"role"`
+	Content   string `json:"content"`
+	Thinking  string `json:"thinking"`
+	ToolCalls []Call `json:"tool_calls"`
 }
 
 type Case struct {
 	Template string    `json:"template"`
 	System   string    `json:"system"`
 	Messages []Message `json:"messages"`
+	Tools    []Tool    `json:"tools"`
 }
 
-// Ollama registers one template function.
+// Ollama registers the template function `json` (and some date helpers these templates do not use).
 var funcs = template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
 
-func render(c Case) (string, error) {
-	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(c.Template)
-	if err != nil {
-		return "", err
-	}
+func render(tmpl *template.Template, c Case) (string, error) {
 	msgs := c.Messages
 	if c.System != "" && (len(msgs) == 0 || msgs[0].Role != "system") {
 		msgs = append([]Message{{Role: "system", Content: c.System}}, msgs...)
@@ -63,17 +95,90 @@ func render(c Case) (string, error) {
 		if m.Role == "system" {
 			system = append(system, m.Content)
 		}
-		if n := len(merged); n > 0 && merged[n-1].Role == m.Role {
+		// consecutive messages of one role are merged, except tool results
+		if n := len(merged); n > 0 && merged[n-1].Role == m.Role && m.Role != "tool" {
 			merged[n-1].Content += "\n\n" + m.Content
 		} else {
 			merged = append(merged, &m)
 		}
 	}
+	var tools []Tool
+	if len(c.Tools) > 0 {
+		tools = c.Tools
+	}
 	var b strings.Builder
-	err = tmpl.Execute(&b, map[string]any{
-		"System": strings.Join(system, "\n\n"), "Messages": merged, "Tools": nil, "Response": "",
+	err := tmpl.Execute(&b, map[string]any{
+		"System": strings.Join(system, "\n\n"), "Messages": merged, "Tools": tools, "Response": "",
 	})
 	return b.String(), err
+}
+
+// Where Ollama looks for its tags (my reading of its heuristics, not its code): the tool-call tag is
+// the first non-blank template text inside an `if` on .ToolCalls, up to a "{"; the thinking tags
+// are the first and last template texts of the list that holds {{ .Thinking }}.
+func usesField(n parse.Node, name string) bool {
+	found := false
+	var walk func(parse.Node)
+	walk = func(n parse.Node) {
+		switch x := n.(type) {
+		case *parse.PipeNode:
+			for _, c := range x.Cmds {
+				walk(c)
+			}
+		case *parse.CommandNode:
+			for _, a := range x.Args {
+				walk(a)
+			}
+		case *parse.FieldNode:
+			for _, id := range x.Ident {
+				found = found || id == name
+			}
+		}
+	}
+	walk(n)
+	return found
+}
+
+func tags(root *parse.ListNode) (string, string, string) {
+	var toolTag, open, close string
+	var visit func(l *parse.ListNode)
+	visit = func(l *parse.ListNode) {
+		if l == nil {
+			return
+		}
+		for _, n := range l.Nodes {
+			switch x := n.(type) {
+			case *parse.ActionNode:
+				if usesField(x.Pipe, "Thinking") && len(l.Nodes) > 1 {
+					if t, ok := l.Nodes[0].(*parse.TextNode); ok {
+						open = strings.TrimSpace(string(t.Text))
+					}
+					if t, ok := l.Nodes[len(l.Nodes)-1].(*parse.TextNode); ok {
+						close = strings.TrimSpace(string(t.Text))
+					}
+				}
+			case *parse.IfNode:
+				if toolTag == "" && usesField(x.Pipe, "ToolCalls") {
+					for _, m := range x.List.Nodes {
+						if t, ok := m.(*parse.TextNode); ok && strings.TrimSpace(string(t.Text)) != "" {
+							toolTag, _, _ = strings.Cut(string(t.Text), "{")
+							toolTag = strings.TrimSpace(toolTag)
+							break
+						} else if !ok {
+							break
+						}
+					}
+				}
+				visit(x.List)
+				visit(x.ElseList)
+			case *parse.RangeNode:
+				visit(x.List)
+				visit(x.ElseList)
+			}
+		}
+	}
+	visit(root)
+	return toolTag, open, close
 }
 
 func main() {
@@ -83,11 +188,18 @@ func main() {
 	}
 	out := make([]map[string]string, len(cases))
 	for i, c := range cases {
-		if s, err := render(c); err != nil {
+		tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(c.Template)
+		if err != nil {
 			out[i] = map[string]string{"error": err.Error()}
-		} else {
-			out[i] = map[string]string{"text": s}
+			continue
 		}
+		s, err := render(tmpl, c)
+		if err != nil {
+			out[i] = map[string]string{"error": err.Error()}
+			continue
+		}
+		toolTag, open, close := tags(tmpl.Tree.Root)
+		out[i] = map[string]string{"text": s, "tool_tag": toolTag, "think_open": open, "think_close": close}
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
 		panic(err)
@@ -112,17 +224,32 @@ def go_render(tmp_path_factory):
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, f"go build failed:\n{build.stderr}"
 
-    def render(cases: list[tuple[str, str, list[dict]]]) -> list[str]:
-        payload = [{"template": t, "system": s or "", "messages": m} for t, s, m in cases]
+    def render(cases: list[tuple], full: bool = False) -> list:
+        """Each case is (TEMPLATE, SYSTEM, messages[, tools]), messages as lorakit's (a turn's
+        `reasoning` is Ollama's `thinking`); the rendered texts, or with `full` each result's text
+        and the tags Ollama would find."""
+        payload = [{"template": c[0], "system": c[1] or "", "messages": [_as_ollama(m) for m in c[2]],
+                    "tools": c[3] if len(c) > 3 else None} for c in cases]
         run = subprocess.run([str(root / "render")], input=json.dumps(payload), capture_output=True,
                              text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         out = json.loads(run.stdout)
         errors = [o["error"] for o in out if "error" in o]
         assert not errors, f"text/template refused the TEMPLATE: {errors[0]}"
-        return [o["text"] for o in out]
+        return out if full else [o["text"] for o in out]
 
     return render
+
+
+def _as_ollama(message: dict) -> dict:
+    """A message as Ollama's API takes it."""
+    out = {"role": message["role"], "content": message["content"]}
+    if message.get("reasoning"):
+        out["thinking"] = message["reasoning"]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+                             for c in message["tool_calls"]]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -329,3 +456,114 @@ def test_write_ollama_folder(tiny_tokenizer, tmp_path):
     with pytest.raises(LorakitError, match="not an Ollama model name"):
         ollama.write_ollama_folder(tmp_path / "x", base, chatml, tiny_tokenizer, max_length=256, name="my bot")
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- tools and reasoning
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_order", "description": "Look an order up by its number.",
+                                      "parameters": {"type": "object", "required": ["id"],
+                                                     "properties": {"id": {"type": "integer", "description": "order number"}}}}},
+    {"type": "function", "function": {"name": "refund", "description": "Refund an order, café or not.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "id": {"type": "integer"}, "reason": {"type": "string", "enum": ["late", "broken"]}}}}},
+]
+
+
+def _call(name: str, **args) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _r(text):
+    return {"role": "tool", "content": text}
+
+
+TOOL_CONVERSATIONS = {
+    "tools, one question": ([_u("Where is order 12345?")], TOOLS),
+    "tools and a system message": ([_s("You are the order desk."), _u("Where is 12345?")], TOOLS[:1]),
+    "a call, its result, the answer": ([
+        _u("Where is 12345?"), {"role": "assistant", "content": "", "tool_calls": [_call("get_order", id=12345)]},
+        _r('{"status": "shipped"}'), _a("It has shipped."), _u("Refund 7 then, it was late.")], TOOLS),
+    "reasoning, text and two calls, two results": ([
+        _s("Be brief."), _u("Refund 7 and 8."),
+        {"role": "assistant", "content": "Refunding both.", "reasoning": "Two orders: two calls.",
+         "tool_calls": [_call("refund", id=7, reason="late"), _call("refund", id=8, reason="broken")]},
+        _r("ok"), _r("ok")], TOOLS),
+    "reasoning in an earlier answer": ([
+        _u("Hi"), {"role": "assistant", "content": "Hello!", "reasoning": "A greeting."}, _u("Track 5.")], TOOLS),
+    "calls in the history, no tools in the request": ([
+        _u("Where is 12345?"), {"role": "assistant", "content": "", "tool_calls": [_call("get_order", id=12345)]},
+        _r("shipped")], None),
+}
+
+
+def _json_values(text: str) -> str:
+    """`text` with every JSON object in it written one canonical way (sorted keys, compact): Ollama
+    hands a TEMPLATE the tools and a call's arguments as Go's compact JSON, where training wrote
+    json.dumps' spaced form; with this, two texts are equal when everything outside JSON is byte for
+    byte equal and every JSON object holds the same values."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i] == "{":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict):
+                out.append(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _go_json(value) -> str:
+    """Go's json.Marshal of a map: sorted keys, compact, UTF-8 kept (<, > and & escaped: absent here)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_tools_calls_results_and_reasoning_render_as_trained(go_render, tiny_tokenizer):
+    """chatml's tools, calls, tool results and reasoning through the TEMPLATE and text/template:
+    everything outside JSON is training's text byte for byte, and every JSON object (a tool's
+    description, a call's arguments) holds training's values, written compact as Ollama passes them.
+    The Python twin, given Go's JSON, is the Go output exactly (export checks the TEMPLATE with it)."""
+    cases, expected, twins, labels = [], [], [], []
+    for system in (None, "You answer in one line."):
+        template = resolve_template("chatml", tiny_tokenizer, system)
+        go_source, texts = ollama.go_template(template), ollama.turn_texts(template)
+        assert texts.tools is not None and texts.think == ("<think>\n", "\n</think>\n\n")
+        for name, (messages, tools) in TOOL_CONVERSATIONS.items():
+            cases.append((go_source, system, messages, tools))
+            expected.append(template.render(messages, add_generation_prompt=True, tools=tools))
+            normalized = template._normalize(messages)
+            twins.append(texts.render(normalized, tools, dumps=_go_json))
+            labels.append(f"{system} / {name}")
+    got = go_render(cases)
+    for label, want, twin, text in zip(labels, expected, twins, got):
+        assert text == twin, f"{label}: Go rendered {text!r}, the twin {twin!r}"
+        assert _json_values(text) == _json_values(want), f"{label}: Go rendered {text!r}, lorakit {want!r}"
+    # not vacuous: the tools, the calls, the results and the reasoning are all in the text, and the
+    # JSON really was written differently (so the comparison above needed _json_values)
+    by_label = dict(zip(labels, got))
+    text = by_label["None / reasoning, text and two calls, two results"]
+    for part in ('"name":"refund"', '<tool_call>\n{"name": "refund", "arguments": {"id":7,"reason":"late"}}',
+                 "<think>\nTwo orders: two calls.\n</think>\n\nRefunding both.\n<tool_call>", "<tool_response>\nok"):
+        assert part in text, part
+    assert text != expected[labels.index("None / reasoning, text and two calls, two results")]
+    assert "You answer in one line.\n\n# Tools" in by_label["You answer in one line. / tools, one question"]
+
+
+def test_ollama_finds_the_tool_call_and_thinking_tags(go_render, tiny_tokenizer):
+    """Ollama gives a model the tools capability when its TEMPLATE uses .Tools, reads calls out of
+    an answer after the tag it finds in the TEMPLATE (else it only tries an answer that starts with
+    "{"), and the thinking capability when it finds the tags around .Thinking. chatml's TEMPLATE
+    gives the tags the model was trained to write; alpaca's, which has no tools, none."""
+    chatml, alpaca = (resolve_template(k, tiny_tokenizer) for k in ("chatml", "alpaca"))
+    (with_tools, plain) = go_render([(ollama.go_template(chatml), None, [_u("hi")], TOOLS),
+                                     (ollama.go_template(alpaca), None, [_u("hi")])], full=True)
+    assert (with_tools["tool_tag"], with_tools["think_open"], with_tools["think_close"]) == \
+        ("<tool_call>", "<think>", "</think>")
+    assert ".Tools" in ollama.go_template(chatml) and ".Tools" not in ollama.go_template(alpaca)
+    assert (plain["tool_tag"], plain["think_open"]) == ("", "")
+    assert ollama.turn_texts(alpaca).why_no_tools == "template 'alpaca' does not render the tools it is given"

@@ -22,6 +22,14 @@ SmolLM2's, most role-prefix/suffix templates, a fixed default system header incl
 checked on every conversation of up to four turns before it is written; a template it does not
 fit (content trimmed or rewritten, turns numbered, roles counted) is refused, naming it.
 
+Tools and reasoning are derived the same way, with probe tools, calls and reasoning: a template
+that writes them in the Hermes layout (lorakit's `chatml`; see `ToolTexts`) gets a TEMPLATE that
+uses `.Tools`, `.ToolCalls`, tool results and `.Thinking`, so Ollama offers the tools and thinking
+capabilities and finds the call tag (`<tool_call>`) and the thinking tags in it, and reads the
+model's calls back.  The one difference from training: Ollama hands the TEMPLATE tool descriptions
+and call arguments as compact JSON (Go's encoding), where training wrote json.dumps' spaced form.
+A template whose tools do not fit gets a TEMPLATE without tools (`TurnTexts.why_no_tools`).
+
 Why here and not in templates.py: the derivation needs only the public `Template.render`, the
 one truth about what training saw; the Go syntax and Ollama's message handling belong to the
 Ollama export.
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shlex
@@ -50,12 +59,53 @@ from lorakit.data.templates import Template
 from lorakit.errors import LorakitError
 
 ROLES = ("system", "user", "assistant")
+TOOL = "tool"
 MODEL_FILE, ADAPTER_FILE = OLLAMA_MODEL, OLLAMA_ADAPTER
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*(:[A-Za-z0-9._-]+)?")
 
 
 def _probe(i: int) -> str:
     return f"\u2063lorakit-ollama-{i}\u2063"  # content no template contains
+
+
+def _dumps(value: Any) -> str:
+    """JSON as lorakit's templates write it (the `tojson` filter: json.dumps, non-ASCII kept)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _probe_tool(i: int) -> dict:
+    return {"type": "function", "function": {"name": f"probe_{i}", "description": _probe(100 + i),
+                                             "parameters": {"type": "object", "properties": {}}}}
+
+
+def _probe_call(i: int) -> dict:
+    return {"type": "function", "function": {"name": f"probe_{i}", "arguments": {"arg": _probe(200 + i)}}}
+
+
+def _call_json(call: dict) -> str:
+    """A call as the Hermes convention writes it: {"name": ..., "arguments": {...}}."""
+    return _dumps({"name": call["function"]["name"], "arguments": call["function"].get("arguments") or {}})
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolTexts:
+    """What a template writes around the tools' descriptions and an assistant turn's calls.
+
+    With tools, the tools block comes first, holding a leading system message's content:
+
+        [sys_head SYSTEM sys_tail | head] TOOL (sep TOOL)* tail   then the messages, the system one skipped
+
+    and an assistant turn's calls follow its content:  [call_sep] call_open CALL (call_between CALL)* call_close"""
+
+    head: str
+    sys_head: str
+    sys_tail: str
+    sep: str
+    tail: str
+    call_sep: str
+    call_open: str
+    call_between: str
+    call_close: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,48 +115,203 @@ class TurnTexts:
     open: dict[str, str]
     between: dict[tuple[str, str], str]
     close: dict[str, str]
+    tools: ToolTexts | None = None
+    """None: the TEMPLATE renders no tools (why_no_tools says why)."""
+    think: tuple[str, str] | None = None
+    """The texts around an assistant turn's reasoning, when the template renders it."""
+    why_no_tools: str = ""
 
-    def render(self, messages: list[dict]) -> str:
-        """What the Go template renders for these messages (the Python twin of `go_template`)."""
+    def render(self, messages: list[dict], tools: list | None = None, dumps=_dumps) -> str:
+        """What the Go template renders for these messages (the Python twin of `go_template`).
+
+        `dumps` writes a tool description and a call's arguments: json.dumps is what training
+        wrote; Ollama writes them compact (Go's encoding/json), the one difference between the two."""
         out, prev = [], ""
-        for m in messages:
+        t = self.tools if tools else None
+        if t is not None:
+            if messages and messages[0]["role"] == "system":
+                out += [t.sys_head, messages[0]["content"], t.sys_tail]
+            else:
+                out.append(t.head)
+            out += [t.sep.join(dumps(tool) for tool in tools), t.tail]
+        for i, m in enumerate(messages):
+            if t is not None and i == 0 and m["role"] == "system":
+                continue
             out.append(self.open.get(m["role"], "") if not prev else self.between.get((prev, m["role"]), ""))
+            if self.think and m["role"] == "assistant" and m.get("reasoning"):
+                out += [self.think[0], m["reasoning"], self.think[1]]
             out.append(m["content"])
+            calls = m.get("tool_calls") if self.tools is not None and m["role"] == "assistant" else None
+            if calls:  # with or without tools in this request, as a template writes a history's calls
+                ct = self.tools
+                if m["content"]:
+                    out.append(ct.call_sep)
+                out.append(ct.call_open)
+                out.append(ct.call_between.join(
+                    f'{{"name": {_dumps(c["function"]["name"])}, "arguments": {dumps(c["function"].get("arguments") or {})}}}'
+                    for c in calls))
+                out.append(ct.call_close)
             prev = m["role"]
         out.append(self.close.get(prev, ""))
         return "".join(out)
 
 
 def turn_texts(template: Template) -> TurnTexts:
-    """Split `template`'s renders into open/between/close texts, and check they reproduce it.
+    """Split `template`'s renders into open/between/close texts, and check they reproduce it; with
+    the texts around reasoning, and around tools, calls and tool results where the template writes
+    them in the Hermes layout (`ToolTexts`; otherwise the TEMPLATE renders no tools, and
+    `why_no_tools` says why).
 
     Rendered without the default system prompt: Ollama adds it as a message (Modelfile SYSTEM)."""
     bare = dataclasses.replace(template, system_prompt=None)
+    texts = _role_texts(bare, ROLES)
+    if "user" not in texts.open:
+        _refuse(template, "it cannot render a conversation that begins with a user message")
+    bad = _mismatch(bare, texts, ROLES)
+    if bad:
+        _refuse(template, f"the text around a message depends on more than its role and its neighbour's ({bad})")
+    texts = dataclasses.replace(texts, think=_think_texts(bare, texts))
+    try:
+        with_results = _role_texts(bare, ROLES + (TOOL,))
+        if TOOL not in with_results.open or _mismatch(bare, with_results, ROLES + (TOOL,)):
+            raise _NoTools("renders no tool results, or renders them depending on more than their neighbours")
+        with_results = dataclasses.replace(with_results, think=texts.think)
+        tools = _tool_texts(bare, with_results)
+        _check_tools(bare, dataclasses.replace(with_results, tools=tools))
+    except _NoTools as e:
+        return dataclasses.replace(texts, why_no_tools=f"template '{template.name}' {e}")
+    return dataclasses.replace(with_results, tools=tools)
+
+
+def _role_texts(bare: Template, roles: tuple[str, ...]) -> TurnTexts:
     open_, between, close = {}, {}, {}
-    for role in ROLES:
+    for role in roles:
         parts = _split(bare, [role])
         if parts:
             open_[role] = parts[0]
             if role != "assistant":
                 close[role] = parts[1]
-    for prev, role in itertools.permutations(ROLES, 2):
+    for prev, role in itertools.product(roles, repeat=2):
+        if prev == role and role != TOOL:  # Ollama merges consecutive messages of one role, except tool results
+            continue
         parts = _split(bare, [prev, role])
         if parts:
             between[(prev, role)] = parts[1]
-    texts = TurnTexts(open_, between, close)
-    if "user" not in open_:
-        _refuse(template, "it cannot render a conversation that begins with a user message")
-    for roles in _conversations():
-        messages = [{"role": r, "content": f"{_probe(i)} line\n two "} for i, r in enumerate(roles)]
+    return TurnTexts(open_, between, close)
+
+
+def _mismatch(bare: Template, texts: TurnTexts, roles: tuple[str, ...]) -> str:
+    """The first conversation of probe contents the role-wise texts do not reproduce, described."""
+    for seq in _conversations(roles):
+        messages = [{"role": r, "content": f"{_probe(i)} line\n two "} for i, r in enumerate(seq)]
         try:
             want = bare.render(messages, add_generation_prompt=True)
         except LorakitError:
             continue  # a conversation the template itself refuses (e.g. system after user)
         got = texts.render(messages)
         if got != want:
-            _refuse(template, f"the text around a message depends on more than its role and its neighbour's "
-                              f"(roles {'/'.join(roles)}: renders {want!r}, role-wise texts give {got!r})")
-    return texts
+            return f"roles {'/'.join(seq)}: renders {want!r}, role-wise texts give {got!r}"
+    return ""
+
+
+class _NoTools(Exception):
+    """The template's tool texts do not fit the TEMPLATE's layout (the TEMPLATE then renders no tools)."""
+
+
+def _between(text: str, start: str, end: str, what: str) -> str:
+    """The text between `start` and the next `end` in `text`."""
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if j < 0:
+        raise _NoTools(f"does not write {what} where the Hermes layout has it")
+    return text[i + len(start):j]
+
+
+def _tool_texts(bare: Template, texts: TurnTexts) -> ToolTexts:
+    t0, t1 = (_probe_tool(i) for i in range(2))
+    user, system = {"role": "user", "content": _probe(0)}, {"role": "system", "content": _probe(1)}
+
+    def render(messages, tools=None):
+        try:
+            return bare.render(messages, add_generation_prompt=True, tools=tools)
+        except LorakitError as e:
+            raise _NoTools(f"cannot render a conversation with tools ({e.message})") from None
+
+    one = render([user], [t0])
+    if t0["function"]["name"] not in one:
+        raise _NoTools("does not render the tools it is given")
+    if _dumps(t0) not in one:
+        raise _NoTools("writes the tools' descriptions in a form other than one JSON object each")
+    head = one[:one.index(_dumps(t0))]
+    tail = _between(one, _dumps(t0), texts.open["user"] + _probe(0), "the first message after the tools")
+    sep = _between(render([user], [t0, t1]), _dumps(t0), _dumps(t1), "two tools in a row")
+    with_system = render([system, user], [t0])
+    sys_head = with_system[:with_system.find(_probe(1))] if _probe(1) in with_system else ""
+    sys_tail = _between(with_system, _probe(1), _dumps(t0), "a system message before the tools")
+    c0, c1 = (_probe_call(i) for i in range(2))
+    a = {"role": "assistant", "content": _probe(2), "tool_calls": [c0]}
+    after_user = texts.between[("user", "assistant")]
+    said = render([user, a, {"role": TOOL, "content": _probe(3)}])
+    to_call = _between(said, _probe(0) + after_user + _probe(2), _call_json(c0), "a call after the text")
+    bare_call = render([user, {**a, "content": ""}, {"role": TOOL, "content": _probe(3)}])
+    call_open = _between(bare_call, _probe(0) + after_user, _call_json(c0), "a call without text")
+    if not to_call.endswith(call_open):
+        raise _NoTools("writes a call after text differently from a call alone")
+    close = _between(said, _call_json(c0), _probe(3), "a tool result after a call")
+    after = texts.between[("assistant", TOOL)]
+    if not close.endswith(after):
+        raise _NoTools("ends a turn with calls differently from a turn without")
+    two = render([user, {**a, "tool_calls": [c0, c1]}, {"role": TOOL, "content": _probe(3)}])
+    return ToolTexts(head=head, sys_head=sys_head, sys_tail=sys_tail, sep=sep, tail=tail,
+                     call_sep=to_call[:len(to_call) - len(call_open)], call_open=call_open,
+                     call_between=_between(two, _call_json(c0), _call_json(c1), "two calls in a row"),
+                     call_close=close[:len(close) - len(after)])
+
+
+def _think_texts(bare: Template, texts: TurnTexts) -> tuple[str, str] | None:
+    """The texts around an assistant turn's reasoning, or None when the template does not render it."""
+    messages = [{"role": "user", "content": _probe(0)},
+                {"role": "assistant", "content": _probe(1), "reasoning": _probe(2)}, {"role": "user", "content": _probe(3)}]
+    try:
+        text = bare.render(messages, add_generation_prompt=True)
+    except LorakitError:
+        return None
+    lead = _probe(0) + texts.between[("user", "assistant")]
+    i, j, k = text.find(lead), text.find(_probe(2)), text.find(_probe(1))
+    if i < 0 or not (i + len(lead) <= j < k):
+        return None
+    return text[i + len(lead):j], text[j + len(_probe(2)):k]
+
+
+def _tool_conversations() -> list[tuple[list[dict], list]]:
+    """Conversations with tools, calls, results and reasoning the derived texts must reproduce."""
+    u = [{"role": "user", "content": f"{_probe(10 + i)} q\n"} for i in range(3)]
+    s = {"role": "system", "content": f"{_probe(20)} be brief"}
+    calls = [_probe_call(30), _probe_call(31)]
+    a_call = {"role": "assistant", "content": "", "tool_calls": calls[:1]}
+    a_both = {"role": "assistant", "content": f"{_probe(32)} let me look", "tool_calls": calls,
+              "reasoning": f"{_probe(33)} think"}
+    r = [{"role": TOOL, "content": f"{_probe(40 + i)} result"} for i in range(2)]
+    a_text = {"role": "assistant", "content": f"{_probe(34)} done", "reasoning": f"{_probe(35)} why"}
+    tools = [_probe_tool(50), _probe_tool(51)]
+    out = []
+    for msgs in ([u[0]], [s, u[0]], [u[0], a_call, r[0]], [s, u[0], a_both, r[0], r[1]],
+                 [u[0], a_both, r[0], r[1], a_text, u[1]], [s, u[0], a_text, u[1], a_call, r[0]]):
+        out += [(msgs, tools), (msgs, tools[:1])]
+    out += [([u[0], a_text, u[1]], None), ([s, u[0], a_call, r[0]], None)]
+    return out
+
+
+def _check_tools(bare: Template, texts: TurnTexts) -> None:
+    for messages, tools in _tool_conversations():
+        try:
+            want = bare.render(messages, add_generation_prompt=True, tools=tools)
+        except LorakitError:
+            continue
+        if texts.render(messages, tools) != want:
+            raise _NoTools("writes tools, calls or results in a way whose text depends on more than the "
+                           "Hermes layout (checked conversation: roles "
+                           f"{'/'.join(m['role'] for m in messages)})")
 
 
 def _split(template: Template, roles: list[str]) -> list[str] | None:
@@ -125,14 +330,14 @@ def _split(template: Template, roles: list[str]) -> list[str] | None:
     return parts + [text]
 
 
-def _conversations() -> list[tuple[str, ...]]:
-    """Every role sequence of 1-4 messages without two of one role in a row (Ollama merges those),
-    ending in a message the model answers."""
+def _conversations(roles: tuple[str, ...] = ROLES) -> list[tuple[str, ...]]:
+    """Every role sequence of 1-4 messages without two of one role in a row (Ollama merges those;
+    tool results it keeps apart), ending in a message the model answers."""
     out = []
     for n in range(1, 5):
-        for roles in itertools.product(ROLES, repeat=n):
-            if roles[-1] != "assistant" and all(a != b for a, b in zip(roles, roles[1:])):
-                out.append(roles)
+        for seq in itertools.product(roles, repeat=n):
+            if seq[-1] != "assistant" and all(a != b or a == TOOL for a, b in zip(seq, seq[1:])):
+                out.append(seq)
     return out
 
 
@@ -179,28 +384,78 @@ def _chain(cases: list[tuple[str, str]], indent: str = "") -> list[str]:
     return lines + [indent + "{{- end }}"]
 
 
+def _raw(text: str) -> str | None:
+    """`text` as template text outside any action, or None when it cannot be (Ollama finds its
+    tool-call and thinking tags only in such text: the first text in `{{ if .ToolCalls }}`, the
+    text around `{{ .Thinking }}`)."""
+    ok = text and "{{" not in text and '"""' not in text and not text.endswith("{")
+    return text if ok and all(" " <= c <= "~" or c == "\n" for c in text) else None
+
+
+def _text(text: str, raw: bool = False) -> str:
+    """A text the TEMPLATE writes: raw when asked and possible, else a Go string literal."""
+    if raw and _raw(text) is not None:
+        return text
+    return "{{ " + go_string(text) + " }}" if text else ""
+
+
 def go_template(template: Template, add_bos: bool = False) -> str:
     """The Ollama TEMPLATE (Go text/template) that renders what `template` renders at generation.
 
     `add_bos`: the tokenizer adds BOS (so llama.cpp will), so a leading BOS text is dropped.
     Every literal is a Go string inside an action and every line starts with `{{-`, which trims the
-    layout's newline and indent, so the output is exactly the derived texts."""
+    layout's newline and indent, so the output is exactly the derived texts; except the texts that
+    open a call and surround reasoning, which are raw so that Ollama finds its tags there (they hold
+    no whitespace Ollama's `{{-` trimming could reach: each is followed by an action without `-`).
+
+    With tools (`TurnTexts.tools`), `.Tools` are written compact (Go's JSON, what Ollama passes),
+    where training wrote json.dumps' spaced form; the texts around them are training's byte for byte."""
     t = turn_texts(template)
     if add_bos and template.bos_token:
         t.open.update({r: text.removeprefix(template.bos_token) for r, text in t.open.items()})
-    return "\n".join([
-        '{{- $prev := "" }}',
-        "{{- range .Messages }}",
+    roles = [r for r in ROLES + (TOOL,) if r in t.open or r in t.close]
+    lines = ['{{- $prev := "" }}']
+    c = t.tools
+    if c is not None:
+        head, sys_head = c.head, c.sys_head
+        if add_bos and template.bos_token:
+            head, sys_head = head.removeprefix(template.bos_token), sys_head.removeprefix(template.bos_token)
+        lines += [
+            "{{- if .Tools }}",
+            '  {{- if and .Messages (eq (index .Messages 0).Role "system") }}' + _text(sys_head)
+            + "{{ (index .Messages 0).Content }}" + _text(c.sys_tail),
+            "  {{- else }}" + _text(head),
+            "  {{- end }}",
+            "  {{- range $k, $t := .Tools }}{{ if $k }}" + _text(c.sep) + "{{ end }}{{ $t }}{{ end }}",
+            "  {{- " + go_string(c.tail) + " }}" if c.tail else "",
+            "{{- end }}",
+        ]
+    lines += ["{{- range $i, $m := .Messages }}"]
+    if c is not None:
+        lines += ['  {{- if and $.Tools (eq $i 0) (eq .Role "system") }}', "  {{- else }}"]
+    lines += [
         '  {{- if eq $prev "" }}',
-        *_chain([(f'eq .Role "{r}"', t.open[r]) for r in ROLES if r in t.open], "    "),
+        *_chain([(f'eq .Role "{r}"', t.open[r]) for r in roles if r in t.open], "    "),
         "  {{- else }}",
         *_chain([(f'and (eq $prev "{p}") (eq .Role "{r}")', text) for (p, r), text in t.between.items()], "    "),
         "  {{- end }}",
-        "  {{- .Content }}",
-        "  {{- $prev = .Role }}",
-        "{{- end }}",
-        *_chain([(f'eq $prev "{r}"', t.close[r]) for r in ROLES if r in t.close]),
-    ])
+    ]
+    if t.think is not None:
+        lines.append('  {{- if and (eq .Role "assistant") .Thinking }}' + _text(t.think[0], raw=True)
+                     + "{{ .Thinking }}" + _text(t.think[1], raw=True) + "{{ end }}")
+    lines.append("  {{- .Content }}")
+    if c is not None:
+        lines += [
+            "  {{- if and .Content .ToolCalls }}" + _text(c.call_sep) + "{{ end }}",
+            "  {{- if .ToolCalls }}" + _text(c.call_open, raw=True) + "{{ range $j, $c := .ToolCalls }}{{ if $j }}"
+            + _text(c.call_between) + '{{ end }}{{ "{\\"name\\": " }}{{ json .Function.Name }}'
+            + '{{ ", \\"arguments\\": " }}{{ .Function.Arguments }}{{ "}" }}{{ end }}' + _text(c.call_close) + "{{ end }}",
+        ]
+    lines.append("  {{- $prev = .Role }}")
+    if c is not None:
+        lines.append("  {{- end }}")
+    lines += ["{{- end }}", *_chain([(f'eq $prev "{r}"', t.close[r]) for r in roles if r in t.close])]
+    return "\n".join(line for line in lines if line)
 
 
 # --------------------------------------------------------------------------- Modelfile

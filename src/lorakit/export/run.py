@@ -145,7 +145,9 @@ def export(run: str | Path, settings: ExportConfig | None = None, *, adapter_onl
     if ollama:
         from lorakit.export import ollama as O
 
-        O.turn_texts(template)  # a template Ollama cannot express: refused before any work
+        texts = O.turn_texts(template)  # a template Ollama cannot express: refused before any work
+        log("Ollama TEMPLATE: " + ("tools, calls and tool results" if texts.tools else f"no tools ({texts.why_no_tools})")
+            + (f"; reasoning between {texts.think[0].strip()} and {texts.think[1].strip()}" if texts.think else ""))
     tokenizer = load_tokenizer(meta.base.model_config())
     task_rows = None
     if verify:
