@@ -85,8 +85,8 @@ def gemma_tokenizer(folder: Path):
     from transformers import GemmaTokenizer
 
     _train_sentencepiece(folder, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-                         bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<mask>"],
-                         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False)
+                         bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+                         control_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"])
     tok = GemmaTokenizer.from_pretrained(folder, add_bos_token=True)  # Gemma starts every text with <bos>
     tok.chat_template = GEMMA_CHAT
     return tok
@@ -94,16 +94,20 @@ def gemma_tokenizer(folder: Path):
 
 def phi3_tokenizer(folder: Path):
     """Phi-3's kind of tokenizer: Llama's sentencepiece BPE with byte fallback and a dummy prefix,
-    ids <unk>=0, <s>=1, </s>=2, then Phi-3's chat tokens (<|endoftext|>, <|assistant|>, <|system|>,
-    <|end|>, <|user|>) added after the sentencepiece vocabulary as special tokens, EOS and PAD
-    <|endoftext|> as Phi-3 has them; a LlamaTokenizer (fast) with Phi-3's chat template."""
+    ids <unk>=0, <s>=1, </s>=2, <s> added in front of every text (as Llama's LlamaTokenizer does),
+    then Phi-3's chat tokens added after the sentencepiece vocabulary as special tokens with
+    Phi-3's flags: <|endoftext|> as it is, <|assistant|>, <|system|>, <|end|>, <|user|> eating the
+    whitespace after them (rstrip); EOS and PAD <|endoftext|> as Phi-3 has them; a LlamaTokenizer
+    (fast) with Phi-3's chat template. transformers loads a Phi-3 model's tokenizer from this
+    tokenizer.json as it is (TokenizersBackend), the converter reads tokenizer.model and the added
+    tokens of tokenizer.json (`Phi3MiniModel.set_vocab`)."""
     from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 
     _train_sentencepiece(folder, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
-    tok = LlamaTokenizer.from_pretrained(folder, legacy=False)
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
-                                                          for t in PHI3_ADDED]})
+    tok = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in PHI3_ADDED]})
     tok.eos_token = tok.pad_token = "<|endoftext|>"
     tok.chat_template = PHI3_CHAT
     return tok

@@ -153,6 +153,30 @@ def test_parse_calls_reads_hermes_calls_and_leaves_anything_else_as_text():
     assert [held_back(t) for t in ("abc", "abc<", "abc<tool_c", "<tool_call")] == [0, 1, 7, 10]
 
 
+def test_streamed_reasoning_splits_as_the_whole_answer_does():
+    """However an answer is cut into streamed pieces, the reasoning and content deltas add up to
+    split_reasoning's parts of the whole: whitespace around the block, markers cut mid-way, a
+    block never closed (all reasoning), a block not at the start (content)."""
+    import random
+
+    from lorakit.infer.tools import ReasoningStream, split_reasoning
+
+    answers = ["<think>\nabc </think>\n\nhello", "  <think> x</think>", "plain <think>a</think>", "<think>unclosed  ",
+               "<thi", "\n\n<think>\n\n</think>\n\nans  ", "</think> x", "<think>a</thinkb</think>c", " answer",
+               '<think> a \n b </think> c <tool_call>{"name": "f"}</tool_call>']
+    rng = random.Random(0)
+    for text in answers:
+        for _ in range(200):
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+            stream, got = ReasoningStream(), ["", ""]
+            for piece in [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])] + [None]:
+                parts = stream.end() if piece is None else stream.feed(piece)
+                got = [got[0] + parts[0], got[1] + parts[1]]
+            want = split_reasoning(text)
+            assert (got[0] or None, got[1] or None) == (want[0] or None, want[1] or None), (text, cuts)
+    assert split_reasoning("<think> still thinking") == ("still thinking", None)
+
+
 @pytest.fixture(scope="module")
 def caller(tmp_path_factory):
     """A run trained until it answers ROW's question with ROW's tool call (and, given the result,
@@ -206,6 +230,8 @@ def test_the_server_reads_the_models_tool_call_back_into_tool_calls(caller):
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
         assert "<tool_call>" not in content and [d.function.name for d in deltas] == ["get_order"]
+        said = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+        assert said == choice.message.reasoning_content and "think>" not in content  # streamed as answered whole
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         # the call and its result sent back: the model answers in text
         follow = question + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()],

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import LorakitError
-from lorakit.infer.tools import OPEN, held_back, parse_calls, split_reasoning, tool_format
+from lorakit.infer.tools import OPEN, ReasoningStream, held_back, parse_calls, split_reasoning, tool_format, writes_reasoning
 from lorakit.serve.engine import EngineClosed, GenRequest, QueueFull
 from lorakit.serve.protocol import (ApiError, Body, ChatBody, CompletionBody, Limits, LoadBody, UnloadBody,
                                     chat_answer, chat_chunk, chat_messages, completion_answer, completion_chunk,
@@ -116,15 +116,18 @@ class _Server:
         handle = self.submit(name, prompt_ids, body, self.budget(prompt_ids, asked), template.stop_token_ids(self.tok))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         calls = tools is not None and tool_format(template.source) is not None  # read calls back out of the answer
+        thinks = writes_reasoning(template.source)  # a leading <think> block is the answer's reasoning
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return _stream(handle, chat_chunk(rid, body.model, include_usage), include_usage, calls=calls)
+            return _stream(handle, chat_chunk(rid, body.model, include_usage), include_usage, calls=calls,
+                           reasoning=thinks)
         text, ev = await _collect(request, handle)
-        if calls:
+        reasoning, found = None, None
+        if thinks:
             reasoning, text = split_reasoning(text)
+        if calls:
             text, found = parse_calls(text or "")
-            return chat_answer(rid, body.model, text, ev, found, reasoning)
-        return chat_answer(rid, body.model, text, ev)
+        return chat_answer(rid, body.model, text, ev, found, reasoning)
 
     async def completions(self, request: Request):
         body: CompletionBody = await self.parse(request, CompletionBody)
@@ -193,23 +196,34 @@ async def _collect(request: Request, handle):
     raise RuntimeError("the engine's stream ended without a final event")
 
 
-def _stream(handle, chunk, include_usage: bool, *, calls: bool = False) -> StreamingResponse:
-    """SSE: `data: {json}` per delta, `data: [DONE]` at the end, written raw. With `calls`, text is
-    streamed until a tool call begins (a possible start of its marker is held back); the calls are
-    sent at the end, whole, as one `tool_calls` delta (finish_reason 'tool_calls')."""
+def _stream(handle, chunk, include_usage: bool, *, calls: bool = False, reasoning: bool = False) -> StreamingResponse:
+    """SSE: `data: {json}` per delta, `data: [DONE]` at the end, written raw. With `reasoning`, a
+    leading <think> block goes out as `reasoning_content` deltas (`ReasoningStream`: the same split
+    as the answer's whole). With `calls`, text is streamed until a tool call begins (a possible
+    start of its marker is held back); the calls are sent at the end, whole, as one `tool_calls`
+    delta (finish_reason 'tool_calls')."""
 
     async def events():
         done = False
         text, sent = "", 0  # with calls: the whole answer so far, and how much of it went out as content
+        thinking = ReasoningStream() if reasoning else None
         try:
             first = chunk(None, None)
             if first is not None:
                 yield sse(first)
             async for ev in handle:
-                if ev.text and not calls:
-                    yield sse(chunk(ev.text, None))
-                elif ev.text:
-                    text += ev.text
+                said, piece = "", ev.text or ""
+                if thinking is not None:
+                    said, piece = thinking.feed(piece)
+                    if ev.finish_reason is not None:
+                        rest = thinking.end()
+                        said, piece = said + rest[0], piece + rest[1]
+                if said:
+                    yield sse(_with_delta(chunk(None, None), {"reasoning_content": said}))
+                if piece and not calls:
+                    yield sse(chunk(piece, None))
+                elif piece:
+                    text += piece
                     if OPEN not in text:
                         upto = len(text) - held_back(text)
                         if upto > sent:
