@@ -26,7 +26,11 @@ STAGES = [  # (test function, column title)
     ("test_presets_name_each_familys_own_layers_never_the_head_or_router", "LoRA presets"),
     ("test_decoding_agrees_with_transformers_alone_and_batched", "decoding alone = batched = transformers"),
     ("test_merge_keeps_the_logits_and_the_greedy_answers", "merge parity"),
+    ("test_resume_from_a_checkpoint_equals_the_uninterrupted_run", "resume = uninterrupted"),
     ("test_gguf_export_answers_as_transformers_in_llama_cpp", "GGUF f16 in llama.cpp"),
+    ("test_the_ollama_template_renders_the_familys_chat_as_trained", "Ollama TEMPLATE (the family's template shape)"),
+    ("test_a_dpo_step_starts_at_ln2_and_moves_the_adapter", "DPO step"),
+    ("test_a_grpo_step_samples_from_the_family_and_learns", "GRPO step"),
 ]
 NAMES = {"llama": "Llama (tied, SmolLM2-shaped)", "llama3": "Llama 3 (untied, rope scaling)",
          "qwen2": "Qwen2.5 (q/k/v bias)", "qwen3": "Qwen3 (q/k norm)", "gemma2": "Gemma 2 (soft-capping)",
@@ -53,11 +57,16 @@ def table(results: dict[tuple[str, str], str]) -> str:
     from conftest import FAMILIES
 
     gguf = "test_gguf_export_answers_as_transformers_in_llama_cpp"
+    ollama = "test_the_ollama_template_renders_the_familys_chat_as_trained"
     notes = {("test_fast_path_equals_transformers_own_path", "gemma2"):
              "✓ (per-example attention declined, soft-capped logits: transformers' eager kernel)",
              (gguf, "mistral"): "✓ (without a sliding window: llama.cpp runs Mistral without one)",
              **{(gguf, f): f"not checked: the converter refuses the tests' SmolLM2 tokenizer on this family "
-                f"(needs its own: {why}), and lorakit reports it" for f, why in tf.GGUF_REFUSED.items()}}
+                f"(needs its own: {why}), and lorakit reports it" for f, why in tf.GGUF_REFUSED.items()},
+             **{(ollama, f): f"refused, named: {why} (`data.template: chatml` exports)"
+                for f, why in tf.OLLAMA_REFUSED.items()},
+             **{(ollama, f): "✓ with tools, calls, results" + (" and reasoning" if tf.TEMPLATE_OF[f] == "chatml" else "")
+                for f in tf.OLLAMA_TOOLS}}
     head = "| family | " + " | ".join(title for _, title in STAGES) + " |"
     rows = [head, "|" + "---|" * (len(STAGES) + 1)]
     for fam in FAMILIES:

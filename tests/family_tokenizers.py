@@ -9,11 +9,16 @@ it, and refuses others:
   with byte fallback, so one trained here with the `sentencepiece` package on local text is the
   family's own kind of tokenizer, only with a small vocabulary: the converter reads it as it reads
   Gemma's or Phi-3's, and llama.cpp tokenizes with it as with theirs (its SPM tokenizer).
-- Qwen2 has none here: see `own_tokenizer`.
+- Qwen2: transformers always builds Qwen2Tokenizer for a Qwen2 model (byte-level BPE with Qwen's
+  pre-tokenizer regex, whatever tokenizer_class the folder names), and the converter accepts a
+  byte-level BPE vocabulary only when it recognises its pre-tokenizer by the hash of the ids it
+  gives a fixed text. With SmolLM2's vocabulary that hash is unknown (a70b913f...: "BPE
+  pre-tokenizer was not recognized"); with Qwen's own vocabulary it is the one llama.cpp lists
+  for Qwen1.5 ("qwen2"). Qwen's vocabulary is shipped by the `dashscope` package (Apache-2.0).
 
-Vocabulary sizes are small (about 1,000 tokens: 256 byte pieces, the specials and the merges the
-text supports), so the tiny models built over them stay tiny; the model's vocabulary is
-`len(tokenizer)`, as for every tokenizer `build_tiny_model` is given.
+The sentencepiece vocabularies are small (1,000 pieces: 256 byte pieces, the specials and the
+merges the text supports), so those tiny models stay tiny; Qwen2's is Qwen's 151,646 tokens. The
+model's vocabulary is `len(tokenizer)`, as for every tokenizer `build_tiny_model` is given.
 """
 
 from __future__ import annotations
@@ -94,22 +99,115 @@ def gemma_tokenizer(folder: Path):
 
 def phi3_tokenizer(folder: Path):
     """Phi-3's kind of tokenizer: Llama's sentencepiece BPE with byte fallback and a dummy prefix,
-    ids <unk>=0, <s>=1, </s>=2, <s> added in front of every text (as Llama's LlamaTokenizer does),
-    then Phi-3's chat tokens added after the sentencepiece vocabulary as special tokens with
-    Phi-3's flags: <|endoftext|> as it is, <|assistant|>, <|system|>, <|end|>, <|user|> eating the
-    whitespace after them (rstrip); EOS and PAD <|endoftext|> as Phi-3 has them; a LlamaTokenizer
-    (fast) with Phi-3's chat template. transformers loads a Phi-3 model's tokenizer from this
-    tokenizer.json as it is (TokenizersBackend), the converter reads tokenizer.model and the added
-    tokens of tokenizer.json (`Phi3MiniModel.set_vocab`)."""
-    from tokenizers import AddedToken
-    from transformers import LlamaTokenizer
+    ids <unk>=0, <s>=1, </s>=2, <s> in front of every text; then Phi-3's chat tokens added after
+    the sentencepiece vocabulary as special tokens with Phi-3's flags: <|endoftext|> as it is,
+    <|assistant|>, <|system|>, <|end|>, <|user|> eating the whitespace after them (rstrip); EOS
+    and PAD <|endoftext|>, and Phi-3's chat template.
+
+    The tokenizer.json pipeline is the one Llama 2 and Phi-3 ship (normalizer: prepend "▁", then
+    spaces to "▁"; no pre-tokenizer), not transformers 5's LlamaTokenizer rebuild (a Metaspace
+    pre-tokenizer, which adds no "▁" to a text that starts with a space, nor after a special
+    token, where sentencepiece and llama.cpp do). transformers loads a Phi-3 model's tokenizer from
+    tokenizer.json as it is (TokenizersBackend: phi3 is in its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS);
+    the converter reads tokenizer.model plus tokenizer.json's added tokens (`Phi3MiniModel.set_vocab`)."""
+    from tokenizers import AddedToken, decoders, normalizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     _train_sentencepiece(folder, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
-    tok = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=True)
+    backend = LlamaTokenizer.from_pretrained(folder).backend_tokenizer  # vocab + merges of tokenizer.model
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>", add_bos_token=True)
     tok.add_special_tokens({"additional_special_tokens": [
         AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in PHI3_ADDED]})
     tok.eos_token = tok.pad_token = "<|endoftext|>"
     tok.chat_template = PHI3_CHAT
+    return tok
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+"""Qwen2's special tokens, numbered from 151,643 after the 151,643 byte-level BPE tokens."""
+
+QWEN_CHAT = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""Qwen2-Instruct's chat template (ChatML with its default system message)."""
+
+
+def qwen_ranks() -> dict[bytes, int]:
+    """Qwen's byte-level BPE ranks (token bytes -> id; 151,643 of them) as the `dashscope` package
+    ships them (dashscope/resources/qwen.tiktoken, Apache-2.0: Alibaba's own SDK, which counts
+    Qwen tokens offline with it). It is the vocabulary of Qwen, Qwen1.5 and Qwen2/2.5. Raises
+    LookupError when dashscope is not installed."""
+    import base64
+    import importlib.util
+
+    spec = importlib.util.find_spec("dashscope")  # found, not imported (its __init__ pulls in aiohttp)
+    path = next((Path(p) / "resources" / "qwen.tiktoken" for p in (spec.submodule_search_locations or [])), None) \
+        if spec else None
+    if path is None or not path.is_file():
+        raise LookupError("Qwen's vocabulary (qwen.tiktoken) comes from the dashscope package, which is not installed")
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The merge that makes `token`: byte-level BPE of its bytes with the merges ranked before it
+    leaves exactly two parts (the way Qwen's merges.txt and llama.cpp's `QwenModel.bpe` derive it)."""
+    rank, parts = ranks[token], [bytes([b]) for b in token]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[1]):
+                best = (i, r)
+        if best is None:
+            break
+        i = best[0]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    assert len(parts) == 2, (token, parts)
+    return parts[0], parts[1]
+
+
+def qwen2_tokenizer(folder: Path):
+    """Qwen2's own tokenizer: Qwen's 151,643-token byte-level BPE (`qwen_ranks`) with its merges
+    derived from the ranks, its three special tokens, EOS <|im_end|> and PAD <|endoftext|> (no
+    BOS), as Qwen2-Instruct ships them, and its chat template; a Qwen2Tokenizer, which is what
+    transformers builds for a Qwen2 model whatever tokenizer_class the folder names.
+
+    llama.cpp's converter reads a Qwen2 vocabulary as byte-level BPE (there is no tokenizer.model)
+    and recognises its pre-tokenizer by hashing the ids transformers gives a fixed text: this
+    tokenizer hashes to the one it lists for Qwen1.5-7B ("qwen2", e636dc30...), as Qwen's own does.
+    No smaller vocabulary can do that honestly (any other vocabulary gives other ids, so another
+    hash): the tiny model's embedding has 151,646 rows."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    ranks = qwen_ranks()
+    byte_char = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    vocab, merges = {}, []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        vocab[text(token)] = rank
+        if len(token) > 1:
+            merges.append(tuple(map(text, _bpe_split(ranks, token))))
+    for i, special in enumerate(QWEN_SPECIALS):
+        vocab[special] = len(ranks) + i
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", errors="replace")
+    tok.chat_template = QWEN_CHAT
     return tok
 
 
@@ -118,17 +216,17 @@ def own_tokenizer(family: str, folder: Path):
     `folder` (the model folder: pass the same folder to `build_tiny_model`), or None for a family
     whose converter accepts a tokenizer the tests already have (SmolLM2's).
 
-    Raises LookupError for qwen2: llama.cpp's converter takes a Qwen2 vocabulary either from a
-    sentencepiece tokenizer.model, which transformers never reads for a Qwen2 model (it always
-    builds Qwen2Tokenizer, byte-level BPE with Qwen's pre-tokenizer), so the two would tokenize
-    differently; or as byte-level BPE whose pre-tokenizer it recognises by hashing the token ids
-    of a fixed text, and it knows Qwen2's pre-tokenizer only with Qwen's own 151,643-token
-    vocabulary (any other vocabulary hashes differently), which nothing installed here ships."""
+    gemma2 and phi3: a sentencepiece model trained here (`gemma_tokenizer`, `phi3_tokenizer`).
+    qwen2: Qwen's own vocabulary from the dashscope package (`qwen2_tokenizer`; LookupError
+    without it): llama.cpp's converter would read a tokenizer.model for Qwen2 too, but
+    transformers never does for a Qwen2 model (it always builds Qwen2Tokenizer, byte-level BPE
+    with Qwen's pre-tokenizer), so the two would tokenize differently."""
     folder = Path(folder)
     if family in ("gemma2",):
         return gemma_tokenizer(folder)
     if family == "phi3":
         return phi3_tokenizer(folder)
     if family == "qwen2":
-        raise LookupError("qwen2: llama.cpp recognises Qwen2's pre-tokenizer only with Qwen's own vocabulary")
+        folder.mkdir(parents=True, exist_ok=True)
+        return qwen2_tokenizer(folder)
     return None

@@ -16,6 +16,7 @@ import logging
 import pytest
 import torch
 from conftest import FAMILIES, build_tiny_model
+from test_export_ollama import go_render  # noqa: F401  (the fixture: Go's text/template)
 
 from lorakit.config import LoraConfig, ModelConfig
 from lorakit.data.collate import Collator, PackedCollator
@@ -312,3 +313,232 @@ def test_gguf_export_answers_as_transformers_in_llama_cpp(family, tmp_path):
     verdict = json.loads((ad / "export" / "ad-f16.gguf.verify.json").read_text())
     assert verdict["passed"] is True and verdict["tokens_equal"] is True  # llama.cpp tokenizes as transformers
     assert verdict["greedy_identical"] == len(verdict["prompts"])
+
+
+# --------------------------------------------------------------------------- resume, DPO, GRPO
+
+
+def _adapter_tensors(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(family, family_dirs, tmp_path):
+    """A run resumed from its step-2 checkpoint (adapter, optimizer, scheduler, RNG with LoRA
+    dropout on, data position) ends with the uninterrupted run's adapter, on every family: what
+    the checkpoint must hold does not depend on the architecture, what restoring it touches does
+    (expert and fused layers, the fast path's patched modules)."""
+    import shutil
+
+    from lorakit import config as config_mod
+    from lorakit.train.run import train
+    from conftest import tiny_config
+
+    cfg = config_mod.from_dict(tiny_config(tmp_path, family_dirs(family), "r", lora={"dropout": 0.1},
+                                           train={"save_steps": 1, "save_total_limit": 10, "seed": 3}))
+    run = train(cfg, log=lambda s: None, progress=False)
+    want = _adapter_tensors(run)
+    shutil.rmtree(run / "adapter")
+    for ckpt in (run / "checkpoints").iterdir():
+        if int(ckpt.name.rsplit("-", 1)[1]) > 2:
+            shutil.rmtree(ckpt)
+    train(cfg, resume=True, log=lambda s: None, progress=False)
+    got = _adapter_tensors(run)
+    assert got.keys() == want.keys() and want
+    for k in want:  # the same float32 operations in the same order: equal but for accumulation order in BLAS
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), k
+
+
+def _pairs(tmp_path):
+    from conftest import ALPACA_ROWS, write_jsonl
+
+    rows = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+             "rejected": ALPACA_ROWS[(i + 1) % len(ALPACA_ROWS)]["output"]} for i, r in enumerate(ALPACA_ROWS)]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_dpo_step_starts_at_ln2_and_moves_the_adapter(family, family_dirs, tmp_path):
+    """DPO on the family's model: at the first step the policy is the reference (the adapter starts
+    at zero), so the loss is ln 2 whatever the data — which holds only if the reference's log-probs
+    (eval mode, no adapter) equal the policy's (the training fast path, with it) on this
+    architecture, to float32 rounding (see test_preference_train: 1e-3 absolute); then the step
+    moves the adapter."""
+    import json
+    import math
+
+    from lorakit import config as config_mod
+    from lorakit.train.run import train
+    from conftest import tiny_config
+
+    cfg = config_mod.from_dict(tiny_config(tmp_path, family_dirs(family), "dpo",
+                                           data={"train": [str(_pairs(tmp_path))], "max_length": 128},
+                                           train={"method": "dpo", "max_steps": 2, "batch_size": 4}))
+    run = train(cfg, log=lambda s: None, progress=False)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3) and all(math.isfinite(v) for v in losses)
+    assert any(float(v.abs().max()) > 0 for k, v in _adapter_tensors(run).items() if "lora_B" in k)
+
+
+GRPO_REWARD = '''
+def longer(prompt, completion, **row):
+    """More characters, more reward (bounded): varies across a group, so advantages are not zero."""
+    return len(completion) / (1 + len(completion))
+'''
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_grpo_step_samples_from_the_family_and_learns(family, family_dirs, tmp_path):
+    """GRPO on the family's model: rollouts sampled by lorakit's decoder from the adapter being
+    trained (soft-capping, sliding windows, experts), rewards by code, a step that moves the
+    adapter; the logged rewards are the rollouts' own."""
+    import json
+    import math
+
+    from lorakit import config as config_mod
+    from lorakit.train.run import train
+    from conftest import tiny_config
+
+    (tmp_path / "reward.py").write_text(GRPO_REWARD, encoding="utf-8")
+    cfg = config_mod.from_dict(tiny_config(
+        tmp_path, family_dirs(family), "grpo", data={"val_fraction": 0.0, "max_length": 128},
+        train={"method": "grpo", "max_steps": 2, "lr": 1e-2, "seed": 5},
+        grpo={"prompts_per_step": 2, "generations": 4, "max_completion_tokens": 8, "temperature": 1.0,
+              "rewards": [{"name": f"{tmp_path / 'reward.py'}:longer"}]}))
+    run = train(cfg, log=lambda s: None, progress=False)
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["rewards/longer"] < 1 for r in steps)
+    assert any(float(v.abs().max()) > 0 for k, v in _adapter_tensors(run).items() if "lora_B" in k)
+
+
+# --------------------------------------------------------------------------- Ollama TEMPLATE per family
+
+FAMILY_TEMPLATES = {
+    # Chat templates of the shapes each family ships, written here (no family's tokenizer files are
+    # installable offline): what a user training with data.template: model gets. Qwen3 and
+    # Qwen3-MoE use lorakit's chatml, the Hermes shape their own template writes (theirs also drops
+    # earlier turns' reasoning, which no prefix-stable mask can train on).
+    # SmolLM2's own: ChatML with a default system header when a chat has none
+    "llama": ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+              "{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    # Llama 3: header ids, content trimmed
+    "llama3": ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+               " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    # Qwen2.5: ChatML, a default system message, Hermes tools, consecutive tool results in one user turn
+    "qwen2": (
+        "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+        "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+        "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+        "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+        "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+        "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+        "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+        "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+        "(message.role == 'assistant' and not message.tool_calls) %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+        "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+        "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+        "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+        "{%- set tool_call = tool_call.function %}{%- endif %}"
+        "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+        "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'tool' %}"
+        "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+        "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+        "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
+    # Gemma 2 / 3: turns of user and model, content trimmed, the system folded into the first user turn
+    "gemma": ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+              "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+              "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+              "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    # Mistral v0.3: [INST] ... [/INST], the system message written into the last user turn
+    "mistral": ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+                "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+                "{{- bos_token }}{%- for message in loop_messages %}"
+                "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+                "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+                "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+                "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+                "{%- endfor %}"),
+    # Phi-3 / 3.5: <|role|> lines closed by <|end|>
+    "phi3": ("{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+             "{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}{% elif message['role'] == 'user' %}"
+             "{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}{% elif message['role'] == 'assistant' %}"
+             "{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"),
+    # OLMo 2: <|role|> lines, the answer ended by EOS, the last one without its newline
+    "olmo2": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+              "{{ '<|system|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'user' %}"
+              "{{ '<|user|>\\n' + message['content'] + '\\n' }}{% elif message['role'] == 'assistant' %}"
+              "{% if not loop.last %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+              "{% else %}{{ '<|assistant|>\\n' + message['content'] + eos_token }}{% endif %}{% endif %}"
+              "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}"),
+}
+
+TEMPLATE_OF = {"llama": "llama", "llama3": "llama3", "qwen2": "qwen2", "qwen3": "chatml", "gemma2": "gemma",
+               "gemma3": "gemma", "mistral": "mistral", "phi3": "phi3", "olmo2": "olmo2", "qwen3_moe": "chatml"}
+
+OLLAMA_REFUSED = {
+    "llama3": "content trimmed: a Go template cannot trim",
+    "gemma2": "the system message folded into the first user turn, content trimmed",
+    "gemma3": "the system message folded into the first user turn, content trimmed",
+    "mistral": "the system message written into the last user turn",
+}
+"""Families whose own template shape no Ollama TEMPLATE can reproduce: the export refuses them,
+naming the template, and `data.template: chatml` exports (the family's cell says which)."""
+
+OLLAMA_TOOLS = {"qwen2", "qwen3", "qwen3_moe"}
+"""Families whose template writes tools in the Hermes layout: their TEMPLATE carries tools."""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_ollama_template_renders_the_familys_chat_as_trained(family, family_dirs, go_render):
+    """The family's template shape through `lorakit export --ollama`'s TEMPLATE and Go's
+    text/template renders each conversation as training did (byte for byte; tool JSON as
+    values, see test_export_ollama), or is refused before any work with the reason and the fix."""
+    from test_export_ollama import CONVERSATIONS, TOOL_CONVERSATIONS, _json_values
+    from transformers import AutoTokenizer
+
+    from lorakit.data.templates import resolve_template
+    from lorakit.errors import LorakitError
+    from lorakit.export import ollama
+
+    tok = AutoTokenizer.from_pretrained(family_dirs(family))
+    kind = TEMPLATE_OF[family]
+    template = resolve_template(kind if kind == "chatml" else FAMILY_TEMPLATES[kind], tok)
+    if family in OLLAMA_REFUSED:
+        with pytest.raises(LorakitError) as e:
+            ollama.go_template(template)
+        assert "depends on more than its role and its neighbour's" in e.value.message
+        assert "data.template: chatml" in e.value.hint
+        return
+    source, texts = ollama.go_template(template), ollama.turn_texts(template)
+    assert (texts.tools is not None) == (family in OLLAMA_TOOLS), texts.why_no_tools
+    cases = [(source, None, m) for m in CONVERSATIONS.values()]
+    want = [template.render(m, add_generation_prompt=True) for m in CONVERSATIONS.values()]
+    if texts.tools is not None:
+        cases += [(source, None, m, t) for m, t in TOOL_CONVERSATIONS.values()]
+        want += [template.render(m, add_generation_prompt=True, tools=t) for m, t in TOOL_CONVERSATIONS.values()]
+    got = go_render(cases)
+    for case, text, expected in zip(cases, got, want):
+        assert _json_values(text) == _json_values(expected), (family, case[2])
+        if len(case) == 3:  # no tools: no JSON to normalise, byte for byte
+            assert text == expected, (family, case[2])

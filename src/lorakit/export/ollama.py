@@ -93,7 +93,8 @@ class ToolTexts:
 
     With tools, the tools block comes first, holding a leading system message's content:
 
-        [sys_head SYSTEM sys_tail | head] TOOL (sep TOOL)* tail   then the messages, the system one skipped
+        [sys_head SYSTEM sys_tail | head] TOOL (sep TOOL)*   then the messages, the system one skipped,
+        the first of them opened by first[role] (the rest of the tools block and that message's open text)
 
     and an assistant turn's calls follow its content:  [call_sep] call_open CALL (call_between CALL)* call_close"""
 
@@ -101,7 +102,7 @@ class ToolTexts:
     sys_head: str
     sys_tail: str
     sep: str
-    tail: str
+    first: dict[str, str]
     call_sep: str
     call_open: str
     call_between: str
@@ -133,11 +134,12 @@ class TurnTexts:
                 out += [t.sys_head, messages[0]["content"], t.sys_tail]
             else:
                 out.append(t.head)
-            out += [t.sep.join(dumps(tool) for tool in tools), t.tail]
+            out.append(t.sep.join(dumps(tool) for tool in tools))
         for i, m in enumerate(messages):
             if t is not None and i == 0 and m["role"] == "system":
                 continue
-            out.append(self.open.get(m["role"], "") if not prev else self.between.get((prev, m["role"]), ""))
+            opening = t.first if t is not None else self.open
+            out.append(opening.get(m["role"], "") if not prev else self.between.get((prev, m["role"]), ""))
             if self.think and m["role"] == "assistant" and m.get("reasoning"):
                 out += [self.think[0], m["reasoning"], self.think[1]]
             out.append(m["content"])
@@ -243,11 +245,23 @@ def _tool_texts(bare: Template, texts: TurnTexts) -> ToolTexts:
     if _dumps(t0) not in one:
         raise _NoTools("writes the tools' descriptions in a form other than one JSON object each")
     head = one[:one.index(_dumps(t0))]
-    tail = _between(one, _dumps(t0), texts.open["user"] + _probe(0), "the first message after the tools")
     sep = _between(render([user], [t0, t1]), _dumps(t0), _dumps(t1), "two tools in a row")
     with_system = render([system, user], [t0])
     sys_head = with_system[:with_system.find(_probe(1))] if _probe(1) in with_system else ""
     sys_tail = _between(with_system, _probe(1), _dumps(t0), "a system message before the tools")
+    first = {}
+    for role in ("user", "assistant", TOOL):
+        msg = {"role": role, "content": _probe(0)}
+        try:
+            alone, after_system = (bare.render(m, add_generation_prompt=True, tools=[t0]) for m in ([msg], [system, msg]))
+        except LorakitError:
+            continue
+        if _dumps(t0) in alone and _probe(0) in alone:
+            first[role] = _between(alone, _dumps(t0), _probe(0), "a message after the tools")
+            if _between(after_system, _dumps(t0), _probe(0), "a message after the tools") != first[role]:
+                raise _NoTools("writes the tools block differently with a system message and without")
+    if "user" not in first:
+        raise _NoTools("does not write a user message after the tools")
     c0, c1 = (_probe_call(i) for i in range(2))
     a = {"role": "assistant", "content": _probe(2), "tool_calls": [c0]}
     after_user = texts.between[("user", "assistant")]
@@ -262,7 +276,7 @@ def _tool_texts(bare: Template, texts: TurnTexts) -> ToolTexts:
     if not close.endswith(after):
         raise _NoTools("ends a turn with calls differently from a turn without")
     two = render([user, {**a, "tool_calls": [c0, c1]}, {"role": TOOL, "content": _probe(3)}])
-    return ToolTexts(head=head, sys_head=sys_head, sys_tail=sys_tail, sep=sep, tail=tail,
+    return ToolTexts(head=head, sys_head=sys_head, sys_tail=sys_tail, sep=sep, first=first,
                      call_sep=to_call[:len(to_call) - len(call_open)], call_open=call_open,
                      call_between=_between(two, _call_json(c0), _call_json(c1), "two calls in a row"),
                      call_close=close[:len(close) - len(after)])
@@ -427,7 +441,6 @@ def go_template(template: Template, add_bos: bool = False) -> str:
             "  {{- else }}" + _text(head),
             "  {{- end }}",
             "  {{- range $k, $t := .Tools }}{{ if $k }}" + _text(c.sep) + "{{ end }}{{ $t }}{{ end }}",
-            "  {{- " + go_string(c.tail) + " }}" if c.tail else "",
             "{{- end }}",
         ]
     lines += ["{{- range $i, $m := .Messages }}"]
@@ -435,7 +448,10 @@ def go_template(template: Template, add_bos: bool = False) -> str:
         lines += ['  {{- if and $.Tools (eq $i 0) (eq .Role "system") }}', "  {{- else }}"]
     lines += [
         '  {{- if eq $prev "" }}',
-        *_chain([(f'eq .Role "{r}"', t.open[r]) for r in roles if r in t.open], "    "),
+        *(["    {{- if $.Tools }}", *_chain([(f'eq .Role "{r}"', c.first[r]) for r in roles if r in c.first], "      "),
+            "    {{- else }}"] if c is not None else []),
+        *_chain([(f'eq .Role "{r}"', t.open[r]) for r in roles if r in t.open], "      " if c is not None else "    "),
+        *(["    {{- end }}"] if c is not None else []),
         "  {{- else }}",
         *_chain([(f'and (eq $prev "{p}") (eq .Role "{r}")', text) for (p, r), text in t.between.items()], "    "),
         "  {{- end }}",
