@@ -280,6 +280,22 @@ GGUF_REFUSED = {
 the converter refuses the tests' SmolLM2 tokenizer, and lorakit reports the refusal with its fix."""
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_export_warns_where_llama_cpp_drops_a_sliding_window(family, family_dirs):
+    """Mistral's window is dropped by llama.cpp (so GGUF_BUILD builds the GGUF cell's model without
+    one); Gemma's are kept; the export says so for the first, and nothing for the others."""
+    import json
+
+    from lorakit.export.gguf import window_warning
+
+    config = json.loads((family_dirs(family) / "config.json").read_text())
+    warning = window_warning(config)
+    if family == "mistral":
+        assert config["sliding_window"] and f"({config['sliding_window']} tokens)" in warning
+    else:
+        assert warning is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_export_answers_as_transformers_in_llama_cpp(family, tmp_path):

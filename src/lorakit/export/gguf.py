@@ -229,16 +229,35 @@ def _rewrite(src: Path, dst: Path, overrides: dict[str, object], type: str, imat
         log(f"  tensor types: {', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}")
 
 
+WINDOW_DROPPED = ("mistral",)
+"""Architectures llama.cpp runs without the sliding window their config names (Gemma 2 / 3 keep it)."""
+
+
+def window_warning(config: dict) -> str | None:
+    """What llama.cpp will do differently from transformers with this config's attention window."""
+    window, kind = config.get("sliding_window"), config.get("model_type")
+    if kind in WINDOW_DROPPED and window:
+        return (f"warning: llama.cpp runs {kind} without its sliding window ({window} tokens): with more than "
+                f"{window} tokens of context its answers differ from transformers' (the verification's prompts "
+                "are shorter, so it cannot see this)")
+    return None
+
+
 def convert_raw(model_dir: str | Path, out_file: str | Path, outtype: str = "f32", *,
                 log: Callable[[str], None] = print) -> Path:
     """llama.cpp's converter on a transformers folder, as it writes it (its template and EOS): the
     f32 source that `rewrite_gguf` quantizes, once for any number of types."""
+    import json
+
     from lorakit.export import require_toolchain
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     if not (model_dir / "config.json").is_file():
         raise LorakitError(f"{model_dir} is not a transformers model folder (no config.json)",
                            hint="pass the folder written by `lorakit merge`")
+    warning = window_warning(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
+    if warning:
+        log(warning)
     log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
     _run_converter(require_toolchain().convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(out_file)])
     return out_file
