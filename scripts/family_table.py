@@ -61,8 +61,7 @@ def table(results: dict[tuple[str, str], str]) -> str:
     notes = {("test_fast_path_equals_transformers_own_path", "gemma2"):
              "✓ (per-example attention declined, soft-capped logits: transformers' eager kernel)",
              (gguf, "mistral"): "✓ (without a sliding window: llama.cpp runs Mistral without one)",
-             **{(gguf, f): f"not checked: the converter refuses the tests' SmolLM2 tokenizer on this family "
-                f"(needs its own: {why}), and lorakit reports it" for f, why in tf.GGUF_REFUSED.items()},
+             **{(gguf, f): f"✓ (with {why})" for f, why in tf.OWN_TOKENIZER.items()},
              **{(ollama, f): f"refused, named: {why} (`data.template: chatml` exports)"
                 for f, why in tf.OLLAMA_REFUSED.items()},
              **{(ollama, f): "✓ with tools, calls, results" + (" and reasoning" if tf.TEMPLATE_OF[f] == "chatml" else "")

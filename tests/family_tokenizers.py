@@ -19,6 +19,13 @@ it, and refuses others:
 The sentencepiece vocabularies are small (1,000 pieces: 256 byte pieces, the specials and the
 merges the text supports), so those tiny models stay tiny; Qwen2's is Qwen's 151,646 tokens. The
 model's vocabulary is `len(tokenizer)`, as for every tokenizer `build_tiny_model` is given.
+
+These checks found two lorakit bugs, fixed where they were: transformers 5 saves a tokenizer as
+tokenizer.json only, so the merged folder lorakit converts had no tokenizer.model
+(`artifacts.meta.save_tokenizer` now copies the base's); and transformers 5 drops
+`add_bos_token` when it loads a tokenizer.json (the BOS comes from the post-processor), so
+lorakit's prompts missed the BOS Gemma and Phi-3 add and llama.cpp adds too
+(`data.templates.adds_bos` now asks the tokenizer).
 """
 
 from __future__ import annotations
@@ -84,9 +91,10 @@ def _train_sentencepiece(folder: Path, **options) -> Path:
 
 def gemma_tokenizer(folder: Path):
     """Gemma's kind of tokenizer: sentencepiece BPE with byte fallback, no dummy prefix, digits
-    split, ids <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4 as Gemma has them, and <start_of_turn>,
-    <end_of_turn> as pieces of the model (user-defined, as in Gemma's); a GemmaTokenizer (fast,
-    transformers' conversion of that tokenizer.model) with Gemma's chat template."""
+    split, ids <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4 as Gemma has them, <bos> in front of
+    every text, and <start_of_turn>, <end_of_turn> as control pieces (special tokens to
+    transformers and to llama.cpp alike); a GemmaTokenizer (fast, transformers' conversion of that
+    tokenizer.model) with Gemma's chat template."""
     from transformers import GemmaTokenizer
 
     _train_sentencepiece(folder, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
@@ -212,9 +220,9 @@ def qwen2_tokenizer(folder: Path):
 
 
 def own_tokenizer(family: str, folder: Path):
-    """The family's own kind of tokenizer, trained offline, with its tokenizer.model written into
-    `folder` (the model folder: pass the same folder to `build_tiny_model`), or None for a family
-    whose converter accepts a tokenizer the tests already have (SmolLM2's).
+    """The family's own kind of tokenizer, built offline, with its tokenizer.model (where it has
+    one) written into `folder` (the model folder: pass the same folder to `build_tiny_model`), or
+    None for a family whose converter accepts a tokenizer the tests already have (SmolLM2's).
 
     gemma2 and phi3: a sentencepiece model trained here (`gemma_tokenizer`, `phi3_tokenizer`).
     qwen2: Qwen's own vocabulary from the dashscope package (`qwen2_tokenizer`; LookupError
@@ -222,11 +230,10 @@ def own_tokenizer(family: str, folder: Path):
     transformers never does for a Qwen2 model (it always builds Qwen2Tokenizer, byte-level BPE
     with Qwen's pre-tokenizer), so the two would tokenize differently."""
     folder = Path(folder)
-    if family in ("gemma2",):
+    if family == "gemma2":
         return gemma_tokenizer(folder)
     if family == "phi3":
         return phi3_tokenizer(folder)
     if family == "qwen2":
-        folder.mkdir(parents=True, exist_ok=True)
         return qwen2_tokenizer(folder)
     return None

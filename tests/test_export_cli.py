@@ -51,6 +51,10 @@ def test_merged_f32_with_ollama(base, tmp_path, capsys):
     assert "ollama create run -f" in out
     assert "Ollama TEMPLATE: tools, calls and tool results; reasoning between <think> and </think>" in out
     assert ".Tools" in modelfile and ".ToolCalls" in modelfile
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == model_dir.name  # the base's name, not "Merged"
     assert not [p for p in export.iterdir() if p.name.startswith(".")], "no temporary or partial file left"
 
 

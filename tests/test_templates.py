@@ -238,3 +238,47 @@ def test_template_exception_becomes_data_error(tiny_tokenizer):
     with pytest.raises(DataError) as info:
         t.encode(tiny_tokenizer, to_example(ROWS["messages"], "auto", "x"))
     assert "no system role" in str(info.value)
+
+
+def test_a_tokenizer_json_that_adds_bos_gets_one_bos_and_keeps_its_sentencepiece_model(tmp_path):
+    """transformers 5 drops `add_bos_token` when it loads a tokenizer.json whose post-processor
+    adds BOS (Gemma, Llama 3): lorakit asks the tokenizer, so encoded rows start with exactly one
+    BOS; and saving that tokenizer (adapter, merged folder) carries the base's sentencepiece
+    tokenizer.model, which llama.cpp's converter reads for such families."""
+    from family_tokenizers import gemma_tokenizer
+    from transformers import AutoTokenizer
+
+    from lorakit.artifacts.meta import save_tokenizer
+    from lorakit.data.templates import adds_bos
+
+    gemma_tokenizer(tmp_path / "base").save_pretrained(tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert not getattr(tok, "add_bos_token", False) and tok("x").input_ids[0] == tok.bos_token_id
+    assert adds_bos(tok)
+    template = resolve_template("chatml", tok)
+    ids, _ = template.encode(tok, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert template.encode_prompt(tok, [{"role": "user", "content": "hi"}])[:1] == [tok.bos_token_id]
+    # a template that writes BOS itself (Gemma's do): one BOS in lorakit's ids, and the text an engine
+    # that adds BOS (llama.cpp, Ollama) is given leaves it out, so that engine's ids are the same
+    from conftest import CHATML
+    from lorakit.data.templates import engine_text
+
+    writes_bos = resolve_template("{{ bos_token }}" + CHATML, tok)
+    chat = [{"role": "user", "content": "hi"}]
+    ids = writes_bos.encode_prompt(tok, chat)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert tok(engine_text(writes_bos, tok, chat)).input_ids == ids
+    assert engine_text(template, tok, chat) == template.render(chat, add_generation_prompt=True)
+    save_tokenizer(tok, tmp_path / "saved", template)
+    assert (tmp_path / "saved" / "tokenizer.model").read_bytes() == (tmp_path / "base" / "tokenizer.model").read_bytes()
+
+
+def test_a_tokenizer_without_bos_gets_none(tiny_tokenizer):
+    from lorakit.data.templates import adds_bos
+
+    assert not adds_bos(tiny_tokenizer)
+    template = resolve_template("chatml", tiny_tokenizer)
+    chat = [{"role": "user", "content": "hi"}]
+    text = template.render(chat, add_generation_prompt=True)
+    assert template.encode_prompt(tiny_tokenizer, chat) == tiny_tokenizer(text, add_special_tokens=False).input_ids

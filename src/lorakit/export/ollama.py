@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lorakit.artifacts import MODELFILE, OLLAMA_ADAPTER, OLLAMA_MODEL, atomic_dir
-from lorakit.data.templates import Template
+from lorakit.data.templates import Template, adds_bos
 from lorakit.errors import LorakitError
 
 ROLES = ("system", "user", "assistant")
@@ -511,7 +511,7 @@ def modelfile_text(template: Template, tokenizer: Any, *, max_length: int, adapt
              f"FROM ./{model_file}"]
     if adapter:
         lines.append(f"ADAPTER ./{adapter_file}")
-    add_bos = bool(getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None)
+    add_bos = adds_bos(tokenizer)
     lines.append(f'TEMPLATE """{go_template(template, add_bos)}"""')
     if template.system_prompt:
         lines.append(f"SYSTEM {_quoted(template.system_prompt, 'the system prompt (data.system_prompt)')}")

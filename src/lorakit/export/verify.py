@@ -244,6 +244,7 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
     from transformers import AutoTokenizer
 
     from lorakit.artifacts import now_iso, read_meta
+    from lorakit.data.templates import engine_text
     from lorakit.merge import PROMPTS, _depth, _width
 
     type = type.lower()
@@ -258,7 +259,7 @@ def verify(gguf_path: str | Path, reference_dir: str | Path, type: str, *, promp
     rendered = []
     for msgs in prompts or PROMPTS:
         try:
-            rendered.append((template.render(msgs, add_generation_prompt=True), template.encode_prompt(tokenizer, msgs)))
+            rendered.append((engine_text(template, tokenizer, msgs), template.encode_prompt(tokenizer, msgs)))
         except DataError:  # a template that rejects e.g. a system message: as merge.prompt_ids
             continue
     if not rendered:

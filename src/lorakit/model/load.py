@@ -165,8 +165,8 @@ def _weights_sha256(src: _Source, allow_pickle: bool = False) -> str | None:
 def _resolve_source(mcfg: ModelConfig) -> _Source:
     """Map model.name (+ gguf_file) to a local folder or a hub id; GGUF files are converted."""
     name = mcfg.name
-    if name == DEFAULT_MODEL and not Path(name).exists():
-        return _Source(str(embedded.embedded_model_dir()), False, None)
+    if name in embedded.LOCAL_MODELS and not Path(name).exists():
+        return _Source(str(embedded.LOCAL_MODELS[name]()), False, None)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
