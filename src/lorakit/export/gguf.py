@@ -270,14 +270,11 @@ def base_name(model_dir: Path) -> str | None:
     not the converter's default, the folder's ("Merged"). It is more than a label: llama.cpp keys
     some tokenizer rules on it (Phi-3's special tokens eat the whitespace after them only when the
     name says phi-3). None: not a lorakit folder, the converter names it."""
-    import json
+    from lorakit.artifacts import META_FILE, read_meta
 
-    try:
-        meta = json.loads((model_dir / "lorakit.json").read_text(encoding="utf-8"))
-        name = str(meta["base_model"]["name"]).rstrip("/")
-    except (OSError, ValueError, KeyError, TypeError):
+    if not (model_dir / META_FILE).is_file():
         return None
-    return Path(name).name.removesuffix(".gguf") or None
+    return Path(read_meta(model_dir).base.name.rstrip("/")).name.removesuffix(".gguf") or None
 
 
 def convert_merged(model_dir: str | Path, out_file: str | Path, type: str, *, template_meta=None,
