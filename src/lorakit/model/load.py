@@ -166,7 +166,7 @@ def _resolve_source(mcfg: ModelConfig) -> _Source:
     """Map model.name (+ gguf_file) to a local folder or a hub id; GGUF files are converted."""
     name = mcfg.name
     if name in embedded.LOCAL_MODELS and not Path(name).exists():
-        return _Source(str(embedded.LOCAL_MODELS[name]()), False, None)
+        return _Source(str(embedded.local_model_dir(name)), False, None)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
