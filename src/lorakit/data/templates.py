@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -368,7 +369,20 @@ def adds_bos(tokenizer: Any) -> bool:
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return False
-    return bool(getattr(tokenizer, "add_bos_token", False)) or tokenizer("x").input_ids[:1] == [bos_id]
+    if bool(getattr(tokenizer, "add_bos_token", False)):
+        return True
+    try:  # asked once per tokenizer: encode calls this for every row, and the answer cannot change
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        adds = tokenizer("x").input_ids[:1] == [bos_id]
+    try:
+        _ADDS_BOS[tokenizer] = adds
+    except TypeError:  # a tokenizer that cannot be weakly referenced is asked every time
+        pass
+    return adds
+
+
+_ADDS_BOS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
 def engine_text(template: "Template", tokenizer: Any, messages: list[dict]) -> str:

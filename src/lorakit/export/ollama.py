@@ -82,9 +82,11 @@ def _probe_call(i: int) -> dict:
     return {"type": "function", "function": {"name": f"probe_{i}", "arguments": {"arg": _probe(200 + i)}}}
 
 
-def _call_json(call: dict) -> str:
-    """A call as the Hermes convention writes it: {"name": ..., "arguments": {...}}."""
-    return _dumps({"name": call["function"]["name"], "arguments": call["function"].get("arguments") or {}})
+def _call_json(call: dict, dumps=_dumps) -> str:
+    """A call as the Hermes convention writes it, {"name": ..., "arguments": {...}}, its arguments
+    written by `dumps` (with json.dumps, the call is json.dumps of that object)."""
+    fn = call["function"]
+    return f'{{"name": {_dumps(fn["name"])}, "arguments": {dumps(fn.get("arguments") or {})}}}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +151,7 @@ class TurnTexts:
                 if m["content"]:
                     out.append(ct.call_sep)
                 out.append(ct.call_open)
-                out.append(ct.call_between.join(
-                    f'{{"name": {_dumps(c["function"]["name"])}, "arguments": {dumps(c["function"].get("arguments") or {})}}}'
-                    for c in calls))
+                out.append(ct.call_between.join(_call_json(c, dumps) for c in calls))
                 out.append(ct.call_close)
             prev = m["role"]
         out.append(self.close.get(prev, ""))
